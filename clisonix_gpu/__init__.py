@@ -1,0 +1,29 @@
+"""clisonix-gpu: GPU compute kernels for people who build and serve models.
+
+Fused tensor transforms, low-rank compression and 1-bit algebra as ops on NumPy arrays,
+torch tensors (CPU and CUDA) and CuPy arrays; results come back in the input's array type.
+
+>>> import numpy as np, clisonix_gpu as cg
+>>> cg.transform_matrix(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32)).tolist()
+[[1.0, 0.0], [0.0, 1.0]]
+"""
+
+from ._dispatch import BackendStatus, backends, current_backend, use_backend
+from .algebra import BinaryAlgebra
+from .errors import BackendUnavailable, ShapeError
+from .ops import ACTIVATIONS, transform_matrix
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "BackendStatus",
+    "BackendUnavailable",
+    "BinaryAlgebra",
+    "ShapeError",
+    "__version__",
+    "backends",
+    "current_backend",
+    "transform_matrix",
+    "use_backend",
+]

@@ -1,0 +1,292 @@
+"""Backend layer: array-type detection, the (op, backend) dispatch table and backend choice.
+
+Backends are peers behind one table, as in bitsandbytes' registry: every op registers one
+implementation per backend with :func:`register`, and :func:`call` picks the backend from the
+input arrays (or ``use_backend`` / ``CLISONIX_BACKEND``), converts the inputs to the arrays that
+backend works on, runs the implementation and converts the results back to the caller's array
+type and device.
+
+=============  =====================================  ====================================
+backend        works on                               serves (``auto``)
+=============  =====================================  ====================================
+``numpy``      ``numpy.ndarray``                      NumPy arrays, CPU torch tensors
+``triton``     ``torch.Tensor`` (CUDA, or CPU under   CUDA torch tensors
+               ``TRITON_INTERPRET=1``)
+``cupy``       ``cupy.ndarray``; ops without a CuPy   CuPy arrays
+               kernel run the Triton one via DLPack
+=============  =====================================  ====================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+
+from .errors import BackendUnavailable
+
+BACKEND_NAMES = ("numpy", "triton", "cupy")
+_CHOICES = ("auto",) + BACKEND_NAMES
+
+_IMPLEMENTATIONS: dict[tuple[str, str], Callable[..., Any]] = {}
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("clisonix_backend", default=None)
+
+
+class BackendStatus(NamedTuple):
+    """One row of :func:`backends`: ``reason`` says why an unusable backend cannot run."""
+
+    name: str
+    usable: bool
+    reason: str
+
+
+def register(op: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``fn`` as the ``backend`` implementation of ``op``."""
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _IMPLEMENTATIONS[(op, backend)] = fn
+        return fn
+
+    return wrap
+
+
+# ----------------------------------------------------------------------------- array kinds
+
+
+def array_kind(a: Any) -> str:
+    """``"numpy"``, ``"torch-cpu"``, ``"torch-cuda"`` or ``"cupy"``; ``TypeError`` for anything else."""
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    module = type(a).__module__
+    if module.startswith("torch"):
+        import torch
+
+        if isinstance(a, torch.Tensor):
+            return "torch-cuda" if a.device.type == "cuda" else "torch-cpu"
+    if module.startswith("cupy"):
+        return "cupy"
+    raise TypeError(
+        f"expected a numpy.ndarray, torch.Tensor or cupy.ndarray, got {type(a).__module__}.{type(a).__name__}"
+    )
+
+
+def _device_of(a: Any) -> str:
+    kind = array_kind(a)
+    if kind == "numpy":
+        return "cpu"
+    if kind == "cupy":
+        return f"cuda:{a.device.id}"
+    return str(a.device)
+
+
+def common_kind(names: tuple[str, ...], arrays: tuple[Any, ...]) -> str:
+    """The one array kind shared by all ``arrays`` (``None`` entries skipped).
+
+    Raises ``TypeError`` when array types are mixed or tensors sit on different devices.
+    """
+    present = [(n, a) for n, a in zip(names, arrays) if a is not None]
+    kinds = {n: array_kind(a) for n, a in present}
+    family = {k.split("-")[0] for k in kinds.values()}
+    if len(family) > 1:
+        listing = ", ".join(f"{n}: {k}" for n, k in kinds.items())
+        raise TypeError(f"all arrays must be of one type (no mixing NumPy, torch and CuPy); got {listing}")
+    devices = {n: _device_of(a) for n, a in present}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise TypeError(f"all arrays must be on one device; got {listing}")
+    return next(iter(kinds.values()))
+
+
+# ----------------------------------------------------------------------------- backend status
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_count() -> int:
+    if importlib.util.find_spec("torch") is None:
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _triton_reason() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed: pip install triton (CUDA builds of torch include it)"
+    if _cuda_device_count() == 0 and not interpreter_enabled():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU, slowly)"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy_reason() -> str:
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed: pip install 'clisonix-gpu[cuda]'"
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CuPy raises its own CUDARuntimeError without a driver
+        return f"CuPy cannot reach a CUDA device ({type(exc).__name__}: {exc})"
+    return "" if count > 0 else "no CUDA device"
+
+
+def _reason(backend: str) -> str:
+    if backend == "numpy":
+        return ""
+    if backend == "triton":
+        return _triton_reason()
+    return _cupy_reason()
+
+
+def backends() -> list[BackendStatus]:
+    """Every backend, whether it is usable here, and for the unusable ones why not.
+
+    >>> [b.name for b in backends() if b.usable][0]
+    'numpy'
+    """
+    return [BackendStatus(name, not _reason(name), _reason(name)) for name in BACKEND_NAMES]
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+
+def _validate_choice(name: str, source: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {_CHOICES}")
+    return name
+
+
+def current_backend() -> str:
+    """The requested backend: the innermost ``use_backend``, else ``CLISONIX_BACKEND``, else ``auto``."""
+    requested = _requested.get()
+    if requested is not None:
+        return requested
+    return _validate_choice(os.environ.get("CLISONIX_BACKEND", "auto") or "auto", "CLISONIX_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run ops inside on ``name`` (``"numpy"``, ``"triton"``, ``"cupy"`` or ``"auto"``).
+
+    Raises ``ValueError`` for an unknown name and :class:`BackendUnavailable` if it cannot run here.
+    """
+    _validate_choice(name, "use_backend")
+    if name != "auto" and _reason(name):
+        raise BackendUnavailable(f"backend {name!r} is not usable here: {_reason(name)}")
+    token = _requested.set(name)
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+_AUTO = {"numpy": "numpy", "torch-cpu": "numpy", "torch-cuda": "triton", "cupy": "cupy"}
+
+
+def select_backend(kind: str) -> str:
+    """The backend that will run an op on arrays of ``kind``; ``BackendUnavailable`` if none can."""
+    requested = current_backend()
+    backend = _AUTO[kind] if requested == "auto" else requested
+    reason = _reason(backend)
+    if not reason and backend == "triton" and kind in ("numpy", "torch-cpu") and not interpreter_enabled():
+        reason = "the arrays are on the CPU; move them to a CUDA device or set TRITON_INTERPRET=1"
+    if not reason and backend == "cupy" and kind != "cupy":
+        reason = "the cupy backend takes CuPy arrays; pass cupy.ndarray inputs"
+    if reason:
+        raise BackendUnavailable(f"backend {backend!r} cannot run these {kind} arrays: {reason}")
+    return backend
+
+
+# ----------------------------------------------------------------------------- conversions
+
+
+def _torch_dtype_is_numpy_native(t: Any) -> bool:
+    import torch
+
+    return t.dtype not in (torch.bfloat16,)
+
+
+def _to_numpy(a: Any, kind: str) -> np.ndarray:
+    if kind == "numpy":
+        return a
+    if kind == "cupy":
+        import cupy
+
+        return cupy.asnumpy(a)
+    t = a.detach()
+    if not _torch_dtype_is_numpy_native(t):
+        t = t.float()  # NumPy has no bfloat16; every bfloat16 value is exact in float32
+    return t.cpu().numpy()
+
+
+def _to_torch(a: Any, kind: str) -> Any:
+    import torch
+
+    if kind == "numpy":
+        return torch.from_numpy(a)
+    if kind == "cupy":
+        return torch.from_dlpack(a)
+    return a.detach()
+
+
+def _restore(result: Any, kind: str, like: Any) -> Any:
+    """Convert one backend result (array, tuple of arrays, or scalar) to ``like``'s type and device."""
+    if isinstance(result, tuple):
+        converted = [_restore(r, kind, like) for r in result]
+        return type(result)(*converted) if hasattr(result, "_fields") else tuple(converted)
+    if isinstance(result, np.ndarray):
+        if kind == "numpy":
+            return result
+        if kind == "cupy":
+            import cupy
+
+            return cupy.asarray(result)
+        import torch
+
+        return torch.from_numpy(result).to(like.device)
+    if type(result).__module__.startswith("torch"):
+        if kind == "numpy":
+            return result.cpu().numpy()
+        if kind == "cupy":
+            import cupy
+
+            return cupy.from_dlpack(result)
+        return result.to(like.device)
+    return result
+
+
+def call(op: str, names: tuple[str, ...], arrays: tuple[Any, ...], **params: Any) -> Any:
+    """Run ``op`` on ``arrays`` with the chosen backend and return results in the caller's array type.
+
+    ``names`` label the arrays in error messages; ``None`` arrays are passed through untouched.
+    """
+    kind = common_kind(names, arrays)
+    backend = select_backend(kind)
+    impl = _IMPLEMENTATIONS.get((op, backend))
+    if impl is None and backend == "cupy":
+        backend, impl = "triton", _IMPLEMENTATIONS.get((op, "triton"))  # zero-copy through DLPack
+    if impl is None:
+        raise BackendUnavailable(f"op {op!r} has no {backend!r} implementation")
+    convert = _to_numpy if backend == "numpy" else _to_torch
+    inputs = tuple(None if a is None else convert(a, kind) for a in arrays)
+    like = next(a for a in arrays if a is not None)
+    return _restore(impl(*inputs, **params), kind, like)
+
+
+def cast_like(out: Any, like: Any) -> Any:
+    """``out`` cast to ``like``'s dtype (both of one array type); a no-op when they already agree."""
+    if out.dtype == like.dtype:
+        return out
+    return out.to(like.dtype) if hasattr(out, "to") else out.astype(like.dtype)

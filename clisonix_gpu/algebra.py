@@ -1,0 +1,24 @@
+"""``BinaryAlgebra``: the LIAM ops gathered as methods of one object."""
+
+from __future__ import annotations
+
+from .ops import transform_matrix
+
+
+class BinaryAlgebra:
+    """The package's ops as methods, for code that passes one algebra object around.
+
+    Each method is the module-level op of the same name, with the same arguments and errors.
+
+    >>> import numpy as np
+    >>> BinaryAlgebra().transform_matrix(np.ones((1, 2)), np.ones((3, 2))).tolist()
+    [[2.0, 2.0, 2.0]]
+    """
+
+    transform_matrix = staticmethod(transform_matrix)
+
+    def __repr__(self) -> str:
+        return "BinaryAlgebra()"
+
+
+__all__ = ["BinaryAlgebra"]

@@ -1,0 +1,147 @@
+"""``transform_matrix``: ``activation(x @ w.T + bias)``, the fused dense layer.
+
+Host side of the op: validation, then one implementation per backend behind the dispatch table
+(NumPy reference, Triton kernel; CuPy arrays reach the Triton kernel through DLPack).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import _dispatch
+from ..errors import ShapeError
+from ._activations import ACTIVATIONS, apply_activation_, check_activation
+from ._exact_gemm import exact_matmul_nt
+from ._validate import dtype_name, mantissa_bits, require_float
+
+__all__ = ["transform_matrix", "ACTIVATIONS"]
+
+# Rows of x handled by one exact GEMM on the NumPy path: bounds the float64 temporaries.
+_NUMPY_ROW_BLOCK = 4096
+
+
+def _validate(x: Any, w: Any, bias: Any, activation: Any) -> None:
+    check_activation(activation)
+    for name, a in (("x", x), ("w", w), ("bias", bias)):
+        if a is not None:
+            require_float(name, a)
+    dtypes = {name: dtype_name(a) for name, a in (("x", x), ("w", w), ("bias", bias)) if a is not None}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"x, w and bias must share one dtype; got {dtypes}")
+    xs, ws = tuple(x.shape), tuple(w.shape)
+    if x.ndim < 1 or w.ndim not in (2, 3):
+        raise ShapeError(f"x must be (..., K) and w (N, K) or (B, N, K); got x {xs} and w {ws}")
+    if xs[-1] != ws[-1]:
+        raise ShapeError(f"x {xs} and w {ws} disagree on K (last dimension): {xs[-1]} != {ws[-1]}")
+    if w.ndim == 3 and (x.ndim != 3 or xs[0] != ws[0]):
+        raise ShapeError(f"batched w {ws} needs x shaped (B, M, K) with the same B; got x {xs}")
+    if bias is not None and tuple(bias.shape) != (ws[-2],):
+        raise ShapeError(f"bias {tuple(bias.shape)} must be (N,) = ({ws[-2]},) for w {ws}")
+
+
+def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = None) -> Any:
+    """``activation(x @ w.T + bias)`` with ``w`` laid out like ``torch.nn.Linear.weight``.
+
+    Shapes: ``x`` (..., K) with ``w`` (N, K) gives (..., N); ``x`` (B, M, K) with ``w`` (B, N, K)
+    gives (B, M, N); ``bias`` is (N,). Dtypes: float16, bfloat16 (torch), float32, float64, one
+    dtype for all inputs; accumulation in float32 (float64 for float64) and output in ``x``'s dtype.
+    ``activation``: None, "relu", "leaky_relu" (slope 0.01), "gelu", "gelu_tanh", "silu",
+    "sigmoid" or "tanh". Row i of the result depends only on row i of ``x``, bit for bit.
+
+    Raises ``ShapeError`` (shapes named), ``TypeError`` (dtype, mixed array types or devices),
+    ``ValueError`` (unknown activation), ``BackendUnavailable``.
+
+    >>> import numpy as np
+    >>> transform_matrix(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), activation="relu").shape
+    (2, 4)
+    """
+    _dispatch.common_kind(("x", "w", "bias"), (x, w, bias))
+    _validate(x, w, bias, activation)
+    out = _dispatch.call("transform_matrix", ("x", "w", "bias"), (x, w, bias), activation=activation)
+    return _dispatch.cast_like(out, x)
+
+
+# ----------------------------------------------------------------------------- NumPy backend
+
+
+@_dispatch.register("transform_matrix", "numpy")
+def _transform_matrix_numpy(
+    x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, *, activation: str | None
+) -> np.ndarray:
+    bits = mantissa_bits(x)
+    out_dtype = np.float64 if x.dtype == np.float64 else np.float32
+    k, n = w.shape[-1], w.shape[-2]
+    if w.ndim == 3:
+        out = np.empty(x.shape[:-1] + (n,), dtype=out_dtype)
+        for b in range(w.shape[0]):
+            out[b] = _transform_matrix_numpy(x[b], w[b], bias, activation=activation)
+        return out
+    rows = x.reshape(math.prod(x.shape[:-1]), k)
+    out = np.empty((rows.shape[0], n), dtype=out_dtype)
+    for start in range(0, rows.shape[0], _NUMPY_ROW_BLOCK):
+        block = exact_matmul_nt(rows[start : start + _NUMPY_ROW_BLOCK], w, bits)
+        if bias is not None:
+            block += bias
+        # activation in the output precision, as the GPU epilogue does after its fp32 accumulation
+        out[start : start + _NUMPY_ROW_BLOCK] = block
+    apply_activation_(out, activation)
+    return out.reshape(x.shape[:-1] + (n,))
+
+
+# ----------------------------------------------------------------------------- Triton backend
+
+_BLOCK_K = {"float16": 64, "bfloat16": 64, "float32": 32, "float64": 16}
+
+
+@_dispatch.register("transform_matrix", "triton")
+def _transform_matrix_triton(x: Any, w: Any, bias: Any, *, activation: str | None) -> Any:
+    import torch
+
+    from ..kernels.transform_matrix import transform_matrix_kernel
+
+    k, n = w.shape[-1], w.shape[-2]
+    lead = x.shape[:-1]
+    x3, w3 = (x, w) if w.ndim == 3 else (x.reshape(1, math.prod(lead), k), w.unsqueeze(0))
+    # the kernel needs unit stride along K only; other strides are passed through
+    x3 = x3 if x3.stride(-1) == 1 else x3.contiguous()
+    w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    batches, m = x3.shape[0], x3.shape[1]
+    out = torch.empty((batches, m, n), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out.reshape(lead + (n,))
+    name = dtype_name(x)
+    precision = "tf32" if name == "float32" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+    def grid(meta: dict[str, int]) -> tuple[int, int]:
+        return (-(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"]), batches)
+
+    # launch on the tensors' own GPU, not the current one
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        transform_matrix_kernel[grid](
+            x3,
+            w3,
+            x3 if bias is None else bias,
+            out,
+            m,
+            n,
+            k,
+            x3.stride(0),
+            x3.stride(1),
+            w3.stride(0) if w.ndim == 3 else 0,
+            w3.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HAS_BIAS=bias is not None,
+            ACTIVATION=activation or "",
+            DOT_PRECISION=precision,
+            INTERPRETER_DOT=_dispatch.interpreter_enabled(),
+            ACC_FP64=name == "float64",
+            BLOCK_K=_BLOCK_K[name],
+        )
+    return out.reshape(lead + (n,))
+
