@@ -1,13 +1,17 @@
-"""Batch-invariant GEMM for the NumPy path: ``x @ w.T`` accumulated exactly.
+"""Batch-invariant GEMM for the NumPy path: ``x @ w.T`` from exact float64 products.
 
-BLAS gives a row different low bits depending on where it lands in the kernel's register tile,
-so the same row computed in a 1-row and a 300-row call can differ. Here every BLAS call is made
-exact instead: each row of ``x`` and of ``w`` is scaled by a power of two and cut into integer
-slices of ``b`` bits with ``2b + log2(K) <= 53``, so every product of slices is a sum of integers
-below 2^53 and float64 BLAS computes it without rounding, in any order. The slices are then
-combined elementwise. The result depends only on the row of ``x`` and the row of ``w`` involved,
-is within about 2^-(slices*b) of the exact dot product relative to the rows' largest entries,
-and is computed with ``slices*(slices+1)/2`` float64 GEMMs (3 for float32, 1 for float16/bfloat16).
+BLAS gives a row different low bits depending on where it lands in the kernel's register tile
+(OpenBLAS does; the same row in a 1-row and a 300-row call differs), so fixed row tiles alone do
+not make a row's result independent of its batch. Here every BLAS call is exact instead: each row
+of ``x`` and of ``w`` is cut into slices that are multiples of a per-row quantum q with at most
+``b`` bits above it, ``2b + ceil(log2 K) <= 53``. The dot product of two slices is then a sum of
+multiples of q_x*q_w below 2^53 of them, which float64 represents exactly, so BLAS returns the
+same value in any order and any tiling. Slice products are combined elementwise, lowest weight
+first. A row's result depends only on that row of ``x`` and on ``w``, and lies within about
+2^-(slices*b) of the exact dot product relative to the rows' largest entries (float32 output is
+correctly rounded almost always). Cost: ``slices*(slices+1)/2`` float64 GEMMs, 3 for float32
+inputs and 1 for float16/bfloat16. Exactness needs the quanta to stay above float64's subnormal
+range, which holds for every float32/float16 input and for float64 rows not near 1e-290.
 """
 
 from __future__ import annotations
@@ -15,41 +19,52 @@ from __future__ import annotations
 import numpy as np
 
 _FLOAT64_MANTISSA = 53
-# Bits kept beyond the input's own mantissa, so that entries smaller than their row's largest
-# one keep their precision too.
+# Bits kept beyond the input's own mantissa, so entries smaller than their row's largest keep
+# their own precision too.
 _GUARD_BITS = 8
 
 
 def _slice_bits(k: int) -> int:
-    return (_FLOAT64_MANTISSA - max(int(k - 1).bit_length(), 0)) // 2
+    return (_FLOAT64_MANTISSA - int(max(k, 1) - 1).bit_length()) // 2
 
 
-def _split_rows(a: np.ndarray, bits: int, slices: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """``a`` (R, K) float64 -> integer-valued slices and per-row exponents e with
-    ``a == sum_s slices[s] * 2**(e - bits*(s+1))`` up to the last slice's resolution."""
+def _split_rows(a: np.ndarray, bits: int, slices: int) -> list[np.ndarray]:
+    """``a`` (R, K) float64 -> ``slices`` arrays summing to ``a`` up to the last slice's quantum.
+
+    Slice s of row r is a multiple of q_{r,s} = 2^(e_r - bits*(s+1)) with |slice| <= 2^bits q_{r,s},
+    where 2^e_r bounds the row's magnitude. Rounding to a multiple of q uses adding and
+    subtracting 1.5 * 2^52 * q, which is exact in float64 round-to-nearest.
+    """
     row_max = np.max(np.abs(a), axis=1, initial=0.0)
     _, exponent = np.frexp(row_max)  # row_max < 2**exponent
-    rest = np.ldexp(a, (bits - exponent)[:, None])
     parts = []
-    for _ in range(slices):
-        top = np.trunc(rest)
+    rest = a
+    for s in range(slices):
+        shifter = np.ldexp(1.5, exponent - bits * (s + 1) + 52)[:, None]
+        top = (rest + shifter) - shifter
         parts.append(top)
-        rest = np.ldexp(rest - top, bits)
-    return parts, exponent
+        rest = rest - top
+    return parts
+
+
+def _outside_exact_range(a: np.ndarray) -> np.ndarray:
+    """Rows with NaN/Inf, or so large (> 2^900, float64 only) that the slicing would overflow."""
+    with np.errstate(invalid="ignore"):
+        return ~(np.abs(a) < 2.0**900).all(axis=1)
 
 
 def exact_matmul_nt(x: np.ndarray, w: np.ndarray, mantissa_bits: int) -> np.ndarray:
-    """``x @ w.T`` in float64 for finite ``x`` (M, K) and ``w`` (N, K) whose entries carry at most
-    ``mantissa_bits`` significant bits; rows with NaN/Inf follow IEEE arithmetic."""
+    """``x @ w.T`` (float64) for ``x`` (M, K) and ``w`` (N, K) whose entries carry at most
+    ``mantissa_bits`` significant bits; rows holding NaN/Inf follow IEEE arithmetic."""
     m, k = x.shape
     n = w.shape[0]
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
-    bad_x = ~np.isfinite(x).all(axis=1)
-    bad_w = ~np.isfinite(w).all(axis=1)
+    bad_x, bad_w = _outside_exact_range(x), _outside_exact_range(w)
     if bad_x.any() or bad_w.any():
         # A non-finite entry makes every product of its row NaN or +-Inf, and such a sum is the
-        # same in any order; compute those outputs plainly and the rest exactly.
+        # same in any order; compute those outputs plainly and the rest exactly. (Rows beyond
+        # 2^900 take this path too: their products overflow float64 anyway.)
         out = exact_matmul_nt(np.where(bad_x[:, None], 0.0, x), np.where(bad_w[:, None], 0.0, w), mantissa_bits)
         with np.errstate(invalid="ignore"):  # 0 * inf is NaN here, as IEEE says
             out[bad_x] = x[bad_x] @ w.T
@@ -59,13 +74,10 @@ def exact_matmul_nt(x: np.ndarray, w: np.ndarray, mantissa_bits: int) -> np.ndar
         return np.zeros((m, n), dtype=np.float64)
     bits = _slice_bits(k)
     slices = -(-(mantissa_bits + _GUARD_BITS) // bits)
-    xs, ex = _split_rows(x, bits, slices)
-    ws, ew = _split_rows(w, bits, slices)
+    xs = _split_rows(x, bits, slices)
+    ws = [p.T for p in _split_rows(w, bits, slices)]
     out = np.zeros((m, n), dtype=np.float64)
-    # Terms of equal weight 2^-(bits*order) are added first, lowest weight first.
-    for order in reversed(range(slices)):
-        term = np.zeros((m, n), dtype=np.float64)
+    for order in reversed(range(slices)):  # weight 2^(-bits*order): smallest terms first
         for s in range(order + 1):
-            term += xs[s] @ ws[order - s].T
-        out += np.ldexp(term, -bits * order)
-    return np.ldexp(out, ex[:, None] + ew[None, :] - 2 * bits)
+            out += xs[s] @ ws[order - s]
+    return out

@@ -1,0 +1,31 @@
+# `make test` and `make bench` each set up .venv by themselves on a fresh clone.
+# Without a GPU, torch is pinned to the CPU wheel first so pip never pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CPU_TORCH ?= torch==2.13.0
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: test bench info clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+ifeq ($(HAS_GPU),)
+	$(PY) -m pip install --quiet "$(CPU_TORCH)" || \
+	  $(PY) -m pip install --quiet "$(CPU_TORCH)" --index-url https://download.pytorch.org/whl/cpu
+endif
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(VENV)/bin/clisonix-gpu bench
+
+info: $(STAMP)
+	$(VENV)/bin/clisonix-gpu info
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,77 @@
+"""transform_matrix against its peers (clisonix_gpu.baselines), same inputs, same run.
+
+CPU: NumPy arrays against NumPy ``x @ w.T + b`` + activation; torch CPU tensors against torch eager.
+CUDA: torch CUDA tensors against torch eager and torch.compile, with cuBLAS matmul alone as the
+ceiling (it skips the epilogue, so it is reported but never counted as the peer).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from timing import Result, measure, record
+
+import clisonix_gpu as cg
+from clisonix_gpu.baselines import TRANSFORM_MATRIX_PEERS, reference_transform_matrix
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_CASES = [  # (M, K, N, activation, in --quick)
+    (4096, 1024, 1024, "relu", False),
+    (1024, 1024, 1024, "relu", True),
+    (16, 4096, 4096, "gelu", True),
+    (512, 784, 256, "silu", False),
+]
+GPU_CASES = [
+    (8192, 4096, 4096, "gelu", False),
+    (4096, 4096, 4096, "relu", True),
+    (16, 8192, 8192, "silu", True),
+    (32768, 1024, 1024, "gelu_tanh", False),
+]
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+CEILING = "ceiling: cuBLAS matmul alone"
+
+
+def _ours(x, w, b, activation):
+    return cg.transform_matrix(x, w, b, activation=activation)
+
+
+def _ceiling(x, w, b, activation):
+    return x @ w.T
+
+
+def _cases():
+    if DEVICE == "cuda":
+        grid = [(m, k, n, a, q, "torch-cuda", d) for m, k, n, a, q in GPU_CASES for d in GPU_DTYPES]
+    else:
+        grid = [(m, k, n, a, q, kind, torch.float32) for m, k, n, a, q in CPU_CASES for kind in ("numpy", "torch-cpu")]
+    for m, k, n, act, in_quick, kind, dtype in grid:
+        impls = {"clisonix": _ours, **TRANSFORM_MATRIX_PEERS[kind]}
+        if kind == "torch-cuda":
+            impls[CEILING] = _ceiling
+        for name, fn in impls.items():
+            dt = str(dtype).removeprefix("torch.")
+            yield pytest.param(m, k, n, act, kind, dtype, in_quick, name, fn, id=f"{m}x{k}x{n}-{act}-{kind}-{dt}-{name}")
+
+
+@pytest.mark.parametrize("m,k,n,activation,kind,dtype,in_quick,impl,fn", list(_cases()))
+def bench_transform_matrix(benchmark, quick, m, k, n, activation, kind, dtype, in_quick, impl, fn):
+    if quick and not in_quick:
+        pytest.skip("not in --quick")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32) / np.float32(np.sqrt(k))
+    b = rng.standard_normal(n, dtype=np.float32)
+    if kind != "numpy":
+        x, w, b = (torch.from_numpy(a).to(DEVICE, dtype) for a in (x, w, b))
+    case = f"transform_matrix {m}x{k}x{n} {str(dtype).removeprefix('torch.')} {activation} ({kind})"
+    benchmark.group = case
+    y = fn(x, w, b, activation)
+    if impl == CEILING:
+        err = float("nan")
+    else:
+        ref = reference_transform_matrix(x, w, b, activation)
+        got = y.detach().double().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, np.float64)
+        err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-300))
+    seconds = measure(benchmark, lambda: fn(x, w, b, activation), DEVICE, rounds=3 if quick else 7)
+    record(Result(case, impl, DEVICE, seconds, err, flops=2.0 * m * n * k))

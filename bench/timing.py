@@ -1,0 +1,42 @@
+"""Timing and result bookkeeping shared by every benchmark file.
+
+CPU: pytest-benchmark medians (warm-up round, several rounds). CUDA: ``triton.testing.do_bench``
+medians. Every timed call is paired with its accuracy against a float64 reference, so a speed
+ratio never hides a wrong answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+RESULTS: list["Result"] = []
+
+
+@dataclasses.dataclass
+class Result:
+    case: str  # op and shape, e.g. "transform_matrix 4096x1024x1024 float32 relu"
+    impl: str  # "clisonix" or the peer's name
+    device: str
+    seconds: float
+    rel_error: float  # max |y - ref| / max |ref| against the float64 reference
+    flops: float = 0.0
+    bytes: float = 0.0
+
+
+def measure(benchmark: Any, fn: Callable[[], Any], device: str, rounds: int) -> float:
+    """Median seconds of ``fn()``; ``benchmark`` is pytest-benchmark's fixture."""
+    if device == "cuda":
+        import torch
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        benchmark.extra_info["do_bench_median_ms"] = ms
+        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=1, iterations=1)
+        return ms / 1e3
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    return float(benchmark.stats.stats.median)
+
+
+def record(result: Result) -> None:
+    RESULTS.append(result)

@@ -1,0 +1,38 @@
+"""Packaging and the command line: what a user gets from `pip install`."""
+
+from __future__ import annotations
+
+import importlib.resources
+import shutil
+import subprocess
+import sys
+
+import clisonix_gpu as cg
+
+
+def test_version_in_one_place():
+    from importlib.metadata import version
+
+    assert version("clisonix-gpu") == cg.__version__
+
+
+def test_kernels_install_as_subpackage():
+    files = {p.name for p in importlib.resources.files("clisonix_gpu.kernels").iterdir()}
+    assert "transform_matrix.py" in files
+
+
+def test_cli_info_reports_backends():
+    exe = shutil.which("clisonix-gpu") or sys.executable
+    cmd = [exe, "info"] if exe != sys.executable else [exe, "-m", "clisonix_gpu.cli", "info"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "numpy   usable" in out
+    assert "triton" in out and "cupy" in out and "torch" in out
+
+
+def test_ops_do_not_import_torch_library_alda_or_mesh():
+    ops_dir = importlib.resources.files("clisonix_gpu") / "ops"
+    for path in ops_dir.iterdir():
+        if path.name.endswith(".py"):
+            text = path.read_text()
+            for forbidden in ("torch.library", "alda", "mesh", "cli"):
+                assert f"import {forbidden}" not in text and f"from ..{forbidden}" not in text, (path, forbidden)
