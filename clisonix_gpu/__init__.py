@@ -11,7 +11,18 @@ torch tensors (CPU and CUDA) and CuPy arrays; results come back in the input's a
 from ._dispatch import BackendStatus, backends, current_backend, use_backend
 from .algebra import BinaryAlgebra
 from .errors import BackendUnavailable, ShapeError
-from .ops import ACTIVATIONS, transform_matrix
+from .ops import (
+    ACTIVATIONS,
+    RadiusResult,
+    binarize,
+    binary_matmul,
+    hamming_distance,
+    hamming_radius,
+    hamming_topk,
+    pack_bits,
+    transform_matrix,
+    unpack_bits,
+)
 
 __version__ = "0.1.0"
 
@@ -20,10 +31,18 @@ __all__ = [
     "BackendStatus",
     "BackendUnavailable",
     "BinaryAlgebra",
+    "RadiusResult",
     "ShapeError",
     "__version__",
     "backends",
+    "binarize",
+    "binary_matmul",
     "current_backend",
+    "hamming_distance",
+    "hamming_radius",
+    "hamming_topk",
+    "pack_bits",
     "transform_matrix",
+    "unpack_bits",
     "use_backend",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .ops import transform_matrix
+from . import ops
 
 
 class BinaryAlgebra:
@@ -15,7 +15,14 @@ class BinaryAlgebra:
     [[2.0, 2.0, 2.0]]
     """
 
-    transform_matrix = staticmethod(transform_matrix)
+    transform_matrix = staticmethod(ops.transform_matrix)
+    pack_bits = staticmethod(ops.pack_bits)
+    unpack_bits = staticmethod(ops.unpack_bits)
+    binarize = staticmethod(ops.binarize)
+    binary_matmul = staticmethod(ops.binary_matmul)
+    hamming_distance = staticmethod(ops.hamming_distance)
+    hamming_topk = staticmethod(ops.hamming_topk)
+    hamming_radius = staticmethod(ops.hamming_radius)
 
     def __repr__(self) -> str:
         return "BinaryAlgebra()"

@@ -1,5 +1,26 @@
-"""LIAM ops: one module of host code per op (validate, pick a backend, call its kernel)."""
+"""LIAM ops: one module of host code per op family (validate, pick a backend, call its kernel)."""
 
+from .binary import (
+    RadiusResult,
+    binarize,
+    binary_matmul,
+    hamming_distance,
+    hamming_radius,
+    hamming_topk,
+    pack_bits,
+    unpack_bits,
+)
 from .transform_matrix import ACTIVATIONS, transform_matrix
 
-__all__ = ["ACTIVATIONS", "transform_matrix"]
+__all__ = [
+    "ACTIVATIONS",
+    "RadiusResult",
+    "binarize",
+    "binary_matmul",
+    "hamming_distance",
+    "hamming_radius",
+    "hamming_topk",
+    "pack_bits",
+    "transform_matrix",
+    "unpack_bits",
+]
