@@ -47,6 +47,8 @@ def pack_bits_kernel(
     cols = words[:, None] * 8 + bit[None, :]  # (BLOCK_W, 8)
     mask = (rows[:, None, None] < R) & (cols[None, :, :] < n)
     x = tl.load(x_ptr + rows[:, None, None].to(tl.int64) * stride_xr + cols[None, :, :], mask=mask, other=0)
+    if x.dtype.is_bf16() or x.dtype.is_fp16():
+        x = x.to(tl.float32)  # exact; the interpreter compares bf16 wrongly
     if RULE == "positive":
         on = x > 0
     elif RULE == "nonnegative":

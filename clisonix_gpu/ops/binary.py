@@ -338,7 +338,9 @@ def _int32_words(a: Any) -> Any:
     import torch
 
     r, w = a.shape
-    if w % 4 == 0 and a.is_contiguous() and a.storage_offset() % 4 == 0:
+    if a.numel() == 0:
+        return torch.zeros((r, _cdiv(w, 4)), dtype=torch.int32, device=a.device)
+    if w % 4 == 0 and a.is_contiguous() and a.data_ptr() % 4 == 0:
         return a.view(torch.int32)
     padded = torch.zeros((r, _cdiv(w, 4) * 4), dtype=torch.uint8, device=a.device)
     padded[:, :w] = a
