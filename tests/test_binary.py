@@ -254,3 +254,31 @@ def test_packed_inputs_must_be_2d_for_products():
 def test_numpy_and_torch_mixed():
     with pytest.raises(TypeError, match="one type"):
         cg.hamming_distance(np.zeros((2, 4), np.uint8), torch.zeros((3, 4), dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------- CuPy / CUDA C
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 7, 1500])
+def test_cupy_backend_matches_numpy(rng, k):
+    cupy = pytest.importorskip("cupy")
+    n = 77
+    q, db = _random_codes(rng, 9, n), _random_codes(rng, 2100, n, duplicates=300)
+    cq, cdb = cupy.asarray(q), cupy.asarray(db)
+    assert np.array_equal(cupy.asnumpy(cg.hamming_distance(cq, cdb)), _ref_distances(q, db, n))
+    assert np.array_equal(cupy.asnumpy(cg.binary_matmul(cq, cdb, n)), n - 2 * _ref_distances(q, db, n))
+    dist, idx = cg.hamming_topk(cq, cdb, k)
+    ref_d, ref_i = _ref_topk(q, db, n, k)
+    assert np.array_equal(cupy.asnumpy(dist), ref_d) and np.array_equal(cupy.asnumpy(idx), ref_i)
+    res = cg.hamming_radius(cq, cdb, 30)
+    want = cg.hamming_radius(q, db, 30)
+    for got, ref in zip(res, want):
+        assert np.array_equal(cupy.asnumpy(got), ref)
+    x = rng.standard_normal((5, 70)).astype(np.float32)
+    assert np.array_equal(cupy.asnumpy(cg.pack_bits(cupy.asarray(x))), np.packbits(x > 0, axis=-1, bitorder="little"))
+    bits = cg.pack_bits(x)
+    assert np.array_equal(cupy.asnumpy(cg.unpack_bits(cupy.asarray(bits), 70)), (x > 0).astype(np.uint8))
+    cbits, cscale = cg.binarize(cupy.asarray(x))
+    assert np.array_equal(cupy.asnumpy(cbits), np.packbits(x >= 0, axis=-1, bitorder="little"))
+    np.testing.assert_allclose(cupy.asnumpy(cscale), np.abs(x).mean(-1), rtol=1e-6)

@@ -426,3 +426,128 @@ def _hamming_radius_triton(q: Any, db: Any, *, r: int):
         cols, dist = cols[order], dist[order]
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=q.device), torch.cumsum(counts, 0)])
     return offsets, cols, dist
+
+
+# ----------------------------------------------------------------------------- CuPy backend
+# CUDA C kernels from kernels/binary.cu; scalar arguments are typed to match their C signatures.
+
+_CUDA_CHUNK = 1024  # CHUNK in kernels/binary.cu: the per-block top-k selects from this many codes
+
+
+@_dispatch.register("pack_bits", "cupy")
+def _pack_bits_cupy(x: Any, *, rule: str) -> Any:
+    import cupy
+
+    from ._cupy import launch
+
+    n = x.shape[-1]
+    width = _cdiv(n, 8)
+    on = {"positive": x > 0, "nonnegative": x >= 0, "nonzero": x != 0}[rule]
+    rows = cupy.ascontiguousarray(on.reshape(math.prod(x.shape[:-1]), n)).view(cupy.uint8)
+    out = cupy.empty((rows.shape[0], width), dtype=cupy.uint8)
+    if out.size:
+        launch("binary", "pack_bool_rows", (_cdiv(out.size, 256),), (256,),
+               (rows, out, np.int64(rows.shape[0]), np.int32(n), np.int32(width)), like=x)  # fmt: skip
+    return out.reshape(x.shape[:-1] + (width,))
+
+
+@_dispatch.register("unpack_bits", "cupy")
+def _unpack_bits_cupy(bits: Any, *, n: int) -> Any:
+    import cupy
+
+    from ._cupy import launch
+
+    width = bits.shape[-1]
+    rows = cupy.ascontiguousarray(bits.reshape(math.prod(bits.shape[:-1]), width))
+    out = cupy.empty((rows.shape[0], n), dtype=cupy.uint8)
+    if out.size:
+        launch("binary", "unpack_bits_rows", (_cdiv(out.size, 256),), (256,),
+               (rows, out, np.int64(rows.shape[0]), np.int32(n), np.int32(width)), like=bits)  # fmt: skip
+    return out.reshape(bits.shape[:-1] + (n,))
+
+
+@_dispatch.register("mean_abs", "cupy")
+def _mean_abs_cupy(x: Any) -> Any:
+    import cupy
+
+    if x.shape[-1] == 0:
+        return cupy.zeros(x.shape[:-1], dtype=x.dtype)
+    acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
+    return cupy.abs(x).astype(acc).mean(axis=-1)
+
+
+def _uint64_words(a: Any) -> Any:
+    """(R, W) uint8 CuPy -> (R, ceil(W / 8)) uint64, zero-padded."""
+    import cupy
+
+    r, w = a.shape
+    padded = cupy.zeros((r, _cdiv(w, 8) * 8), dtype=cupy.uint8)
+    padded[:, :w] = a
+    return padded.view(cupy.uint64)
+
+
+def _popcount_gemm_u64(a: Any, b: Any, n_bits: int | None) -> Any:
+    import cupy
+
+    from ._cupy import launch
+
+    m, n = a.shape[0], b.shape[0]
+    out = cupy.empty((m, n), dtype=cupy.int32)
+    if out.size:
+        launch("binary", "popcount_gemm_u64", (_cdiv(n, 16), _cdiv(m, 16)), (16, 16),
+               (a, b, out, np.int32(m), np.int32(n), np.int32(a.shape[1]), np.int32(n_bits or 0),
+                np.int32(n_bits is not None)), like=a)  # fmt: skip
+    return out
+
+
+@_dispatch.register("popcount_gemm", "cupy")
+def _popcount_gemm_cupy(a: Any, b: Any, *, signed_bits: int | None) -> Any:
+    return _popcount_gemm_u64(_uint64_words(a), _uint64_words(b), signed_bits)
+
+
+def _cupy_search_blocks(q: Any, db: Any):
+    qw, dw = _uint64_words(q), _uint64_words(db)
+    q_step = max(1, _BLOCK_ENTRIES // max(dw.shape[0], 1))
+    for qs in range(0, qw.shape[0], q_step):
+        yield qs, _popcount_gemm_u64(qw[qs : qs + q_step], dw, None)
+
+
+@_dispatch.register("hamming_topk", "cupy")
+def _hamming_topk_cupy(q: Any, db: Any, *, k: int) -> tuple[Any, Any]:
+    import cupy
+
+    from ._cupy import launch
+
+    n = db.shape[0]
+    if k > _CUDA_CHUNK or n >= 2**31:  # beyond the per-block selection: sort full keys
+        parts = []
+        for _, d in _cupy_search_blocks(q, db):
+            keys = d.astype(cupy.int64) * n + cupy.arange(n, dtype=cupy.int64)
+            parts.append(cupy.sort(keys, axis=1)[:, :k])
+        keys = cupy.concatenate(parts) if parts else cupy.empty((0, k), dtype=cupy.int64)
+        return (keys // n).astype(cupy.int32), keys % n
+    qw, dw = _uint64_words(q), _uint64_words(db)
+    chunks = _cdiv(n, _CUDA_CHUNK)
+    cand = cupy.empty((q.shape[0], chunks * k), dtype=cupy.int64)
+    if q.shape[0]:
+        launch("binary", "hamming_topk_chunks", (chunks, q.shape[0]), (512,),
+               (qw, dw, cand, np.int32(n), np.int32(qw.shape[1]), np.int32(k), np.int32(chunks)), like=q)  # fmt: skip
+    keys = cupy.sort(cand, axis=1)[:, :k]  # merge: k smallest of all chunks' candidates
+    return (keys >> 32).astype(cupy.int32), keys & 0xFFFFFFFF
+
+
+@_dispatch.register("hamming_radius", "cupy")
+def _hamming_radius_cupy(q: Any, db: Any, *, r: int):
+    import cupy
+
+    counts = cupy.zeros(q.shape[0], dtype=cupy.int64)
+    indices, distances = [], []
+    for qs, d in _cupy_search_blocks(q, db):
+        rows, cols = cupy.nonzero(d <= r)
+        counts[qs : qs + d.shape[0]] = cupy.bincount(rows, minlength=d.shape[0])
+        indices.append(cols.astype(cupy.int64))
+        distances.append(d[rows, cols])
+    offsets = cupy.concatenate([cupy.zeros(1, cupy.int64), cupy.cumsum(counts)])
+    if not indices:
+        return offsets, cupy.zeros(0, cupy.int64), cupy.zeros(0, cupy.int32)
+    return offsets, cupy.concatenate(indices), cupy.concatenate(distances)
