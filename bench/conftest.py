@@ -77,6 +77,7 @@ def _rows() -> list[dict[str, object]]:
                 "ours_rel_error": ours.rel_error,
                 "peer_rel_error": best.rel_error,
                 "ours_gflops": ours.flops / ours.seconds / 1e9 if ours.flops else None,
+                "ours_gbps": ours.bytes / ours.seconds / 1e9 if ours.bytes else None,
             }
         )
     return rows
@@ -90,14 +91,15 @@ def _markdown(env: dict[str, str], rows: list[dict[str, object]]) -> str:
         f"Triton {env['triton']}. Speedup = best peer time / our time (> 1: we are faster), "
         "both measured in the same run; errors are max |y - ref| / max |ref| against float64.",
         "",
-        "| case | ours (ms) | best peer | peer (ms) | speedup | our error | peer error | our GFLOP/s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| case | ours (ms) | best peer | peer (ms) | speedup | our error | peer error | our GFLOP/s | our GB/s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         gf = f"{r['ours_gflops']:.1f}" if r["ours_gflops"] else ""
+        gb = f"{r['ours_gbps']:.2f}" if r["ours_gbps"] else ""
         lines.append(
             f"| {r['case']} | {r['ours_ms']:.3f} | {r['peer']} | {r['peer_ms']:.3f} | {r['speedup']:.2f}x "
-            f"| {r['ours_rel_error']:.1e} | {r['peer_rel_error']:.1e} | {gf} |"
+            f"| {r['ours_rel_error']:.1e} | {r['peer_rel_error']:.1e} | {gf} | {gb} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -88,3 +88,106 @@ TRANSFORM_MATRIX_PEERS: dict[str, dict[str, Callable[..., Any]]] = {
     "torch-cpu": {"torch eager": _torch_linear},
     "torch-cuda": {"torch eager": _torch_linear, "torch.compile": _torch_compile_linear},
 }
+
+
+# ----------------------------------------------------------------------------- binary algebra
+# Factories: ``factory(a, b, n)`` prepares what a user of that library would hold already (an
+# index, +-1 float matrices) outside the timed region and returns the zero-argument call to time.
+
+
+def _numpy_popcount_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    width = -(-a.shape[1] // 8) * 8
+    aw = np.zeros((a.shape[0], width), np.uint8)
+    bw = np.zeros((b.shape[0], width), np.uint8)
+    aw[:, : a.shape[1]], bw[:, : b.shape[1]] = a, b
+    aw, bw = aw.view(np.uint64), bw.view(np.uint64)
+    step = max(1, (1 << 24) // max(b.shape[0] * aw.shape[1], 1))
+    return np.concatenate(
+        [np.bitwise_count(aw[s : s + step, None, :] ^ bw[None]).sum(-1, dtype=np.int32) for s in range(0, len(aw), step)]
+    )
+
+
+def _torch_lut_distances(a: Any, b: Any) -> Any:
+    import torch
+
+    lut = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32, device=a.device)
+    step = max(1, (1 << 26) // max(b.shape[0] * b.shape[1], 1))
+    return torch.cat([lut[(a[s : s + step, None, :] ^ b[None]).long()].sum(-1) for s in range(0, a.shape[0], step)])
+
+
+def _plus_minus_one(bits: Any, n: int, like_dtype: Any) -> Any:
+    import torch
+
+    unpacked = np.unpackbits(bits.cpu().numpy() if isinstance(bits, torch.Tensor) else bits, axis=-1, count=n, bitorder="little")
+    signs = unpacked.astype(np.float32) * 2 - 1
+    return torch.from_numpy(signs).to(bits.device, like_dtype) if isinstance(bits, torch.Tensor) else signs
+
+
+def _gemm_on_pm1(a: Any, b: Any, n: int, dtype_name: str) -> Callable[[], Any]:
+    import torch
+
+    dtype = getattr(torch, dtype_name) if isinstance(a, torch.Tensor) else np.float32
+    fa, fb = _plus_minus_one(a, n, dtype), _plus_minus_one(b, n, dtype)
+    return lambda: fa @ fb.T
+
+
+BINARY_MATMUL_PEERS: dict[str, dict[str, Callable[..., Callable[[], Any]]]] = {
+    "numpy": {
+        "numpy xor + bitwise_count": lambda a, b, n: lambda: n - 2 * _numpy_popcount_distances(a, b),
+        "numpy fp32 GEMM on +-1": lambda a, b, n: _gemm_on_pm1(a, b, n, "float32"),
+    },
+    "torch-cpu": {
+        "torch xor + byte LUT": lambda a, b, n: lambda: n - 2 * _torch_lut_distances(a, b),
+        "torch fp32 GEMM on +-1": lambda a, b, n: _gemm_on_pm1(a, b, n, "float32"),
+    },
+    "torch-cuda": {
+        "torch xor + byte LUT": lambda a, b, n: lambda: n - 2 * _torch_lut_distances(a, b),
+        "torch fp16 GEMM on +-1": lambda a, b, n: _gemm_on_pm1(a, b, n, "float16"),
+    },
+}
+
+
+def _faiss_topk(q: np.ndarray, db: np.ndarray, k: int) -> Callable[[], Any]:
+    import faiss
+
+    index = faiss.IndexBinaryFlat(8 * db.shape[1])
+    index.add(np.ascontiguousarray(db))
+    return lambda: index.search(np.ascontiguousarray(q), k)
+
+
+def _numpy_topk(q: np.ndarray, db: np.ndarray, k: int) -> Callable[[], Any]:
+    def run() -> Any:
+        d = _numpy_popcount_distances(q, db)
+        idx = np.argpartition(d, k - 1, axis=1)[:, :k]
+        return np.take_along_axis(d, idx, axis=1), idx
+
+    return run
+
+
+def _torch_gemm_topk(q: Any, db: Any, k: int) -> Callable[[], Any]:
+    import torch
+
+    bits = 8 * db.shape[1]
+    dtype = torch.float16 if q.is_cuda else torch.float32
+    fq, fdb = _plus_minus_one(q, bits, dtype), _plus_minus_one(db, bits, dtype)
+
+    def run() -> Any:
+        d = (bits - fq @ fdb.T) * 0.5  # exact: integers below 2048 in fp16
+        return torch.topk(d, k, dim=1, largest=False)
+
+    return run
+
+
+def _faiss_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
+HAMMING_TOPK_PEERS: dict[str, dict[str, Callable[..., Callable[[], Any]]]] = {
+    "numpy": {
+        **({"faiss IndexBinaryFlat": _faiss_topk} if _faiss_available() else {}),
+        "numpy bitwise_count + argpartition": _numpy_topk,
+    },
+    "torch-cuda": {"torch fp16 GEMM on +-1 + topk": _torch_gemm_topk},
+}

@@ -107,8 +107,9 @@ def test_binary_matmul_is_the_exact_pm1_product(rng, backend, n):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [5, 64, 200, 257])
-def test_hamming_distance_brute_force(rng, backend, n):
-    a, b = _random_codes(rng, 9, n), _random_codes(rng, 33, n, duplicates=4)
+@pytest.mark.parametrize("queries", [9, 40])  # the NumPy path uses popcount below 32 rows, BLAS above
+def test_hamming_distance_brute_force(rng, backend, n, queries):
+    a, b = _random_codes(rng, queries, n), _random_codes(rng, 33, n, duplicates=4)
     got = _run(backend, cg.hamming_distance, *_on(backend, a, b))
     assert got.dtype == np.int32 and np.array_equal(got, _ref_distances(a, b, n))
 
@@ -282,3 +283,9 @@ def test_cupy_backend_matches_numpy(rng, k):
     cbits, cscale = cg.binarize(cupy.asarray(x))
     assert np.array_equal(cupy.asnumpy(cbits), np.packbits(x >= 0, axis=-1, bitorder="little"))
     np.testing.assert_allclose(cupy.asnumpy(cscale), np.abs(x).mean(-1), rtol=1e-6)
+
+
+def test_numpy_path_without_bitwise_count(rng, monkeypatch):
+    monkeypatch.setattr(binary_module, "_popcount", None)  # NumPy < 2.0 counts bytes by table
+    a, b = _random_codes(rng, 5, 99), _random_codes(rng, 8, 99)
+    assert np.array_equal(cg.hamming_distance(a, b), _ref_distances(a, b, 99))

@@ -206,16 +206,39 @@ def _as_words(a: np.ndarray) -> np.ndarray:
     return padded.view(np.uint64)
 
 
+_BLAS_MIN_ROWS = 32
 _popcount = getattr(np, "bitwise_count", None)
 _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
+def _plus_minus_one(a: np.ndarray) -> np.ndarray:
+    """(R, W) packed bytes -> (R, 8W) float32 of +1 (set bit) / -1 (clear bit), pad bits included."""
+    return np.unpackbits(a, axis=-1, bitorder="little").astype(np.float32) * 2 - 1
+
+
 def _distance_blocks(q: np.ndarray, db: np.ndarray):
-    """Yield ``(start, distances int32 (rows, N))`` over row blocks of ``q``."""
-    qw, dw = _as_words(q), _as_words(db)
-    per_row = max(db.shape[0] * max(qw.shape[1], 1), 1)
+    """Yield ``(start, distances int32 (rows, N))`` over row blocks of ``q``.
+
+    Through BLAS when it fits: the +-1 dot product of 8W-bit rows is an integer below 2^24,
+    which float32 sums exactly in any order, and distance = (8W - dot) / 2 (pad bits are equal
+    in both rows, so they add 0). Otherwise XOR and popcount on 64-bit words.
+    """
+    n_db, width = db.shape
+    bits = 8 * width
+    # unpacking the database to floats pays off only when enough query rows share it
+    use_blas = q.shape[0] >= _BLAS_MIN_ROWS and bits < 2**24 and n_db * bits * 4 <= 2**31
+    # bound the temporaries: (rows, N) distances plus (rows, 8W) floats, or (rows, N, W/8) words
+    per_row = max(n_db, bits, 1) if use_blas else max(n_db * width, 1)
     step = max(1, _BLOCK_ENTRIES // per_row)
+    if use_blas:
+        db_t = _plus_minus_one(db).T
+    else:
+        qw, dw = _as_words(q), _as_words(db)
     for start in range(0, q.shape[0], step):
+        if use_blas:
+            dot = _plus_minus_one(q[start : start + step]) @ db_t
+            yield start, ((bits - dot) * 0.5).astype(np.int32)
+            continue
         x = qw[start : start + step, None, :] ^ dw[None, :, :]
         if _popcount is not None:
             counts = _popcount(x).sum(axis=-1, dtype=np.int32)

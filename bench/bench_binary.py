@@ -1,0 +1,105 @@
+"""Binary algebra against its peers (clisonix_gpu.baselines), same inputs, same run.
+
+binary_matmul at an inference shape (M = 16, K = N = 8192 bits) and a square one; Hamming top-k of
+1k queries against 100k 256-bit codes on CPU (10k against 1M on GPU). Effective bandwidth counts
+the packed inputs read and the int32 output written once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from timing import Result, measure, record
+
+import clisonix_gpu as cg
+from clisonix_gpu.baselines import BINARY_MATMUL_PEERS, HAMMING_TOPK_PEERS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KINDS = ["torch-cuda"] + (["cupy"] if cg.backends()[2].usable else []) if DEVICE == "cuda" else ["numpy", "torch-cpu"]
+# (M, N, bits, in --quick)
+MATMUL_CASES = {
+    "cpu": [(16, 8192, 8192, True), (1024, 1024, 8192, False), (256, 256, 8192, True)],
+    "cuda": [(16, 8192, 8192, True), (8192, 8192, 8192, True)],
+}
+# (queries, database, bits, k, in --quick)
+TOPK_CASES = {
+    "cpu": [(1000, 100_000, 256, 10, False), (100, 100_000, 256, 10, True)],
+    "cuda": [(10_000, 1_000_000, 256, 10, False), (1000, 1_000_000, 256, 10, True), (1000, 1_000_000, 256, 4096, True)],
+}
+
+
+def _codes(rng, rows, bits, kind):
+    packed = rng.integers(0, 256, (rows, bits // 8), dtype=np.uint8)
+    if kind == "numpy":
+        return packed
+    if kind == "cupy":
+        import cupy
+
+        return cupy.asarray(packed)
+    return torch.from_numpy(packed).to(DEVICE)
+
+
+def _host(a):
+    if isinstance(a, np.ndarray):
+        return a
+    return a.cpu().numpy() if isinstance(a, torch.Tensor) else a.get()
+
+
+def _peer_kind(kind):
+    return "torch-cuda" if kind == "cupy" else kind
+
+
+def _matmul_params():
+    for m, n, bits, in_quick in MATMUL_CASES[DEVICE]:
+        for kind in KINDS:
+            for impl in ["clisonix", *BINARY_MATMUL_PEERS[_peer_kind(kind)]]:
+                yield pytest.param(m, n, bits, kind, impl, in_quick, id=f"{m}x{n}x{bits}-{kind}-{impl}")
+
+
+def _topk_params():
+    for nq, ndb, bits, k, in_quick in TOPK_CASES[DEVICE]:
+        for kind in KINDS:
+            peers = HAMMING_TOPK_PEERS.get(_peer_kind(kind), {})
+            if not peers:
+                continue
+            for impl in ["clisonix", *peers]:
+                yield pytest.param(nq, ndb, bits, k, kind, impl, in_quick, id=f"{nq}x{ndb}x{bits}-k{k}-{kind}-{impl}")
+
+
+@pytest.mark.parametrize("m,n,bits,kind,impl,in_quick", list(_matmul_params()))
+def bench_binary_matmul(benchmark, quick, m, n, bits, kind, impl, in_quick):
+    if quick and not in_quick:
+        pytest.skip("not in --quick")
+    rng = np.random.default_rng(0)
+    a, b = _codes(rng, m, bits, kind), _codes(rng, n, bits, kind)
+    if kind == "cupy" and impl != "clisonix":
+        a, b = torch.from_dlpack(a), torch.from_dlpack(b)
+    fn = (lambda: cg.binary_matmul(a, b, bits)) if impl == "clisonix" else BINARY_MATMUL_PEERS[_peer_kind(kind)][impl](a, b, bits)
+    ref = cg.binary_matmul(_host(a), _host(b), bits).astype(np.float64)
+    got = np.asarray(_host(fn()), dtype=np.float64)
+    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1))
+    case = f"binary_matmul {m}x{n}x{bits}bit ({kind})"
+    benchmark.group = case
+    seconds = measure(benchmark, fn, DEVICE, rounds=3 if quick else 5)
+    record(Result(case, impl, DEVICE, seconds, err, bytes=(m + n) * bits / 8 + 4.0 * m * n))
+
+
+@pytest.mark.parametrize("nq,ndb,bits,k,kind,impl,in_quick", list(_topk_params()))
+def bench_hamming_topk(benchmark, quick, nq, ndb, bits, k, kind, impl, in_quick):
+    if quick and not in_quick:
+        pytest.skip("not in --quick")
+    rng = np.random.default_rng(1)
+    q, db = _codes(rng, nq, bits, kind), _codes(rng, ndb, bits, kind)
+    if kind == "cupy" and impl != "clisonix":
+        q, db = torch.from_dlpack(q), torch.from_dlpack(db)
+    fn = (lambda: cg.hamming_topk(q, db, k)) if impl == "clisonix" else HAMMING_TOPK_PEERS[_peer_kind(kind)][impl](q, db, k)
+    dist = np.asarray(_host(fn()[0]), dtype=np.float64)
+    # accuracy: the k distances must equal ours, which the tests check against brute force
+    ours = cg.hamming_topk(q, db, k)[0]
+    ref = np.asarray(_host(ours), dtype=np.float64)
+    err = float(np.abs(np.sort(dist, axis=1) - ref).max() / max(np.abs(ref).max(), 1))
+    case = f"hamming_topk {nq}x{ndb}x{bits}bit k={k} ({kind})"
+    benchmark.group = case
+    seconds = measure(benchmark, fn, DEVICE, rounds=2 if quick else 3)
+    record(Result(case, impl, DEVICE, seconds, err, bytes=(nq + ndb) * bits / 8))
