@@ -8,6 +8,7 @@ torch tensors (CPU and CUDA) and CuPy arrays; results come back in the input's a
 [[1.0, 0.0], [0.0, 1.0]]
 """
 
+from . import alda
 from ._dispatch import BackendStatus, backends, current_backend, use_backend
 from .algebra import BinaryAlgebra
 from .errors import BackendUnavailable, ShapeError
@@ -34,6 +35,7 @@ __all__ = [
     "RadiusResult",
     "ShapeError",
     "__version__",
+    "alda",
     "backends",
     "binarize",
     "binary_matmul",
