@@ -14,6 +14,7 @@ from .algebra import BinaryAlgebra
 from .errors import BackendUnavailable, ShapeError
 from .ops import (
     ACTIVATIONS,
+    LowRank,
     RadiusResult,
     binarize,
     binary_matmul,
@@ -21,6 +22,7 @@ from .ops import (
     hamming_radius,
     hamming_topk,
     pack_bits,
+    svd_compress,
     transform_matrix,
     unpack_bits,
 )
@@ -32,6 +34,7 @@ __all__ = [
     "BackendStatus",
     "BackendUnavailable",
     "BinaryAlgebra",
+    "LowRank",
     "RadiusResult",
     "ShapeError",
     "__version__",
@@ -44,6 +47,7 @@ __all__ = [
     "hamming_radius",
     "hamming_topk",
     "pack_bits",
+    "svd_compress",
     "transform_matrix",
     "unpack_bits",
     "use_backend",

@@ -16,6 +16,7 @@ class BinaryAlgebra:
     """
 
     transform_matrix = staticmethod(ops.transform_matrix)
+    svd_compress = staticmethod(ops.svd_compress)
     pack_bits = staticmethod(ops.pack_bits)
     unpack_bits = staticmethod(ops.unpack_bits)
     binarize = staticmethod(ops.binarize)

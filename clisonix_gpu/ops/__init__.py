@@ -10,10 +10,12 @@ from .binary import (
     pack_bits,
     unpack_bits,
 )
+from .svd_compress import LowRank, svd_compress
 from .transform_matrix import ACTIVATIONS, transform_matrix
 
 __all__ = [
     "ACTIVATIONS",
+    "LowRank",
     "RadiusResult",
     "binarize",
     "binary_matmul",
@@ -21,6 +23,7 @@ __all__ = [
     "hamming_radius",
     "hamming_topk",
     "pack_bits",
+    "svd_compress",
     "transform_matrix",
     "unpack_bits",
 ]

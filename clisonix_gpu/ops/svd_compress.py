@@ -1,0 +1,358 @@
+"""``svd_compress``: randomized truncated SVD (Halko-Martinsson-Tropp) of a matrix or a batch.
+
+Range finder with a Rademacher sketch from a counter-based generator (identical bits on every
+backend for one seed), ``power_iters`` power iterations re-orthonormalised by QR, then the SVD of
+the small projected matrix. ``tol=`` grows the sketch in blocks until the exact a-posteriori error
+``sqrt(|A|^2 - sum_j<=r s_j^2) / |A|`` of the truncation reaches ``tol``, per matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .. import _dispatch
+from ..errors import ShapeError
+from ._validate import dtype_name, require_float
+
+__all__ = ["LowRank", "svd_compress", "rademacher_sketch"]
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def seed_mix(seed: int) -> int:
+    """The 64-bit offset that a seed adds to every counter of the sketch generator."""
+    return (int(seed) * _GOLDEN) & _MASK64
+
+
+def rademacher_sketch(rows: int, cols: int, seed: int, col_start: int = 0) -> np.ndarray:
+    """Sketch matrix (rows, cols) of +-1.0: entry (i, j) from splitmix64 of counter
+    ``(col_start + j) << 32 | i``; the Triton kernel computes the same bits."""
+    i = np.arange(rows, dtype=np.uint64)[:, None]
+    j = np.arange(col_start, col_start + cols, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed_mix(seed)) + ((j << np.uint64(32)) | i)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return 1.0 - 2.0 * (z >> np.uint64(63)).astype(np.float64)
+
+
+class LowRank:
+    """A low-rank factorisation ``a ≈ u @ diag(s) @ vh`` (batched over leading dimensions).
+
+    ``u`` (..., M, k), ``s`` (..., k) descending, ``vh`` (..., k, N), in the input's array type and
+    device. In ``tol=`` mode ranks differ per matrix: ``ranks`` holds them, and factors are padded
+    with zero singular values up to ``rank`` (the largest).
+    """
+
+    def __init__(self, u: Any, s: Any, vh: Any, ranks: np.ndarray, error_estimate: np.ndarray, source_nbytes: int):
+        self.u, self.s, self.vh = u, s, vh
+        self.ranks = ranks
+        self._error = error_estimate
+        self._source_nbytes = source_nbytes
+
+    @property
+    def rank(self) -> int:
+        """Number of factor columns stored (the largest per-matrix rank)."""
+        return int(self.s.shape[-1])
+
+    @property
+    def error_estimate(self) -> Any:
+        """A-posteriori relative Frobenius error ``|a - u s vh|_F / |a|_F`` (float, or an array per
+        matrix for batches), from ``|a|^2 - sum s_j^2``: exact up to rounding, which limits it to
+        about 1e-3 for float32 input and 1e-7 for float64."""
+        return float(self._error) if self._error.ndim == 0 else self._error
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(_nbytes(t) for t in (self.u, self.s, self.vh)))
+
+    @property
+    def compression_ratio(self) -> float:
+        """Bytes of the dense input over bytes of the factors."""
+        return self._source_nbytes / max(self.nbytes, 1)
+
+    def reconstruct(self) -> Any:
+        """The dense ``u @ diag(s) @ vh`` (..., M, N)."""
+        return (self.u * self.s[..., None, :]) @ self.vh
+
+    def matmul(self, y: Any) -> Any:
+        """``reconstruct() @ y`` without forming the dense matrix: ``u @ (s * (vh @ y))``."""
+        t = self.vh @ y
+        scale = self.s[..., :, None] if t.ndim == self.vh.ndim else self.s
+        return self.u @ (scale * t)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        dense = self.reconstruct()
+        if type(dense).__module__.startswith("torch"):
+            dense = dense.detach().cpu().numpy()
+        elif type(dense).__module__.startswith("cupy"):
+            dense = dense.get()
+        return np.asarray(dense, dtype=dtype)
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        return self.reconstruct().__dlpack__(**kwargs)
+
+    def __dlpack_device__(self) -> Any:
+        return self.reconstruct().__dlpack_device__()
+
+    def __repr__(self) -> str:
+        return (
+            f"LowRank(shape={tuple(self.u.shape[:-1]) + (self.vh.shape[-1],)}, rank={self.rank}, "
+            f"compression_ratio={self.compression_ratio:.2f})"
+        )
+
+
+def _nbytes(t: Any) -> int:
+    return int(t.nbytes) if hasattr(t, "nbytes") else int(t.numel() * t.element_size())
+
+
+def _require_int(name: str, value: Any, low: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} = {value} is out of range: expected >= {low}")
+    return int(value)
+
+
+def svd_compress(
+    a: Any, k: int | None = None, *, tol: float | None = None, oversample: int = 10, power_iters: int = 2, seed: int = 0
+) -> LowRank:
+    """Randomized truncated SVD of ``a`` (M, N) or (..., M, N): a :class:`LowRank`.
+
+    Exactly one of ``k`` (1 <= k <= min(M, N)) or ``tol`` (0 < tol < 1, relative Frobenius error;
+    rank chosen per matrix, at most min(M, N)). Sketch size ``k + oversample``; ``seed`` fixes the
+    sketch, so one seed gives the same factors on every backend to float tolerance and bit-identical
+    factors on one backend. Signs: the largest-|.| entry of each column of ``u`` is positive.
+    float16/bfloat16 are computed in float32. Raises ``ShapeError`` (fewer than 2 dimensions),
+    ``TypeError`` (integer/complex dtype), ``ValueError`` (k/tol out of range, both or neither
+    given, NaN/Inf in ``a``).
+    """
+    _dispatch.array_kind(a)
+    require_float("a", a)
+    if a.ndim < 2:
+        raise ShapeError(f"svd_compress needs a matrix (M, N) or a batch (..., M, N); got shape {tuple(a.shape)}")
+    m, n = a.shape[-2], a.shape[-1]
+    limit = min(m, n)
+    if (k is None) == (tol is None):
+        raise ValueError(f"give exactly one of k (1 <= k <= {limit}) or tol (0 < tol < 1); got k={k}, tol={tol}")
+    if k is not None:
+        k = _require_int("k", k, None)
+        if not 1 <= k <= limit:
+            raise ValueError(f"k = {k} is out of range for a {m}x{n} matrix: expected 1 <= k <= {limit}")
+    else:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 < tol < 1:
+            raise ValueError(f"tol = {tol!r} is out of range: expected 0 < tol < 1")
+        if limit == 0:
+            raise ValueError(f"tol mode needs a non-empty matrix; got {m}x{n}")
+    oversample = _require_int("oversample", oversample, 0)
+    power_iters = _require_int("power_iters", power_iters, 0)
+    seed = _require_int("seed", seed, 0)
+    if not _all_finite(a):
+        raise ValueError("a contains NaN or Inf: a randomized SVD of it would be meaningless")
+    u, s, vh, ranks, err = _dispatch.call(
+        "svd_compress", ("a",), (a,), k=k, tol=None if tol is None else float(tol),
+        oversample=oversample, power_iters=power_iters, seed=seed,
+    )  # fmt: skip
+    u, s, vh = (_dispatch.cast_like(t, a) for t in (u, s, vh))
+    itemsize = np.dtype("float32").itemsize if dtype_name(a) == "bfloat16" else np.dtype(dtype_name(a)).itemsize
+    source = math.prod(a.shape) * (2 if dtype_name(a) in ("bfloat16", "float16") else itemsize)
+    return LowRank(u, s, vh, np.asarray(_host(ranks)), np.asarray(_host(err), dtype=np.float64), source)
+
+
+def _host(t: Any) -> Any:
+    if type(t).__module__.startswith("torch"):
+        return t.detach().cpu().numpy()
+    if type(t).__module__.startswith("cupy"):
+        return t.get()
+    return t
+
+
+def _all_finite(a: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return bool(np.isfinite(a).all())
+    if type(a).__module__.startswith("torch"):
+        import torch
+
+        return bool(torch.isfinite(a).all())
+    import cupy
+
+    return bool(cupy.isfinite(a).all())
+
+
+# ----------------------------------------------------------------------------- shared algorithm
+# One implementation over a small set of array operations (NumPy, or torch for the Triton path)
+# so the paths cannot drift apart; they differ only in the first sketch GEMM, fused on GPU.
+# Rank choice and error estimates use the (B, l) singular values on the host, in float64.
+
+
+class _NumpyOps:
+    @staticmethod
+    def qr(y: np.ndarray) -> np.ndarray:
+        return np.linalg.qr(y)[0]
+
+    @staticmethod
+    def svd(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.linalg.svd(b, full_matrices=False)
+
+    @staticmethod
+    def t(x: np.ndarray) -> np.ndarray:
+        return np.swapaxes(x, -1, -2)
+
+    @staticmethod
+    def host(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float64)
+
+    @staticmethod
+    def like(values: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        return values.astype(ref.dtype)
+
+    @staticmethod
+    def signs(u: np.ndarray) -> np.ndarray:
+        idx = np.argmax(np.abs(u), axis=-2)
+        pivot = np.take_along_axis(u, idx[..., None, :], axis=-2)[..., 0, :]
+        return np.where(pivot < 0, -1.0, 1.0).astype(u.dtype)
+
+    @staticmethod
+    def squared_norms(a: np.ndarray) -> np.ndarray:
+        return np.einsum("bij,bij->b", a, a, dtype=np.float64)
+
+    @staticmethod
+    def sketch_matmul(a: np.ndarray, l: int, seed: int) -> np.ndarray:
+        return a @ rademacher_sketch(a.shape[-1], l, seed).astype(a.dtype)
+
+
+def _randomized_svd(a: Any, ops: Any, *, k: int | None, tol: float | None, oversample: int, power_iters: int, seed: int):
+    """Factors of ``a`` (B, M, N), float32/float64, with the array operations ``ops``."""
+    batch, m, n = a.shape
+    limit = min(m, n)
+    norm2 = ops.squared_norms(a)
+    l = min(limit, (k if k is not None else min(limit, 16)) + oversample)
+    while True:
+        q = ops.qr(ops.sketch_matmul(a, l, seed))
+        for _ in range(power_iters):
+            q = ops.qr(a @ ops.qr(ops.t(a) @ q))
+        ub, s, vh = ops.svd(ops.t(q) @ a)  # SVD of the projected (B, l, N) matrix
+        s_host = ops.host(s)
+        # |A - P_r A|^2 = |A|^2 - sum_{j<=r} s_j^2 exactly, for the projector P_r onto u[:, :r]
+        rel2 = np.clip(1.0 - np.cumsum(s_host**2, axis=-1) / np.where(norm2 > 0, norm2, 1.0)[:, None], 0.0, None)
+        if k is not None:
+            ranks = np.full(batch, k)
+            break
+        reached = rel2 <= tol * tol
+        if l >= limit or reached.any(axis=-1).all():
+            ranks = np.where(reached.any(axis=-1), np.argmax(reached, axis=-1) + 1, l)
+            break
+        l = min(limit, 2 * l)  # grow the sketch and start over with the same seed
+    r = int(ranks.max()) if batch else (k or 1)
+    keep = ops.like(np.arange(r)[None, :] < ranks[:, None], s)  # tol mode: zero columns past each rank
+    u = (q @ ub[..., :r]) * keep[:, None, :]
+    s, vh = s[..., :r] * keep, vh[..., :r, :] * keep[:, :, None]
+    sign = ops.signs(u)
+    err = np.sqrt(rel2[np.arange(batch), ranks - 1]) if batch else np.zeros(0)
+    return u * sign[..., None, :], s, vh * sign[..., :, None], ranks, err
+
+
+def _compute_dtype(name: str) -> str:
+    return "float64" if name == "float64" else "float32"
+
+
+@_dispatch.register("svd_compress", "numpy")
+def _svd_compress_numpy(a: np.ndarray, **params: Any):
+    lead, (m, n) = a.shape[:-2], a.shape[-2:]
+    stack = a.reshape((math.prod(lead), m, n)).astype(_compute_dtype(a.dtype.name), copy=False)
+    u, s, vh, ranks, err = _randomized_svd(stack, _NumpyOps, **params)
+    r = s.shape[-1]
+    return (u.reshape(lead + (m, r)), s.reshape(lead + (r,)), vh.reshape(lead + (r, n)),
+            ranks.reshape(lead), err.reshape(lead))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- Triton backend
+
+
+class _TorchOps:
+    """torch versions of the array operations; the first sketch GEMM is the fused Triton kernel."""
+
+    @staticmethod
+    def qr(y: Any) -> Any:
+        import torch
+
+        return torch.linalg.qr(y).Q
+
+    @staticmethod
+    def svd(b: Any) -> Any:
+        import torch
+
+        return torch.linalg.svd(b, full_matrices=False)
+
+    @staticmethod
+    def t(x: Any) -> Any:
+        return x.transpose(-1, -2)
+
+    @staticmethod
+    def host(x: Any) -> np.ndarray:
+        return x.detach().double().cpu().numpy()
+
+    @staticmethod
+    def like(values: np.ndarray, ref: Any) -> Any:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(values)).to(ref.device, ref.dtype)
+
+    @staticmethod
+    def signs(u: Any) -> Any:
+        import torch
+
+        idx = u.abs().argmax(dim=-2)
+        pivot = torch.take_along_dim(u, idx[..., None, :], dim=-2)[..., 0, :]
+        return torch.where(pivot < 0, -1.0, 1.0).to(u.dtype)
+
+    @staticmethod
+    def squared_norms(a: Any) -> np.ndarray:
+        return (a.double() ** 2).sum(dim=(-2, -1)).cpu().numpy()
+
+    @staticmethod
+    def sketch_matmul(a: Any, l: int, seed: int) -> Any:
+        import torch
+
+        from ..kernels.svd_compress import sketch_matmul_kernel
+
+        batch, m, n = a.shape
+        a = a if a.stride(-1) == 1 else a.contiguous()
+        y = torch.empty((batch, m, l), dtype=a.dtype, device=a.device)
+        block_l = min(64, max(16, 1 << (l - 1).bit_length()))
+        mix = seed_mix(seed)
+        mix = mix - (1 << 64) if mix >= 1 << 63 else mix  # the same 64 bits, as a signed argument
+
+        def grid(meta: dict[str, int]) -> tuple[int, int, int]:
+            return (-(-m // meta["BLOCK_M"]), -(-l // block_l), batch)
+
+        with torch.cuda.device(a.device) if a.is_cuda else _null():
+            sketch_matmul_kernel[grid](
+                a, y, m, n, l, a.stride(0), a.stride(1), y.stride(0), y.stride(1), mix,
+                INTERPRETER_DOT=_dispatch.interpreter_enabled(), ACC_FP64=a.dtype == torch.float64, BLOCK_L=block_l,
+            )  # fmt: skip
+        return y
+
+
+def _null() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+@_dispatch.register("svd_compress", "triton")
+def _svd_compress_triton(a: Any, **params: Any):
+    import torch
+
+    lead, (m, n) = tuple(a.shape[:-2]), tuple(a.shape[-2:])
+    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    stack = a.reshape((math.prod(lead), m, n)).to(compute)
+    u, s, vh, ranks, err = _randomized_svd(stack, _TorchOps, **params)
+    r = s.shape[-1]
+    return (u.reshape(lead + (m, r)), s.reshape(lead + (r,)), vh.reshape(lead + (r, n)),
+            torch.from_numpy(ranks.reshape(lead)), torch.from_numpy(err.reshape(lead)))  # fmt: skip

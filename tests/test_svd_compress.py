@@ -1,0 +1,182 @@
+"""svd_compress against exact SVD (numpy.linalg.svd) tail energies, on every usable backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TRITON_DEVICE
+
+import clisonix_gpu as cg
+
+
+def _matrix(rng, m, n, spectrum, noise=0.0):
+    """A = U diag(spectrum) V^T (+ noise) with random orthonormal U, V; returns (A, exact singular values)."""
+    r = min(m, n)
+    u, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    a = (u * spectrum[:r]) @ v.T + noise * rng.standard_normal((m, n))
+    return a, np.linalg.svd(a, compute_uv=False)
+
+
+def _tail(sigma, k):
+    return float(np.sqrt(np.sum(sigma[k:] ** 2)))
+
+
+def _decaying(r):
+    return 0.8 ** np.arange(r)
+
+
+def _noisy_low_rank(r):
+    return np.where(np.arange(r) < 10, 10.0 * 0.9 ** np.arange(r), 0.0)
+
+
+def _np(t):
+    return t.detach().cpu().double().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
+
+
+@pytest.mark.parametrize("spectrum,noise", [(_decaying, 0.0), (_noisy_low_rank, 1e-3)], ids=["decaying", "noisy-low-rank"])
+@pytest.mark.parametrize("shape,k", [((200, 150), 10), ((127, 129), 7), ((129, 127), 20), ((7, 1), 1), ((1, 7), 1)])
+def test_error_close_to_optimal_tail_fp64(rng, spectrum, noise, shape, k):
+    a, sigma = _matrix(rng, *shape, spectrum(min(shape)), noise)
+    lr = cg.svd_compress(a, k=k)
+    assert lr.u.shape == (shape[0], k) and lr.s.shape == (k,) and lr.vh.shape == (k, shape[1])
+    err = np.linalg.norm(a - lr.reconstruct())
+    assert err <= 1.05 * _tail(sigma, k) + 1e-12 * sigma[0]
+    assert np.all(np.diff(lr.s) <= 0)
+    if spectrum is _decaying:
+        np.testing.assert_allclose(lr.s, sigma[:k], rtol=1e-4)
+    assert lr.error_estimate == pytest.approx(err / np.linalg.norm(a), rel=1e-4, abs=1e-7)
+
+
+def test_float32_error_close_to_optimal_tail(rng):
+    a, sigma = _matrix(rng, 300, 200, _decaying(200))
+    lr = cg.svd_compress(a.astype(np.float32), k=12)
+    assert lr.u.dtype == np.float32
+    assert np.linalg.norm(a - lr.reconstruct().astype(np.float64)) <= 1.05 * _tail(sigma, 12)
+    np.testing.assert_allclose(lr.s, sigma[:12], rtol=1e-4)
+
+
+def test_batched_inputs_checked_matrix_by_matrix(rng):
+    mats = [_matrix(rng, 40, 33, _decaying(33) * (i + 1)) for i in range(6)]
+    a = np.stack([m for m, _ in mats]).reshape(2, 3, 40, 33)
+    lr = cg.svd_compress(a, k=5)
+    assert lr.u.shape == (2, 3, 40, 5) and lr.s.shape == (2, 3, 5) and lr.vh.shape == (2, 3, 5, 33)
+    dense = lr.reconstruct().reshape(6, 40, 33)
+    for i, (m, sigma) in enumerate(mats):
+        assert np.linalg.norm(m - dense[i]) <= 1.05 * _tail(sigma, 5)
+        single = cg.svd_compress(m, k=5)
+        np.testing.assert_allclose(lr.s.reshape(6, 5)[i], single.s, rtol=1e-10)
+
+
+@pytest.mark.parametrize("tol", [0.3, 0.05, 1e-3])
+def test_tol_mode_meets_bound_with_near_optimal_rank(rng, tol):
+    mats = [_matrix(rng, 80, 60, _decaying(60) ** (1 + i / 2)) for i in range(3)]
+    a = np.stack([m for m, _ in mats])
+    lr = cg.svd_compress(a, tol=tol)
+    dense = lr.reconstruct()
+    for i, (m, sigma) in enumerate(mats):
+        true = np.linalg.norm(m - dense[i]) / np.linalg.norm(m)
+        assert true <= tol * (1 + 1e-6)
+        optimal = next(r for r in range(1, 61) if _tail(sigma, r) / np.linalg.norm(sigma) <= tol)
+        assert lr.ranks[i] <= optimal + 10
+        assert lr.error_estimate[i] == pytest.approx(true, rel=1e-4, abs=1e-9)
+        assert np.all(lr.s[i, lr.ranks[i] :] == 0)
+
+
+def test_tol_mode_full_rank_when_needed(rng):
+    a = rng.standard_normal((12, 9))  # flat spectrum: only the full rank gets to 1e-6
+    lr = cg.svd_compress(a, tol=1e-6)
+    assert lr.rank == 9 and np.linalg.norm(a - lr.reconstruct()) / np.linalg.norm(a) < 1e-6
+
+
+def test_same_seed_bit_identical_and_signs_fixed(rng):
+    a, _ = _matrix(rng, 90, 70, _decaying(70), noise=1e-2)
+    one, two = cg.svd_compress(a, k=6, seed=7), cg.svd_compress(a, k=6, seed=7)
+    for x, y in ((one.u, two.u), (one.s, two.s), (one.vh, two.vh)):
+        assert np.array_equal(x, y)
+    pivot = one.u[np.argmax(np.abs(one.u), axis=0), np.arange(6)]
+    assert np.all(pivot > 0)
+    other = cg.svd_compress(a, k=6, seed=8, power_iters=0)
+    assert not np.array_equal(other.u, one.u)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_numpy_and_triton_paths_agree(rng, dtype):
+    a, _ = _matrix(rng, 70, 45, _decaying(45))
+    a = np.stack([a, 2 * a]).astype(dtype)
+    ref = cg.svd_compress(a, k=5, seed=3)
+    with cg.use_backend("triton"):
+        got = cg.svd_compress(torch.from_numpy(a).to(TRITON_DEVICE), k=5, seed=3)
+    assert isinstance(got.u, torch.Tensor) and got.u.device.type == TRITON_DEVICE
+    for x, y in ((got.u, ref.u), (got.s, ref.s), (got.vh, ref.vh)):
+        np.testing.assert_allclose(_np(x), y, rtol=1e-4, atol=1e-4 * float(ref.s.max()))
+    with cg.use_backend("triton"):
+        again = cg.svd_compress(torch.from_numpy(a).to(TRITON_DEVICE), k=5, seed=3)
+    assert torch.equal(again.u, got.u)
+
+
+def test_triton_tol_mode(rng):
+    a, sigma = _matrix(rng, 50, 40, _decaying(40))
+    with cg.use_backend("triton"):
+        lr = cg.svd_compress(torch.from_numpy(a).to(TRITON_DEVICE), tol=0.05)
+    assert np.linalg.norm(a - _np(lr.reconstruct())) / np.linalg.norm(a) <= 0.05
+
+
+def test_low_rank_object(rng):
+    a, _ = _matrix(rng, 60, 50, _decaying(50))
+    lr = cg.svd_compress(a, k=8)
+    y = rng.standard_normal((50, 3))
+    np.testing.assert_allclose(lr.matmul(y), lr.reconstruct() @ y, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lr.matmul(y[:, 0]), lr.reconstruct() @ y[:, 0], rtol=1e-10, atol=1e-12)
+    assert np.array_equal(np.asarray(lr), lr.reconstruct())
+    assert lr.rank == 8 and lr.nbytes == 8 * (60 * 8 + 8 + 8 * 50)
+    assert lr.compression_ratio == pytest.approx(60 * 50 * 8 / lr.nbytes)
+    assert "rank=8" in repr(lr)
+
+
+def test_torch_cpu_input_and_dlpack(rng):
+    a, _ = _matrix(rng, 30, 20, _decaying(20))
+    t = torch.from_numpy(a).to(torch.bfloat16)
+    lr = cg.svd_compress(t, k=4)
+    assert lr.u.dtype == torch.bfloat16 and isinstance(lr.s, torch.Tensor)
+    assert torch.equal(torch.from_dlpack(lr), lr.reconstruct())
+    assert cg.BinaryAlgebra().svd_compress(t, k=4).s.tolist() == lr.s.tolist()
+
+
+def test_input_not_modified(rng):
+    a, _ = _matrix(rng, 30, 20, _decaying(20))
+    before = a.copy()
+    cg.svd_compress(a, k=3)
+    cg.svd_compress(a, tol=0.1)
+    assert np.array_equal(a, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"k": 0}, ValueError, r"1 <= k <= 4"),
+        ({"k": 5}, ValueError, r"1 <= k <= 4"),
+        ({}, ValueError, "exactly one"),
+        ({"k": 2, "tol": 0.1}, ValueError, "exactly one"),
+        ({"tol": 0.0}, ValueError, "0 < tol < 1"),
+        ({"tol": 1.0}, ValueError, "0 < tol < 1"),
+        ({"k": 2.5}, TypeError, "int"),
+        ({"k": 2, "oversample": -1}, ValueError, ">= 0"),
+    ],
+)
+def test_bad_parameters(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cg.svd_compress(np.ones((4, 6)), **kwargs)
+
+
+def test_bad_arrays():
+    with pytest.raises(cg.ShapeError):
+        cg.svd_compress(np.ones(5), k=1)
+    with pytest.raises(TypeError):
+        cg.svd_compress(np.ones((4, 4), np.int32), k=1)
+    for bad in (np.nan, np.inf):
+        a = np.ones((4, 4))
+        a[1, 2] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            cg.svd_compress(a, k=1)
