@@ -191,3 +191,56 @@ HAMMING_TOPK_PEERS: dict[str, dict[str, Callable[..., Callable[[], Any]]]] = {
     },
     "torch-cuda": {"torch fp16 GEMM on +-1 + topk": _torch_gemm_topk},
 }
+
+
+# ----------------------------------------------------------------------------- svd_compress
+# Factories: ``factory(a, k, oversample, power_iters)`` returns the zero-argument call to time;
+# the call returns the rank-k reconstruction, so every peer's error is measured the same way.
+
+
+def _sklearn_randomized_svd(a: np.ndarray, k: int, oversample: int, power_iters: int) -> Callable[[], Any]:
+    from sklearn.utils.extmath import randomized_svd
+
+    def run() -> Any:
+        mats = a.reshape((-1,) + a.shape[-2:])
+        out = []
+        for m in mats:
+            u, s, vt = randomized_svd(m, k, n_oversamples=oversample, n_iter=power_iters, random_state=0)
+            out.append((u * s) @ vt)
+        return np.stack(out).reshape(a.shape)
+
+    return run
+
+
+def _torch_svd_lowrank(a: Any, k: int, oversample: int, power_iters: int) -> Callable[[], Any]:
+    import torch
+
+    def run() -> Any:
+        u, s, v = torch.svd_lowrank(a, q=k + oversample, niter=power_iters)
+        return (u[..., :k] * s[..., None, :k]) @ v[..., :k].transpose(-1, -2)
+
+    return run
+
+
+def _exact_svd(a: Any, k: int, oversample: int, power_iters: int) -> Callable[[], Any]:
+    if isinstance(a, np.ndarray):
+
+        def run_np() -> Any:
+            u, s, vh = np.linalg.svd(a, full_matrices=False)
+            return (u[..., :k] * s[..., None, :k]) @ vh[..., :k, :]
+
+        return run_np
+    import torch
+
+    def run_torch() -> Any:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return (u[..., :k] * s[..., None, :k]) @ vh[..., :k, :]
+
+    return run_torch
+
+
+SVD_COMPRESS_PEERS: dict[str, dict[str, Callable[..., Callable[[], Any]]]] = {
+    "numpy": {"sklearn randomized_svd": _sklearn_randomized_svd, "numpy.linalg.svd (exact)": _exact_svd},
+    "torch-cpu": {"torch.svd_lowrank": _torch_svd_lowrank, "torch.linalg.svd (exact)": _exact_svd},
+    "torch-cuda": {"torch.svd_lowrank": _torch_svd_lowrank, "torch.linalg.svd (exact)": _exact_svd},
+}

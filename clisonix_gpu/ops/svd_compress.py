@@ -261,8 +261,10 @@ def _compute_dtype(name: str) -> str:
     return "float64" if name == "float64" else "float32"
 
 
-@_dispatch.register("svd_compress", "numpy")
-def _svd_compress_numpy(a: np.ndarray, **params: Any):
+@_dispatch.register("svd_compress", "numpy", takes_cpu_tensors=True)
+def _svd_compress_numpy(a: Any, **params: Any):
+    if not isinstance(a, np.ndarray):  # CPU torch tensor: torch's LAPACK beats a NumPy view here
+        return _svd_compress_torch(a, _TorchCpuOps, **params)
     lead, (m, n) = a.shape[:-2], a.shape[-2:]
     stack = a.reshape((math.prod(lead), m, n)).astype(_compute_dtype(a.dtype.name), copy=False)
     u, s, vh, ranks, err = _randomized_svd(stack, _NumpyOps, **params)
@@ -345,14 +347,28 @@ def _null() -> Any:
     return contextlib.nullcontext()
 
 
+class _TorchCpuOps(_TorchOps):
+    """torch on the CPU: the same sketch as the NumPy path, applied by torch's matmul."""
+
+    @staticmethod
+    def sketch_matmul(a: Any, l: int, seed: int) -> Any:
+        import torch
+
+        return a @ torch.from_numpy(rademacher_sketch(a.shape[-1], l, seed)).to(a.dtype)
+
+
 @_dispatch.register("svd_compress", "triton")
 def _svd_compress_triton(a: Any, **params: Any):
+    return _svd_compress_torch(a, _TorchOps, **params)
+
+
+def _svd_compress_torch(a: Any, ops: Any, **params: Any):
     import torch
 
     lead, (m, n) = tuple(a.shape[:-2]), tuple(a.shape[-2:])
     compute = torch.float64 if a.dtype == torch.float64 else torch.float32
     stack = a.reshape((math.prod(lead), m, n)).to(compute)
-    u, s, vh, ranks, err = _randomized_svd(stack, _TorchOps, **params)
+    u, s, vh, ranks, err = _randomized_svd(stack, ops, **params)
     r = s.shape[-1]
     return (u.reshape(lead + (m, r)), s.reshape(lead + (r,)), vh.reshape(lead + (r, n)),
             torch.from_numpy(ranks.reshape(lead)), torch.from_numpy(err.reshape(lead)))  # fmt: skip
