@@ -39,6 +39,7 @@ __all__ = [
     "ShapeError",
     "__version__",
     "alda",
+    "nn",
     "backends",
     "binarize",
     "binary_matmul",
@@ -52,3 +53,12 @@ __all__ = [
     "unpack_bits",
     "use_backend",
 ]
+
+
+def __getattr__(name: str):
+    # clisonix_gpu.nn and clisonix_gpu.torch import torch: load them on first use only
+    if name in ("nn", "torch"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""``clisonix-gpu`` command line: ``info`` and ``bench``."""
+"""``clisonix-gpu`` command line: ``info``, ``bench`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -58,9 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="run the benchmark suite (bench/) and print the ratio table")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     bench.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
+    demo = sub.add_parser("demo", help="train, compress and binarize small classifiers on scikit-learn datasets")
+    demo.add_argument("--out", type=Path, default=None, help="folder for demo.md and demo.png")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(out_dir=args.out)
         return 0
     bench_dir = Path(__file__).resolve().parent.parent / "bench"
     if not bench_dir.is_dir():

@@ -24,7 +24,8 @@ __all__ = ["transform_matrix", "ACTIVATIONS"]
 _NUMPY_ROW_BLOCK = 4096
 
 
-def _validate(x: Any, w: Any, bias: Any, activation: Any) -> None:
+def validate(x: Any, w: Any, bias: Any, activation: Any) -> None:
+    """The checks of :func:`transform_matrix` (errors as documented there), without running it."""
     check_activation(activation)
     for name, a in (("x", x), ("w", w), ("bias", bias)):
         if a is not None:
@@ -60,7 +61,7 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
     (2, 4)
     """
     _dispatch.common_kind(("x", "w", "bias"), (x, w, bias))
-    _validate(x, w, bias, activation)
+    validate(x, w, bias, activation)
     out = _dispatch.call("transform_matrix", ("x", "w", "bias"), (x, w, bias), activation=activation)
     return _dispatch.cast_like(out, x)
 
@@ -98,7 +99,9 @@ _BLOCK_K = {"float16": 64, "bfloat16": 64, "float32": 32, "float64": 16}
 
 
 @_dispatch.register("transform_matrix", "triton")
-def _transform_matrix_triton(x: Any, w: Any, bias: Any, *, activation: str | None) -> Any:
+def _transform_matrix_triton(x: Any, w: Any, bias: Any, *, activation: str | None, wrap: Any = None) -> Any:
+    """Launch the Triton kernel on torch tensors. ``wrap`` (e.g. ``torch.library.wrap_triton``)
+    wraps the kernel before launch so a tracer can see it; the default launches it directly."""
     import torch
 
     from ..kernels.transform_matrix import transform_matrix_kernel
@@ -122,7 +125,7 @@ def _transform_matrix_triton(x: Any, w: Any, bias: Any, *, activation: str | Non
 
     # launch on the tensors' own GPU, not the current one
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
-        transform_matrix_kernel[grid](
+        (wrap(transform_matrix_kernel) if wrap else transform_matrix_kernel)[grid](
             x3,
             w3,
             x3 if bias is None else bias,

@@ -1,0 +1,244 @@
+"""PyTorch integration: every op declared once with ``torch.library`` under the namespace ``clisonix``.
+
+Each op has a schema, a fake (meta) implementation for tracing, a CPU implementation (the NumPy /
+torch-CPU path) and a CUDA implementation (the Triton kernels). ``transform_matrix`` is a
+``triton_op`` whose kernel launch goes through ``wrap_triton``, so ``torch.compile`` sees into it,
+and it is differentiable (backward as GEMMs). Call the functions of this module (or use
+``clisonix_gpu.nn``) inside models; they work under ``torch.compile(fullgraph=True)``.
+
+Not declared here: ``hamming_radius`` (its output size depends on the data) and
+``svd_compress(tol=...)`` (so does its rank); ``svd_compress(k=...)`` is ``svd_compress_k``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import _dispatch
+
+# The op modules share their names with the functions that clisonix_gpu.ops re-exports.
+_binary = importlib.import_module("clisonix_gpu.ops.binary")
+_svd = importlib.import_module("clisonix_gpu.ops.svd_compress")
+_tm = importlib.import_module("clisonix_gpu.ops.transform_matrix")
+
+__all__ = [
+    "binarize",
+    "binary_matmul",
+    "hamming_distance",
+    "hamming_topk",
+    "pack_bits",
+    "svd_compress_k",
+    "transform_matrix",
+    "unpack_bits",
+]
+
+
+def _on_numpy_path(fn, *args, **kwargs):
+    with _dispatch.use_backend("numpy"):
+        return fn(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- transform_matrix
+
+
+@torch.library.custom_op("clisonix::transform_matrix_cpu", mutates_args=())
+def _transform_matrix_cpu(x: Tensor, w: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+    """The CPU implementation (NumPy/torch-CPU path), opaque to tracing."""
+    return _on_numpy_path(_tm.transform_matrix, x, w, bias, activation or None)
+
+
+def _transform_matrix_shape(x: Tensor, w: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+    _tm.validate(x, w, bias, activation or None)
+    return x.new_empty(tuple(x.shape[:-1]) + (w.shape[-2],))
+
+
+_transform_matrix_cpu.register_fake(_transform_matrix_shape)
+
+
+@triton_op("clisonix::transform_matrix", mutates_args=())
+def _transform_matrix_op(x: Tensor, w: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+    # Tracing runs this body for every device, so the CPU case goes to an opaque op of its own
+    # and only CUDA tensors (or CPU tensors under use_backend("triton") with the interpreter)
+    # reach the Triton launch, which Inductor sees through wrap_triton.
+    if x.device.type != "cuda" and _dispatch.select_backend("torch-cpu") != "triton":
+        return _transform_matrix_cpu(x, w, bias, activation)
+    _tm.validate(x, w, bias, activation or None)
+    return _tm._transform_matrix_triton(x, w, bias, activation=activation or None, wrap=wrap_triton)
+
+
+_transform_matrix_op.register_fake(_transform_matrix_shape)
+
+
+def _activation_grad(z: Tensor, activation: str) -> Tensor:
+    """d activation(z) / dz, elementwise, in z's dtype."""
+    if not activation:
+        return torch.ones_like(z)
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "leaky_relu":
+        return torch.where(z > 0, 1.0, 0.01).to(z.dtype)
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+        return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+    if activation == "gelu_tanh":
+        c = 0.7978845608028654
+        inner = c * (z + 0.044715 * z**3)
+        t = torch.tanh(inner)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z)
+    if activation == "silu":
+        sig = torch.sigmoid(z)
+        return sig * (1.0 + z * (1.0 - sig))
+    if activation == "sigmoid":
+        sig = torch.sigmoid(z)
+        return sig * (1.0 - sig)
+    t = torch.tanh(z)  # tanh
+    return 1.0 - t * t
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w, bias, activation = inputs
+    ctx.save_for_backward(x, w, bias)
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad: Tensor):
+    x, w, bias = ctx.saved_tensors
+    if ctx.activation:
+        # recompute the pre-activation (one GEMM) instead of keeping it alive since forward
+        z = torch.matmul(x, w.transpose(-1, -2))
+        if bias is not None:
+            z = z + bias
+        grad = grad * _activation_grad(z, ctx.activation)
+    grad_x = torch.matmul(grad, w) if ctx.needs_input_grad[0] else None
+    grad_w = grad_b = None
+    if ctx.needs_input_grad[1]:
+        if w.ndim == 3:
+            grad_w = torch.matmul(grad.transpose(-1, -2), x)
+        else:
+            grad_w = grad.reshape(-1, grad.shape[-1]).transpose(0, 1) @ x.reshape(-1, x.shape[-1])
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, grad_w, grad_b, None
+
+
+_transform_matrix_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def transform_matrix(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+    """``torch.ops.clisonix.transform_matrix``: :func:`clisonix_gpu.transform_matrix` as a
+    differentiable, compilable torch op (same shapes, dtypes and errors)."""
+    return _transform_matrix_op(x, w, bias, activation or "")
+
+
+# ----------------------------------------------------------------------------- binary algebra
+# Device-agnostic implementations: the dispatch table picks the Triton kernels for CUDA tensors.
+
+
+def _width(n: int) -> int:
+    return -(-n // 8)
+
+
+@torch.library.custom_op("clisonix::pack_bits", mutates_args=())
+def pack_bits(x: Tensor) -> Tensor:
+    """:func:`clisonix_gpu.pack_bits` as a torch op."""
+    return _binary.pack_bits(x)
+
+
+@pack_bits.register_fake
+def _(x: Tensor) -> Tensor:
+    return x.new_empty(tuple(x.shape[:-1]) + (_width(x.shape[-1]),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("clisonix::unpack_bits", mutates_args=())
+def unpack_bits(bits: Tensor, n: int) -> Tensor:
+    """:func:`clisonix_gpu.unpack_bits` as a torch op."""
+    return _binary.unpack_bits(bits, n)
+
+
+@unpack_bits.register_fake
+def _(bits: Tensor, n: int) -> Tensor:
+    return bits.new_empty(tuple(bits.shape[:-1]) + (n,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("clisonix::binarize", mutates_args=())
+def binarize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`clisonix_gpu.binarize` as a torch op: ``(bits, scale)``."""
+    bits, scale = _binary.binarize(x)
+    return bits, scale
+
+
+@binarize.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    lead = tuple(x.shape[:-1])
+    return x.new_empty(lead + (_width(x.shape[-1]),), dtype=torch.uint8), x.new_empty(lead)
+
+
+def _binarize_setup(ctx, inputs, output) -> None:
+    (x,) = inputs
+    ctx.save_for_backward(x)
+
+
+def _binarize_backward(ctx, grad_bits, grad_scale):
+    # the bits are piecewise constant (no gradient); scale = mean |x| over the last axis
+    (x,) = ctx.saved_tensors
+    return grad_scale[..., None] * torch.sign(x) / max(x.shape[-1], 1)
+
+
+binarize.register_autograd(_binarize_backward, setup_context=_binarize_setup)
+
+
+@torch.library.custom_op("clisonix::binary_matmul", mutates_args=())
+def binary_matmul(a: Tensor, b: Tensor, n: int) -> Tensor:
+    """:func:`clisonix_gpu.binary_matmul` as a torch op."""
+    return _binary.binary_matmul(a, b, n)
+
+
+@binary_matmul.register_fake
+def _(a: Tensor, b: Tensor, n: int) -> Tensor:
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+@torch.library.custom_op("clisonix::hamming_distance", mutates_args=())
+def hamming_distance(a: Tensor, b: Tensor) -> Tensor:
+    """:func:`clisonix_gpu.hamming_distance` as a torch op."""
+    return _binary.hamming_distance(a, b)
+
+
+@hamming_distance.register_fake
+def _(a: Tensor, b: Tensor) -> Tensor:
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+@torch.library.custom_op("clisonix::hamming_topk", mutates_args=())
+def hamming_topk(q: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """:func:`clisonix_gpu.hamming_topk` as a torch op: ``(distances, indices)``."""
+    dist, idx = _binary.hamming_topk(q, db, k)
+    return dist, idx
+
+
+@hamming_topk.register_fake
+def _(q: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    return q.new_empty((q.shape[0], k), dtype=torch.int32), q.new_empty((q.shape[0], k), dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- svd_compress
+
+
+@torch.library.custom_op("clisonix::svd_compress_k", mutates_args=())
+def svd_compress_k(a: Tensor, k: int, oversample: int = 10, power_iters: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`clisonix_gpu.svd_compress` with a fixed rank, as a torch op: ``(u, s, vh)``."""
+    lr = _svd.svd_compress(a, k, oversample=oversample, power_iters=power_iters, seed=seed)
+    return lr.u.contiguous(), lr.s.contiguous(), lr.vh.contiguous()
+
+
+@svd_compress_k.register_fake
+def _(a: Tensor, k: int, oversample: int = 10, power_iters: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    lead, (m, n) = tuple(a.shape[:-2]), tuple(a.shape[-2:])
+    return a.new_empty(lead + (m, k)), a.new_empty(lead + (k,)), a.new_empty(lead + (k, n))
+

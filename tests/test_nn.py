@@ -1,0 +1,136 @@
+"""LIAM layers and compress(model): numerics, state dicts, training, reports and errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clisonix_gpu as cg
+from clisonix_gpu.baselines import _torch_activation
+from clisonix_gpu.nn import BinaryLinear, LIAMLinear, LowRankLinear, compress
+
+
+def _x(rng, *shape):
+    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("activation", cg.ACTIVATIONS)
+def test_liam_linear_is_linear_plus_activation(rng, activation):
+    linear = torch.nn.Linear(13, 7)
+    layer = LIAMLinear.from_linear(linear, activation=activation)
+    x = _x(rng, 3, 5, 13)
+    torch.testing.assert_close(layer(x), _torch_activation(activation)(linear(x)), rtol=1e-5, atol=1e-5)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_liam_linear_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="gelu"):
+        LIAMLinear(3, 4, activation="mish")
+
+
+def test_low_rank_linear_matches_its_factors_and_full_rank_matches_original(rng):
+    linear = torch.nn.Linear(20, 12)
+    x = _x(rng, 9, 20)
+    layer = LowRankLinear.from_linear(linear, k=5)
+    lr = cg.svd_compress(linear.weight.detach(), k=5)
+    expected = x @ (lr.u * lr.s @ lr.vh).T + linear.bias
+    torch.testing.assert_close(layer(x), expected.detach(), rtol=1e-5, atol=1e-5)
+    full = LowRankLinear.from_linear(linear, k=12)
+    torch.testing.assert_close(full(x), linear(x).detach(), rtol=1e-4, atol=1e-5)
+    assert 0 < layer.relative_error < 1 and full.relative_error < 1e-3
+
+
+def test_low_rank_linear_tol_and_bad_input():
+    linear = torch.nn.Linear(30, 20)
+    assert LowRankLinear.from_linear(linear, tol=0.9).rank < 20
+    with pytest.raises(ValueError, match=r"1 <= k <= 20"):
+        LowRankLinear.from_linear(linear, k=21)
+    with pytest.raises(ValueError, match="0 < tol < 1"):
+        LowRankLinear.from_linear(linear, tol=1.5)
+
+
+def test_binary_linear_is_the_scaled_sign_product(rng):
+    linear = torch.nn.Linear(70, 9)
+    layer = BinaryLinear.from_linear(linear).eval()
+    x = _x(rng, 4, 70)
+    sx = torch.where(x >= 0, 1.0, -1.0)
+    w = linear.weight.detach()
+    sw = torch.where(w >= 0, 1.0, -1.0)
+    expected = (sx @ sw.T) * x.abs().mean(1, keepdim=True) * w.abs().mean(1) + linear.bias.detach()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_binary_linear_trains_through_straight_through_estimator(rng):
+    torch.manual_seed(0)
+    layer = BinaryLinear(16, 2, trainable=True)
+    x = _x(rng, 256, 16)
+    y = (x[:, 0] > 0).long()  # linearly separable by one sign
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(layer(x), y)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first
+    layer.eval()  # repacks the bits from the trained latent weight
+    assert float((layer(x).argmax(1) == y).float().mean()) > 0.9
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+
+def test_compress_report_and_state_dict_round_trip(rng):
+    model = _model()
+    report = compress(model, k=8)
+    assert report.changed == 2
+    assert [r.action for r in report.layers] == ["low-rank", "low-rank", "skipped: k > min(in, out) = 4"]
+    assert report.params_after < report.params_before
+    assert isinstance(model[0], LowRankLinear) and type(model[4]) is torch.nn.Linear
+    assert "2 of 3 layers replaced" in str(report)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    fresh = _model()
+    compress(fresh, k=8)  # same compressed structure
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer))
+    x = _x(rng, 5, 32)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_compress_binary_round_trip(rng):
+    model = _model()
+    report = compress(model, binary=True, min_params=1000)
+    assert [r.action for r in report.layers][:2] == ["binary", "binary"]
+    assert report.layers[2].action.startswith("skipped: < min_params")
+    assert report.bytes_after < report.bytes_before
+    fresh = _model()
+    compress(fresh, binary=True, min_params=1000)
+    fresh.load_state_dict(model.state_dict())
+    x = _x(rng, 3, 32)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_compress_with_no_eligible_layer_changes_nothing():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    report = compress(model, k=4)
+    assert report.changed == 0 and report.layers == []
+    small = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    report = compress(small, k=16)
+    assert report.changed == 0 and type(small[0]) is torch.nn.Linear
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"k": 0}, "k = 0"), ({"tol": 0.0}, "0 < tol < 1"), ({"tol": 2.0}, "0 < tol < 1"), ({}, "exactly one"), ({"k": 4, "binary": True}, "binary")],
+)
+def test_compress_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        compress(_model(), **kwargs)
