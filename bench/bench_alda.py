@@ -11,18 +11,21 @@ import heapq
 import numpy as np
 import pytest
 import torch
-from timing import Result, measure, record
+from timing import DEVICE, TINY, Result, measure, record
 
 import clisonix_gpu as cg
 from clisonix_gpu import alda
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _devices(n):
     if DEVICE == "cuda":
         return tuple(alda.Device("cuda", i) for i in range(min(n, torch.cuda.device_count())))
     return tuple(alda.Device("cpu", i) for i in range(n))
+
+
+def _host(a):
+    return a.cpu().numpy() if isinstance(a, torch.Tensor) else a
 
 
 def _heap_lpt(costs, m):
@@ -38,7 +41,7 @@ def _heap_lpt(costs, m):
 @pytest.mark.parametrize("slots", [1, 2, 4])
 @pytest.mark.parametrize("impl", ["clisonix", "single call"])
 def bench_alda_map_scaling(benchmark, quick, slots, impl):
-    m, k, n = (1024, 512, 512) if quick else (4096, 1024, 1024)
+    m, k, n = (37, 16, 8) if TINY else (1024, 512, 512) if quick else (4096, 1024, 1024)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = rng.standard_normal((n, k), dtype=np.float32)
@@ -46,7 +49,7 @@ def bench_alda_map_scaling(benchmark, quick, slots, impl):
         x, w = torch.from_numpy(x).cuda(), torch.from_numpy(w).cuda()
     manager = alda.DeviceManager(_devices(slots))
     fn = (lambda: manager.map(cg.transform_matrix, x, w)) if impl == "clisonix" else (lambda: cg.transform_matrix(x, w))
-    same = bool((np.asarray(manager.map(cg.transform_matrix, x, w).cpu() if DEVICE == "cuda" else manager.map(cg.transform_matrix, x, w)) == np.asarray(cg.transform_matrix(x, w).cpu() if DEVICE == "cuda" else cg.transform_matrix(x, w))).all())
+    same = np.array_equal(_host(manager.map(cg.transform_matrix, x, w)), _host(cg.transform_matrix(x, w)))
     case = f"alda map(transform_matrix) {m}x{k}x{n} over {len(manager.devices)} {DEVICE} device(s)"
     benchmark.group = case
     seconds = measure(benchmark, fn, DEVICE, rounds=3)
@@ -56,7 +59,7 @@ def bench_alda_map_scaling(benchmark, quick, slots, impl):
 @pytest.mark.parametrize("impl", ["clisonix", "np.array_split (equal, unweighted)"])
 def bench_alda_plan(benchmark, impl):
     devices = alda.parse_devices("cpu:0=1.5,cpu:1=1,cpu:2=0.5,cpu:3=2")
-    n = 1_000_000
+    n = 1000 if TINY else 1_000_000
     fn = (lambda: alda.plan(n, devices, align=8)) if impl == "clisonix" else (lambda: np.array_split(np.arange(n), 4))
     case = f"alda.plan {n} items over 4 weighted devices"
     benchmark.group = case
@@ -65,9 +68,9 @@ def bench_alda_plan(benchmark, impl):
 
 @pytest.mark.parametrize("impl", ["clisonix", "heapq LPT"])
 def bench_alda_plan_tasks(benchmark, impl):
-    costs = list(np.random.default_rng(0).random(10_000))
+    costs = list(np.random.default_rng(0).random(100 if TINY else 10_000))
     devices = tuple(alda.Device("cpu", i) for i in range(8))
     fn = (lambda: alda.plan_tasks(costs, devices)) if impl == "clisonix" else (lambda: _heap_lpt(costs, 8))
-    case = "alda.plan_tasks 10000 tasks on 8 devices"
+    case = f"alda.plan_tasks {len(costs)} tasks on 8 devices"
     benchmark.group = case
     record(Result(case, impl, "cpu", measure(benchmark, fn, "cpu", rounds=3), 0.0))

@@ -10,22 +10,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from timing import Result, measure, record
+from timing import DEVICE, SIZES, Result, measure, record
 
 import clisonix_gpu as cg
 from clisonix_gpu.baselines import BINARY_MATMUL_PEERS, HAMMING_TOPK_PEERS
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ["torch-cuda"] + (["cupy"] if cg.backends()[2].usable else []) if DEVICE == "cuda" else ["numpy", "torch-cpu"]
 # (M, N, bits, in --quick)
 MATMUL_CASES = {
     "cpu": [(16, 8192, 8192, True), (1024, 1024, 8192, False), (256, 256, 8192, True)],
-    "cuda": [(16, 8192, 8192, True), (8192, 8192, 8192, True)],
+    "cuda": [(16, 8192, 8192, True), (8192, 8192, 8192, False)],
+    "tiny": [(5, 33, 136, True)],
 }
 # (queries, database, bits, k, in --quick)
 TOPK_CASES = {
     "cpu": [(1000, 100_000, 256, 10, False), (100, 100_000, 256, 10, True)],
     "cuda": [(10_000, 1_000_000, 256, 10, False), (1000, 1_000_000, 256, 10, True), (1000, 1_000_000, 256, 4096, True)],
+    "tiny": [(7, 300, 64, 5, True)],
 }
 
 
@@ -51,14 +52,14 @@ def _peer_kind(kind):
 
 
 def _matmul_params():
-    for m, n, bits, in_quick in MATMUL_CASES[DEVICE]:
+    for m, n, bits, in_quick in MATMUL_CASES[SIZES]:
         for kind in KINDS:
             for impl in ["clisonix", *BINARY_MATMUL_PEERS[_peer_kind(kind)]]:
                 yield pytest.param(m, n, bits, kind, impl, in_quick, id=f"{m}x{n}x{bits}-{kind}-{impl}")
 
 
 def _topk_params():
-    for nq, ndb, bits, k, in_quick in TOPK_CASES[DEVICE]:
+    for nq, ndb, bits, k, in_quick in TOPK_CASES[SIZES]:
         for kind in KINDS:
             peers = HAMMING_TOPK_PEERS.get(_peer_kind(kind), {})
             if not peers:

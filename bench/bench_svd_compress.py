@@ -10,17 +10,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from timing import Result, measure, record
+from timing import DEVICE, SIZES, Result, measure, record
 
 import clisonix_gpu as cg
 from clisonix_gpu.baselines import SVD_COMPRESS_PEERS
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KINDS = ["torch-cuda"] if DEVICE == "cuda" else ["numpy", "torch-cpu"]
 OVERSAMPLE, POWER_ITERS = 10, 2
 CASES = {  # (batch, M, N, k, in --quick)
     "cpu": [(1, 2048, 2048, 32, False), (1, 1024, 1024, 32, True), (1024, 64, 64, 8, False), (256, 64, 64, 8, True)],
     "cuda": [(1, 8192, 8192, 64, True), (1, 2048, 2048, 32, True), (1024, 64, 64, 8, True)],
+    "tiny": [(1, 40, 30, 4, True)],
 }
 
 
@@ -39,7 +39,7 @@ _MATRICES: dict = {}
 
 
 def _params():
-    for batch, m, n, k, in_quick in CASES[DEVICE]:
+    for batch, m, n, k, in_quick in CASES[SIZES]:
         for kind in KINDS:
             for impl in ["clisonix", *SVD_COMPRESS_PEERS[kind]]:
                 if "exact" in impl and batch == 1 and m > 4096:

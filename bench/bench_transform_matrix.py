@@ -10,24 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from timing import Result, measure, record
+from timing import DEVICE, SIZES, Result, measure, record
 
 import clisonix_gpu as cg
 from clisonix_gpu.baselines import TRANSFORM_MATRIX_PEERS, reference_transform_matrix
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CPU_CASES = [  # (M, K, N, activation, in --quick)
-    (4096, 1024, 1024, "relu", False),
-    (1024, 1024, 1024, "relu", True),
-    (16, 4096, 4096, "gelu", True),
-    (512, 784, 256, "silu", False),
-]
-GPU_CASES = [
-    (8192, 4096, 4096, "gelu", False),
-    (4096, 4096, 4096, "relu", True),
-    (16, 8192, 8192, "silu", True),
-    (32768, 1024, 1024, "gelu_tanh", False),
-]
+CASES = {  # (M, K, N, activation, in --quick)
+    "cpu": [(4096, 1024, 1024, "relu", False), (1024, 1024, 1024, "relu", True), (16, 4096, 4096, "gelu", True), (512, 784, 256, "silu", False)],
+    "cuda": [(8192, 4096, 4096, "gelu", False), (4096, 4096, 4096, "relu", True), (16, 8192, 8192, "silu", True), (32768, 1024, 1024, "gelu_tanh", False)],
+    "tiny": [(33, 17, 9, "gelu", True)],
+}
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CEILING = "ceiling: cuBLAS matmul alone"
 
@@ -42,9 +34,9 @@ def _ceiling(x, w, b, activation):
 
 def _cases():
     if DEVICE == "cuda":
-        grid = [(m, k, n, a, q, "torch-cuda", d) for m, k, n, a, q in GPU_CASES for d in GPU_DTYPES]
+        grid = [(m, k, n, a, q, "torch-cuda", d) for m, k, n, a, q in CASES[SIZES] for d in GPU_DTYPES]
     else:
-        grid = [(m, k, n, a, q, kind, torch.float32) for m, k, n, a, q in CPU_CASES for kind in ("numpy", "torch-cpu")]
+        grid = [(m, k, n, a, q, kind, torch.float32) for m, k, n, a, q in CASES[SIZES] for kind in ("numpy", "torch-cpu")]
     for m, k, n, act, in_quick, kind, dtype in grid:
         impls = {"clisonix": _ours, **TRANSFORM_MATRIX_PEERS[kind]}
         if kind == "torch-cuda":

@@ -1,4 +1,5 @@
-"""Benchmark session: ``--quick`` option, and the ratio table + JSON/Markdown at the end."""
+"""Benchmark session: ``--quick``, a progress bar, device ceilings on GPU, and at the end the ratio
+table on stdout plus JSON, Markdown and a PNG plot under the results folder."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +15,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import RESULTS, Result  # noqa: E402
+from timing import DEVICE, RESULTS, TINY  # noqa: E402
 
-RESULTS_DIR = Path(os.environ.get("CLISONIX_BENCH_OUT", Path(__file__).parent / "results"))
+from clisonix_gpu._bench_report import markdown, plot  # noqa: E402
+
+RESULTS_DIR = Path(os.environ.get("CLISONIX_BENCH_OUT") or Path(__file__).parent / "results")
+_progress = None
+CEILINGS: dict[str, float] = {}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -24,20 +30,62 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture
 def quick(request: pytest.FixtureRequest) -> bool:
-    return bool(request.config.getoption("--quick"))
+    return bool(request.config.getoption("--quick")) or TINY
 
 
-def _environment() -> dict[str, str]:
+# ----------------------------------------------------------------------------- progress bar
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    global _progress
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        return
+    _progress = Progress(
+        TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+        console=Console(file=sys.__stderr__), auto_refresh=False,
+    )  # fmt: skip
+    _progress.start()
+    _progress.add_task("", total=len(session.items))
+    if DEVICE == "cuda":
+        _measure_ceilings()
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    if _progress is not None:
+        _progress.update(_progress.task_ids[0], advance=1, description=nodeid.split("::")[-1][:70])
+        _progress.refresh()
+
+
+def _measure_ceilings() -> None:
+    """What this GPU can do at best, measured now: a device-to-device copy and a bf16 GEMM."""
+    import torch
+    import triton.testing
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    CEILINGS["copy_GBps"] = 2 * src.numel() / ms / 1e6  # read + write
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
+    CEILINGS["bf16_matmul_TFLOPs"] = 2 * 8192**3 / ms / 1e9
+    del src, dst, a
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _environment() -> dict[str, object]:
     import numpy
     import torch
 
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+    device = torch.cuda.get_device_name(0) if DEVICE == "cuda" else f"CPU x{os.cpu_count()} ({platform.machine()})"
     try:
         import triton
 
@@ -48,11 +96,15 @@ def _environment() -> dict[str, str]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "host": platform.node(),
         "device": device,
+        "device_kind": DEVICE,
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": commit,
+        "command": "clisonix-gpu bench " + " ".join(a for a in sys.argv[1:] if a.startswith("--quick")),
+        "tiny": TINY,
+        "ceilings": CEILINGS,
     }
 
 
@@ -69,9 +121,11 @@ def _rows() -> list[dict[str, object]]:
             rows.append(
                 {
                     "case": case,
+                    "op": case.split()[0],
                     "device": ours.device,
                     "ours_ms": ours.seconds * 1e3,
-                    "peer": peer.impl + (" (best)" if rank == 0 and not peer.impl.startswith("ceiling") else ""),
+                    "peer": peer.impl,
+                    "best_peer": rank == 0 and not peer.impl.startswith("ceiling"),
                     "peer_ms": peer.seconds * 1e3,
                     "speedup": peer.seconds / ours.seconds,
                     "ours_rel_error": ours.rel_error,
@@ -83,50 +137,28 @@ def _rows() -> list[dict[str, object]]:
     return rows
 
 
-def _markdown(env: dict[str, str], rows: list[dict[str, object]]) -> str:
-    lines = [
-        f"# Benchmarks: {env['device']}, {env['date']}",
-        "",
-        f"commit {env['commit']}, Python {env['python']}, NumPy {env['numpy']}, torch {env['torch']}, "
-        f"Triton {env['triton']}. Speedup = peer time / our time (> 1: we are faster), both measured "
-        "in the same run, median of several rounds; one row per peer, the fastest marked (best). "
-        "Errors are max |y - ref| / max |ref| against a float64 reference, except where the case "
-        "names another measure.",
-        "",
-        "| case | ours (ms) | best peer | peer (ms) | speedup | our error | peer error | our GFLOP/s | our GB/s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        gf = f"{r['ours_gflops']:.1f}" if r["ours_gflops"] else ""
-        gb = f"{r['ours_gbps']:.2f}" if r["ours_gbps"] else ""
-        lines.append(
-            f"| {r['case']} | {r['ours_ms']:.3f} | {r['peer']} | {r['peer_ms']:.3f} | {r['speedup']:.2f}x "
-            f"| {r['ours_rel_error']:.1e} | {r['peer_rel_error']:.1e} | {gf} | {gb} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _progress is not None:
+        _progress.stop()
     if not RESULTS:
         return
     env = _environment()
     rows = _rows()
-    text = _markdown(env, rows)
+    text = f"# Benchmarks\n\n{markdown(env, rows)}"
     try:
         from rich.console import Console
         from rich.markdown import Markdown
 
-        Console(width=160).print(Markdown(text))
+        Console(width=180).print(Markdown(text))
     except ImportError:
         print(text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    kind = "cuda" if "CPU" not in env["device"] else "cpu"
-    stem = RESULTS_DIR / f"latest-{kind}"
-    stem.with_suffix(".json").write_text(
-        json.dumps({"environment": env, "rows": rows, "raw": [r.__dict__ for r in RESULTS]}, indent=2) + "\n"
-    )
-    stem.with_suffix(".md").write_text(text)
-    print(f"results written to {stem}.json and {stem}.md")
-
-
-__all__ = ["Result"]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", str(env["device"])).strip("-").lower()
+    stems = [RESULTS_DIR / f"latest-{DEVICE}"]
+    if not TINY and not os.environ.get("CLISONIX_BENCH_OUT"):
+        stems.append(RESULTS_DIR / f"{env['date'][:10]}-{slug}")  # a dated copy, to commit
+    for stem in stems:
+        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows, "raw": [r.__dict__ for r in RESULTS]}, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(text)
+        plot(rows, stem.with_suffix(".png"), f"{env['device']}, {env['date']}")
+    print(f"results written to {', '.join(str(s) + '.{json,md,png}' for s in stems)}", file=sys.__stderr__)

@@ -16,7 +16,7 @@ cat "$OUT/info.txt"
 timeout 240 python3 -m pytest tests -q -p no:cacheprovider -x --durations=10 2>&1 | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-timeout 150 python3 -m pytest bench -q -p no:cacheprovider --quick --benchmark-disable-gc 2>&1 \
+timeout 150 python3 -m clisonix_gpu.cli bench --quick --device cuda --out "$OUT" 2>&1 \
     | tee "$OUT/bench.log" | grep -v '^bench_' | tail -30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

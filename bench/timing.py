@@ -8,9 +8,16 @@ ratio never hides a wrong answer.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
+import torch
+
 RESULTS: list["Result"] = []
+# `clisonix-gpu bench --device/--tiny` set these; by default the GPU when there is one.
+DEVICE = os.environ.get("CLISONIX_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+TINY = os.environ.get("CLISONIX_BENCH_TINY", "0") == "1"
+SIZES = "tiny" if TINY else DEVICE  # which case list each benchmark file runs
 
 
 @dataclasses.dataclass
@@ -27,9 +34,9 @@ class Result:
 def measure(benchmark: Any, fn: Callable[[], Any], device: str, rounds: int) -> float:
     """Median seconds of ``fn()``; ``benchmark`` is pytest-benchmark's fixture."""
     if device == "cuda":
-        import torch
         import triton.testing
 
+        # do_bench zeroes a 256 MB buffer before every call, so the L2 cache never holds the inputs
         ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         benchmark.extra_info["do_bench_median_ms"] = ms
         benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=1, iterations=1)

@@ -55,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clisonix-gpu", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and usable backends")
-    bench = sub.add_parser("bench", help="run the benchmark suite (bench/) and print the ratio table")
-    bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    bench = sub.add_parser("bench", help="benchmarks against each op's best peer; table, JSON, Markdown and PNG")
+    bench.add_argument("--ops", default=",".join(BENCH_OPS), help=f"comma-separated, from {', '.join(BENCH_OPS)}")
+    bench.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
+    bench.add_argument("--tiny", action="store_true", help="toy shapes: checks the harness, not the speed")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    bench.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
+    bench.add_argument("--update-readme", action="store_true", help="rewrite README's performance section from bench/results and exit")
     bench.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
     demo = sub.add_parser("demo", help="train, compress and binarize small classifiers on scikit-learn datasets")
     demo.add_argument("--out", type=Path, default=None, help="folder for demo.md and demo.png")
@@ -69,13 +74,42 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(out_dir=args.out)
         return 0
-    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    return _bench(parser, args)
+
+
+BENCH_OPS = ("transform_matrix", "svd_compress", "binary", "alda")
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parent.parent
+    bench_dir = root / "bench"
     if not bench_dir.is_dir():
         parser.error(f"the benchmark suite lives in a source checkout; {bench_dir} does not exist")
-    cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "-p", "no:cacheprovider"]
-    cmd += (["--quick"] if args.quick else []) + args.pytest_args
-    return subprocess.call(cmd)
+    if args.update_readme:
+        from ._bench_report import update_readme
 
+        used = update_readme(root / "README.md", args.out or bench_dir / "results")
+        print(f"README performance section rewritten from {', '.join(map(str, used)) or 'no results'}")
+        return 0
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = sorted(set(ops) - set(BENCH_OPS))
+    if unknown:
+        parser.error(f"unknown ops {unknown}; choose from {', '.join(BENCH_OPS)}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda, but torch sees no CUDA device")
+    env = dict(os.environ)
+    env.update({k: v for k, v in {
+        "CLISONIX_BENCH_DEVICE": args.device or "",
+        "CLISONIX_BENCH_OUT": str(args.out) if args.out else "",
+        "CLISONIX_BENCH_TINY": "1" if args.tiny else "0",
+    }.items()})  # fmt: skip
+    files = [str(bench_dir / f"bench_{op}.py") for op in ops]
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "--benchmark-quiet", f"--rootdir={root}"]
+    cmd += (["--quick"] if args.quick else []) + args.pytest_args
+    return subprocess.call(cmd, env=env, cwd=root)
 
 if __name__ == "__main__":
     raise SystemExit(main())
