@@ -49,8 +49,8 @@ def plot(rows: list[dict[str, object]], path: Path, title: str) -> None:
     best = [r for r in rows if r["best_peer"]]
     if not best:
         return
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(best) + 1.5))
-    labels = [str(r["case"])[:70] for r in best]
+    fig, ax = plt.subplots(figsize=(11, 0.35 * len(best) + 1.5))
+    labels = [re.sub(r"; error = [^)]*", "", str(r["case"]))[:64] for r in best]
     values = [float(r["speedup"]) for r in best]
     ax.barh(range(len(best)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
     ax.axvline(1.0, color="black", linewidth=0.8)

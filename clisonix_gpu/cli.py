@@ -1,4 +1,4 @@
-"""``clisonix-gpu`` command line: ``info``, ``bench`` and ``demo``."""
+"""``clisonix-gpu`` command line: ``info``, ``bench``, ``demo`` and ``worker``."""
 
 from __future__ import annotations
 
@@ -63,12 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     bench.add_argument("--update-readme", action="store_true", help="rewrite README's performance section from bench/results and exit")
     bench.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
+    sub.add_parser("worker", help="serve as a mesh worker (ranks >= 1; RANK, WORLD_SIZE, MASTER_ADDR/PORT from torchrun)")
     demo = sub.add_parser("demo", help="train, compress and binarize small classifiers on scikit-learn datasets")
     demo.add_argument("--out", type=Path, default=None, help="folder for demo.md and demo.png")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
         return 0
+    if args.command == "worker":
+        from .mesh import worker_main
+
+        return worker_main()
     if args.command == "demo":
         from .demo import run_demo
 

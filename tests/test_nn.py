@@ -66,12 +66,13 @@ def test_binary_linear_is_the_scaled_sign_product(rng):
 
 def test_binary_linear_trains_through_straight_through_estimator(rng):
     torch.manual_seed(0)
-    layer = BinaryLinear(16, 2, trainable=True)
-    x = _x(rng, 256, 16)
-    y = (x[:, 0] > 0).long()  # linearly separable by one sign
+    layer = BinaryLinear(15, 2, trainable=True)
+    x = _x(rng, 512, 15)
+    teacher = torch.from_numpy(np.where(rng.random(15) < 0.5, 1.0, -1.0).astype(np.float32))
+    y = (torch.where(x >= 0, 1.0, -1.0) @ teacher > 0).long()  # a rule 1-bit weights can express exactly
     optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
     first = None
-    for _ in range(60):
+    for _ in range(150):
         optimizer.zero_grad()
         loss = F.cross_entropy(layer(x), y)
         first = first if first is not None else loss.item()

@@ -315,7 +315,9 @@ class _TorchOps:
 
     @staticmethod
     def squared_norms(a: Any) -> np.ndarray:
-        return (a.double() ** 2).sum(dim=(-2, -1)).cpu().numpy()
+        import torch
+
+        return (a * a).sum(dim=(-2, -1), dtype=torch.float64).cpu().numpy()
 
     @staticmethod
     def sketch_matmul(a: Any, l: int, seed: int) -> Any:
