@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     return _bench(parser, args)
 
 
-BENCH_OPS = ("transform_matrix", "svd_compress", "binary", "alda")
+BENCH_OPS = ("transform_matrix", "svd_compress", "binary", "alda", "mesh")
 
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

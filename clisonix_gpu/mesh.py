@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from . import alda
 from .ops import ACTIVATIONS
-from .ops import binary_matmul, hamming_distance, hamming_topk, pack_bits, transform_matrix
+from .ops import binary_matmul, hamming_distance, hamming_topk, pack_bits, svd_compress, transform_matrix
 
 __all__ = ["Mesh", "MeshError", "OPS", "connect", "serve"]
 
@@ -46,6 +46,7 @@ SHUTDOWN, HELLO = 0, 1
 # dtype codes on the wire
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int32, torch.int64, torch.bool]
 _CODE = {d: i for i, d in enumerate(DTYPES)}
+_ITEMSIZE = {d: torch.empty(0, dtype=d).element_size() for d in DTYPES}
 
 
 class MeshError(RuntimeError):
@@ -58,10 +59,16 @@ class _Op:
     fn: Callable[..., Any]
     n_tensors: tuple[int, int]  # allowed tensor count (min, max)
     params: tuple[str, ...]  # integer parameters, in header order
+    defaults: tuple[tuple[str, int], ...] = ()
 
 
 def _transform_matrix(x, w, bias=None, *, activation: int = 0):
     return (transform_matrix(x, w, bias, activation=ACTIVATIONS[activation]),)
+
+
+def _svd_compress(a, *, k: int, oversample: int, power_iters: int, seed: int):
+    lr = svd_compress(a, k, oversample=oversample, power_iters=power_iters, seed=seed)
+    return lr.u, lr.s, lr.vh
 
 
 def _hamming_topk(q, db, *, k: int):
@@ -76,65 +83,59 @@ OPS: dict[int, _Op] = {
     5: _Op("hamming_topk", _hamming_topk, (2, 2), ("k",)),
     6: _Op("pack_bits", lambda x: (pack_bits(x),), (1, 1), ()),
     7: _Op("identity", lambda *ts: tuple(t.clone() for t in ts), (1, MAX_TENSORS), ()),
+    8: _Op("svd_compress", _svd_compress, (1, 1), ("k", "oversample", "power_iters", "seed"), (("oversample", 10), ("power_iters", 2), ("seed", 0))),
 }
 _OP_IDS = {op.name: i for i, op in OPS.items()}
 
 # ----------------------------------------------------------------------------- wire format
-# request header: [MAGIC, VERSION, request_id, op_id, n_tensors, n_params, params x MAX_PARAMS,
-#                  (dtype, ndim, shape x MAX_NDIM) x MAX_TENSORS]
-# reply header:   [MAGIC, VERSION, request_id, status, n_tensors, message_bytes, 0 x MAX_PARAMS, same tensor block]
-_TENSOR_BLOCK = 6 + MAX_PARAMS
+# Every message is a fixed-size uint8 frame: the int64 header, then up to INLINE_BYTES of payload,
+# so a small request or reply is one message each way. Larger payloads follow the frame as one
+# raw uint8 message per tensor.
+# header: [MAGIC, VERSION, request_id, op id (request) | status (reply), n_tensors, n_params,
+#          inline (0/1), 0, params x MAX_PARAMS, (dtype, ndim, shape x MAX_NDIM) x MAX_TENSORS]
+# A reply with status != 0 carries one uint8 tensor: the error message.
+_TENSOR_BLOCK = 8 + MAX_PARAMS
 _SPEC_WORDS = 2 + MAX_NDIM
+HEADER_BYTES = HEADER_WORDS * 8
+INLINE_BYTES = 8192
+FRAME_BYTES = HEADER_BYTES + INLINE_BYTES
 
 
-def _encode(request_id: int, code: int, tensors: Sequence[torch.Tensor], params: Sequence[int] = (), message_bytes: int = 0, reply: bool = False) -> torch.Tensor:
-    header = torch.zeros(HEADER_WORDS, dtype=torch.int64)
-    values = [MAGIC, VERSION, request_id, code, len(tensors), message_bytes if reply else len(params)]
-    header[:6] = torch.tensor(values, dtype=torch.int64)
-    if not reply:
-        header[6 : 6 + len(params)] = torch.tensor(list(params), dtype=torch.int64)
+def _encode(request_id: int, code: int, tensors: Sequence[torch.Tensor], params: Sequence[int] = ()) -> torch.Tensor:
+    """The int64 header for a request (code = op id) or a reply (code = status)."""
+    words = [0] * HEADER_WORDS  # built as a list: one tensor conversion instead of dozens
+    words[:6] = [MAGIC, VERSION, request_id, code, len(tensors), len(params)]
+    words[8 : 8 + len(params)] = [int(p) for p in params]
     for i, t in enumerate(tensors):
         base = _TENSOR_BLOCK + i * _SPEC_WORDS
-        header[base] = _CODE[t.dtype]
-        header[base + 1] = t.ndim
-        header[base + 2 : base + 2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
-    return header
+        words[base : base + 2 + t.ndim] = [_CODE[t.dtype], t.ndim, *t.shape]
+    return torch.tensor(words, dtype=torch.int64)
 
 
-def _decode_specs(header: torch.Tensor, count: int, max_bytes: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
-    """Tensor (dtype, shape) pairs from a header; ``ValueError`` naming the first field out of range."""
+def _decode_specs(header: Sequence[int], count: int, max_bytes: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """Tensor (dtype, shape) pairs from a header (as a list); ``ValueError`` naming the first field out of range."""
     if not 0 <= count <= MAX_TENSORS:
         raise ValueError(f"tensor count {count} outside [0, {MAX_TENSORS}]")
     specs, total = [], 0
     for i in range(count):
         base = _TENSOR_BLOCK + i * _SPEC_WORDS
-        code, ndim = int(header[base]), int(header[base + 1])
+        code, ndim = header[base], header[base + 1]
         if not 0 <= code < len(DTYPES):
             raise ValueError(f"tensor {i}: dtype code {code} unknown")
         if not 0 <= ndim <= MAX_NDIM:
             raise ValueError(f"tensor {i}: ndim {ndim} outside [0, {MAX_NDIM}]")
-        shape = tuple(int(v) for v in header[base + 2 : base + 2 + ndim])
+        shape = tuple(header[base + 2 : base + 2 + ndim])
         if any(not 0 <= d <= MAX_DIM for d in shape):
             raise ValueError(f"tensor {i}: shape {shape} has a dimension outside [0, {MAX_DIM}]")
-        total += math.prod(shape) * torch.empty(0, dtype=DTYPES[code]).element_size()
+        total += math.prod(shape) * _ITEMSIZE[DTYPES[code]]
         if total > max_bytes:
             raise ValueError(f"tensors exceed the {max_bytes}-byte request limit")
         specs.append((DTYPES[code], shape))
     return specs
 
 
-def _send_tensor(t: torch.Tensor, dst: int, group: Any, timeout: Optional[float] = None) -> None:
-    raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-    if raw.numel():
-        _wait(dist.isend(raw, dst, group=group), timeout)
-
-
-def _recv_tensor(dtype: torch.dtype, shape: tuple[int, ...], src: int, group: Any, timeout: Optional[float] = None) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype)
-    raw = out.reshape(-1).view(torch.uint8)
-    if raw.numel():
-        _wait(dist.irecv(raw, src, group=group), timeout)
-    return out
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
 
 
 def _wait(work: Any, timeout: Optional[float]) -> None:
@@ -142,6 +143,45 @@ def _wait(work: Any, timeout: Optional[float]) -> None:
         work.wait()
     else:
         work.wait(timeout=datetime.timedelta(seconds=timeout))
+
+
+def _send(header: torch.Tensor, tensors: Sequence[torch.Tensor], dst: int, group: Any, timeout: Optional[float]) -> None:
+    """One frame (header + payload when it fits), then any payload that did not fit."""
+    parts = [_raw(t) for t in tensors]
+    total = sum(p.numel() for p in parts)
+    inline = total <= INLINE_BYTES
+    header = header.clone()
+    header[6] = int(inline)
+    frame = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
+    frame[:HEADER_BYTES] = header.view(torch.uint8)
+    if inline and total:
+        frame[HEADER_BYTES : HEADER_BYTES + total] = torch.cat(parts)
+    _wait(dist.isend(frame, dst, group=group), timeout)
+    if not inline:
+        for part in parts:
+            if part.numel():
+                _wait(dist.isend(part, dst, group=group), timeout)
+
+
+def _recv_frame(src: int, group: Any, timeout: Optional[float]) -> tuple[list[int], torch.Tensor]:
+    """(header as a list of ints, the whole frame)."""
+    frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
+    _wait(dist.irecv(frame, src, group=group), timeout)
+    return frame[:HEADER_BYTES].view(torch.int64).tolist(), frame
+
+
+def _recv_payload(header: Sequence[int], frame: torch.Tensor, specs: list, src: int, group: Any, timeout: Optional[float]) -> list[torch.Tensor]:
+    out, offset = [], HEADER_BYTES
+    for dtype, shape in specs:
+        t = torch.empty(shape, dtype=dtype)
+        raw = t.reshape(-1).view(torch.uint8)
+        if header[6]:  # inline in the frame
+            raw.copy_(frame[offset : offset + raw.numel()])
+            offset += raw.numel()
+        elif raw.numel():
+            _wait(dist.irecv(raw, src, group=group), timeout)
+        out.append(t)
+    return out
 
 
 # ----------------------------------------------------------------------------- worker
@@ -169,50 +209,49 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: Optional[float] = Non
     rank, world = dist.get_rank(), dist.get_world_size()
     group = _groups(world)[rank]
     kind, cap = _capacity()
-    hello = torch.zeros(HEADER_WORDS, dtype=torch.int64)
-    hello[:4] = torch.tensor([MAGIC, VERSION, kind, int(1000 * (capacity or cap))])
-    dist.send(hello, 0, group=group)
+    _send(_encode(0, HELLO, (), (kind, int(1000 * (capacity or cap)))), (), 0, group, None)
     device = "cuda" if kind else "cpu"
     answered = 0
     while True:
-        header = torch.empty(HEADER_WORDS, dtype=torch.int64)
-        dist.recv(header, 0, group=group)
-        request_id = int(header[2])
+        header, frame = _recv_frame(0, group, None)
+        request_id = header[2]
         try:
-            if int(header[0]) != MAGIC or int(header[1]) != VERSION:
-                raise ValueError(f"bad magic/version {int(header[0]):#x}/{int(header[1])}")
-            op_id = int(header[3])
+            if header[0] != MAGIC or header[1] != VERSION:
+                raise ValueError(f"bad magic/version {header[0]:#x}/{header[1]}, expected {MAGIC:#x}/{VERSION}")
+            op_id = header[3]
             if op_id == SHUTDOWN:
                 break
             op = OPS.get(op_id)
             if op is None:
                 raise ValueError(f"op id {op_id} is not in the allowlist {sorted(OPS)}")
-            count, n_params = int(header[4]), int(header[5])
+            count, n_params = header[4], header[5]
             if not op.n_tensors[0] <= count <= op.n_tensors[1] or n_params != len(op.params):
                 raise ValueError(f"{op.name} takes {op.n_tensors} tensors and {len(op.params)} parameters; got {count} and {n_params}")
             specs = _decode_specs(header, count, max_bytes)
+            if header[6] and sum(math.prod(sh) * _ITEMSIZE[dt] for dt, sh in specs) > INLINE_BYTES:
+                raise ValueError(f"inline payload larger than the {INLINE_BYTES}-byte frame")
         except ValueError as exc:  # nothing follows a header we cannot trust
             _reply_error(request_id, 1, str(exc), group)
             continue
-        tensors = [_recv_tensor(dtype, shape, 0, group).to(device) for dtype, shape in specs]
-        params = {name: int(header[6 + i]) for i, name in enumerate(op.params)}
+        try:
+            tensors = [t.to(device) for t in _recv_payload(header, frame, specs, 0, group, None)]
+        except RuntimeError as exc:  # a payload that does not match its header
+            _reply_error(request_id, 1, f"payload: {exc}", group)
+            continue
+        params = {name: header[8 + i] for i, name in enumerate(op.params)}
         try:
             results = op.fn(*tensors, **params)
         except Exception as exc:  # the op's own typed errors, sent back by name and message
             _reply_error(request_id, 2, f"{type(exc).__name__}: {exc}", group)
             continue
-        dist.send(_encode(request_id, 0, results, reply=True), 0, group=group)
-        for t in results:
-            _send_tensor(t, 0, group)
+        _send(_encode(request_id, 0, results), results, 0, group, None)
         answered += 1
     return answered
 
 
 def _reply_error(request_id: int, status: int, message: str, group: Any) -> None:
     data = torch.tensor(list(message.encode()[:4096]), dtype=torch.uint8)
-    dist.send(_encode(request_id, status, (), message_bytes=data.numel(), reply=True), 0, group=group)
-    if data.numel():
-        dist.send(data, 0, group=group)
+    _send(_encode(request_id, status, (data,)), (data,), 0, group, None)
 
 
 # ----------------------------------------------------------------------------- edge
@@ -288,7 +327,7 @@ class Mesh:
             if w.alive:
                 try:
                     with w.lock:
-                        _wait(dist.isend(_encode(0, SHUTDOWN, ()), w.rank, group=w.group), self.timeout)
+                        _send(_encode(0, SHUTDOWN, ()), (), w.rank, w.group, self.timeout)
                 except Exception:
                     w.alive = False
         for p in self._processes:
@@ -316,7 +355,7 @@ class Mesh:
         if op not in _OP_IDS:
             raise ValueError(f"unknown op {op!r}; the mesh serves {sorted(_OP_IDS)}")
         spec = OPS[_OP_IDS[op]]
-        values = dict(params)
+        values = {**dict(spec.defaults), **params}
         if op == "transform_matrix":
             activation = values.pop("activation", None)
             if activation not in ACTIVATIONS:
@@ -362,26 +401,20 @@ class Mesh:
 
     def _call(self, worker: _Worker, op_id: int, tensors: Sequence[torch.Tensor], values: list[int]) -> list[torch.Tensor]:
         request_id = self._request_id()
-        with worker.lock:  # one conversation at a time per worker; bounded by construction
+        with worker.lock:  # one conversation at a time per worker: callers queue here
             worker.in_flight += 1
             try:
                 group, rank = worker.group, worker.rank
                 # every send and receive has the deadline: a stalled worker cannot block the edge
-                _wait(dist.isend(_encode(request_id, op_id, tensors, values), rank, group=group), self.timeout)
-                for t in tensors:
-                    _send_tensor(t, rank, group, self.timeout)
-                header = torch.empty(HEADER_WORDS, dtype=torch.int64)
-                _wait(dist.irecv(header, rank, group=group), self.timeout)
-                if int(header[0]) != MAGIC or int(header[2]) != request_id:
-                    raise ConnectionError(f"reply out of step (request {request_id}, got {int(header[2])})")
-                status, count, message_bytes = int(header[3]), int(header[4]), int(header[5])
-                if status != 0:
-                    message = _recv_tensor(torch.uint8, (message_bytes,), rank, group, self.timeout)
-                    worker.answered += 1
-                    raise MeshError(f"worker {rank}: {bytes(message.tolist()).decode(errors='replace')}")
-                specs = _decode_specs(header, count, DEFAULT_MAX_BYTES * 4)
-                results = [_recv_tensor(dtype, shape, rank, group, self.timeout) for dtype, shape in specs]
+                _send(_encode(request_id, op_id, tensors, values), tensors, rank, group, self.timeout)
+                header, frame = _recv_frame(rank, group, self.timeout)
+                if header[0] != MAGIC or header[2] != request_id:
+                    raise ConnectionError(f"reply out of step (request {request_id}, got {header[2]})")
+                specs = _decode_specs(header, header[4], DEFAULT_MAX_BYTES * 4)
+                results = _recv_payload(header, frame, specs, rank, group, self.timeout)
                 worker.answered += 1
+                if header[3] != 0:
+                    raise MeshError(f"worker {rank}: {bytes(results[0].tolist()).decode(errors='replace')}")
                 return results
             finally:
                 worker.in_flight -= 1
@@ -427,10 +460,9 @@ def connect(
         groups = _groups(world)
         members = []
         for rank, group in groups.items():
-            hello = torch.empty(HEADER_WORDS, dtype=torch.int64)
-            _wait(dist.irecv(hello, rank, group=group), max(timeout, 60))
-            kind = "cuda" if int(hello[2]) else "cpu"
-            members.append(_Worker(rank, group, alda.Device(kind, rank, max(int(hello[3]) / 1000, 1e-3))))
+            hello, _ = _recv_frame(rank, group, max(timeout, 60))
+            kind = "cuda" if hello[8] else "cpu"
+            members.append(_Worker(rank, group, alda.Device(kind, rank, max(hello[9] / 1000, 1e-3))))
     except Exception:
         for p in processes:
             p.kill()

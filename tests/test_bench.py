@@ -15,7 +15,7 @@ def test_bench_tiny_writes_every_op_with_both_timings_and_errors(tmp_path):
     data = json.loads((tmp_path / "latest-cpu.json").read_text())
     assert {"date", "device", "torch", "commit", "command"} <= set(data["environment"])
     ops = {row["op"] for row in data["rows"]}
-    assert {"transform_matrix", "svd_compress", "binary_matmul", "hamming_topk", "alda", "alda.plan", "alda.plan_tasks"} <= ops
+    assert {"transform_matrix", "svd_compress", "binary_matmul", "hamming_topk", "alda", "alda.plan", "alda.plan_tasks", "mesh"} <= ops
     for row in data["rows"]:
         assert row["ours_ms"] > 0 and row["peer_ms"] > 0
         assert "ours_rel_error" in row and "peer_rel_error" in row

@@ -11,6 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 import clisonix_gpu as cg
 from clisonix_gpu import mesh as mesh_module
 
@@ -42,32 +45,56 @@ def test_offload_and_map_equal_local_results(two_workers, rng):
     dist_, idx = m.offload("hamming_topk", codes, db, k=5)
     ref_d, ref_i = cg.hamming_topk(codes, db, 5)
     assert torch.equal(dist_, ref_d) and torch.equal(idx, ref_i)
-    big = torch.randn(640, 1024)  # 2.5 MiB
+    big = torch.randn(640, 1024)  # 2.5 MiB: payload after the frame
     assert torch.equal(m.offload("identity", big), big)
+    a = _t(rng, 40, 30).double()
+    u, s, vh = m.offload("svd_compress", a, k=4, seed=3)
+    ref = cg.svd_compress(a, k=4, seed=3)
+    assert torch.equal(u, ref.u) and torch.equal(s, ref.s) and torch.equal(vh, ref.vh)
     status = m.status()
     assert sum(s.get("answered", 0) for s in status if s["rank"] != 0) >= 5
     assert all(s["alive"] for s in status if s["rank"] != 0)
 
 
-def test_bad_requests_get_error_replies_and_the_worker_keeps_serving(two_workers, rng):
-    m = two_workers
-    worker = m._workers[0]
-    for header in (
-        mesh_module._encode(99, 42, ()),  # op id outside the allowlist
-        mesh_module._encode(98, 7, (torch.empty(0),)),  # tensor block claims ...
-    ):
-        if int(header[3]) == 7:
-            header[mesh_module._TENSOR_BLOCK + 1] = 2  # ... 2-D
-            header[mesh_module._TENSOR_BLOCK + 2 : mesh_module._TENSOR_BLOCK + 4] = 2**31 - 1  # ... and 8 EiB
-        dist.send(header, worker.rank, group=worker.group)
-        reply = torch.empty(mesh_module.HEADER_WORDS, dtype=torch.int64)
-        dist.recv(reply, worker.rank, group=worker.group)
-        assert int(reply[2]) == int(header[2]) and int(reply[3]) != 0
-        message = torch.empty(int(reply[5]), dtype=torch.uint8)
-        dist.recv(message, worker.rank, group=worker.group)
-        assert "allowlist" in bytes(message.tolist()).decode() or "limit" in bytes(message.tolist()).decode()
-    x = _t(rng, 4, 3)
-    assert torch.equal(m._run("identity", (x,), {}, preferred=worker)[0], x)
+def _raw_request(worker, header):
+    """Send a hand-made request header and return (status, message) of the reply."""
+    mesh_module._send(header, (), worker.rank, worker.group, 20)
+    reply, frame = mesh_module._recv_frame(worker.rank, worker.group, 20)
+    specs = mesh_module._decode_specs(reply, reply[4], 1 << 20)
+    (message,) = mesh_module._recv_payload(reply, frame, specs, worker.rank, worker.group, 20)
+    return reply[3], bytes(message.tolist()).decode()
+
+
+def _header(request_id=5, op_id=7, count=1, n_params=0, dtype=0, shape=(3,), version=mesh_module.VERSION):
+    h = mesh_module._encode(request_id, op_id, ())
+    h[1], h[4], h[5] = version, count, n_params
+    base = mesh_module._TENSOR_BLOCK
+    h[base], h[base + 1] = dtype, len(shape)
+    h[base + 2 : base + 2 + len(shape)] = torch.tensor(shape)
+    return h
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    field=st.sampled_from(["version", "op", "count", "params", "dtype", "ndim", "shape", "huge"]),
+    value=st.integers(-(2**62), 2**62),
+)
+def test_fuzzed_headers_get_error_replies_and_the_worker_keeps_serving(two_workers, field, value):
+    worker = two_workers._workers[0]
+    kwargs = {
+        "version": {"version": value if value != mesh_module.VERSION else value + 1},
+        "op": {"op_id": value if value not in mesh_module.OPS and value != mesh_module.SHUTDOWN else 1000},
+        "count": {"count": value if not 1 <= value <= 4 else 9},
+        "params": {"n_params": value if value != 0 else 3},
+        "dtype": {"dtype": value if not 0 <= value < len(mesh_module.DTYPES) else -1},
+        "ndim": {"shape": tuple([2] * 7)},
+        "shape": {"shape": (-abs(value) - 1,)},
+        "huge": {"shape": (2**31 - 1, 2**31 - 1)},
+    }[field]
+    status, message = _raw_request(worker, _header(**kwargs))
+    assert status == 1 and message
+    x = torch.arange(6.0)
+    assert torch.equal(two_workers._run("identity", (x,), {}, preferred=worker)[0], x)
 
 
 def test_op_errors_come_back_typed_and_named(two_workers, rng):
@@ -104,3 +131,20 @@ def test_close_stops_workers_cleanly():
     m.close()
     assert [p.returncode for p in m._processes] == [0]
     assert not dist.is_initialized()
+
+
+def test_thousand_requests_with_a_worker_killed_midway(rng):
+    m = mesh_module.connect(workers=2, timeout=10)
+    try:
+        answers = []
+        for i in range(1000):
+            if i == 500:
+                m._processes[0].kill()
+            x = torch.full((4,), float(i))
+            answers.append(m.offload("identity", x))
+        assert [int(a[0]) for a in answers] == list(range(1000))  # none lost, none duplicated, in order
+        status = {s["rank"]: s for s in m.status()}
+        assert not status[1]["alive"] and status[2]["alive"]
+        assert status[1]["answered"] + status[2]["answered"] + status[0]["answered"] == 1000
+    finally:
+        m.close()
