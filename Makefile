@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: test bench info clean
+.PHONY: test bench lint info demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ endif
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: $(STAMP)
+	$(VENV)/bin/clisonix-gpu demo --out bench/results
 
 bench: $(STAMP)
 	$(VENV)/bin/clisonix-gpu bench

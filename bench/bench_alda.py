@@ -17,7 +17,6 @@ import clisonix_gpu as cg
 from clisonix_gpu import alda
 
 
-
 def _devices(n):
     if DEVICE == "cuda":
         return tuple(alda.Device("cuda", i) for i in range(min(n, torch.cuda.device_count())))

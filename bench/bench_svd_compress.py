@@ -58,7 +58,7 @@ def bench_svd_compress(benchmark, quick, batch, m, n, k, kind, impl, in_quick):
     x = a.cpu().numpy() if kind == "numpy" else a
     x = x[0] if batch == 1 else x
     if impl == "clisonix":
-        fn = lambda: cg.svd_compress(x, k=k, oversample=OVERSAMPLE, power_iters=POWER_ITERS).reconstruct()  # noqa: E731
+        fn = lambda: cg.svd_compress(x, k=k, oversample=OVERSAMPLE, power_iters=POWER_ITERS).reconstruct()
     else:
         fn = SVD_COMPRESS_PEERS[kind][impl](x, k, OVERSAMPLE, POWER_ITERS)
     approx = fn()

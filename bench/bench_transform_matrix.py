@@ -17,7 +17,12 @@ from clisonix_gpu.baselines import TRANSFORM_MATRIX_PEERS, reference_transform_m
 
 CASES = {  # (M, K, N, activation, in --quick)
     "cpu": [(4096, 1024, 1024, "relu", False), (1024, 1024, 1024, "relu", True), (16, 4096, 4096, "gelu", True), (512, 784, 256, "silu", False)],
-    "cuda": [(8192, 4096, 4096, "gelu", False), (4096, 4096, 4096, "relu", True), (16, 8192, 8192, "silu", True), (32768, 1024, 1024, "gelu_tanh", False)],
+    "cuda": [
+        (8192, 4096, 4096, "gelu", False),
+        (4096, 4096, 4096, "relu", True),
+        (16, 8192, 8192, "silu", True),
+        (32768, 1024, 1024, "gelu_tanh", False),
+    ],
     "tiny": [(33, 17, 9, "gelu", True)],
 }
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]

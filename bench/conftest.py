@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import DEVICE, RESULTS, TINY  # noqa: E402
+from timing import DEVICE, RESULTS, TINY
 
-from clisonix_gpu._bench_report import markdown, plot  # noqa: E402
+from clisonix_gpu._bench_report import markdown, plot
 
 RESULTS_DIR = Path(os.environ.get("CLISONIX_BENCH_OUT") or Path(__file__).parent / "results")
 _progress = None
@@ -71,7 +71,6 @@ def _measure_ceilings() -> None:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
     CEILINGS["bf16_matmul_TFLOPs"] = 2 * 8192**3 / ms / 1e9
-    del src, dst, a
 
 
 # ----------------------------------------------------------------------------- results

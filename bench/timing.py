@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-RESULTS: list["Result"] = []
+RESULTS: list[Result] = []
 # `clisonix-gpu bench --device/--tiny` set these; by default the GPU when there is one.
 DEVICE = os.environ.get("CLISONIX_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 TINY = os.environ.get("CLISONIX_BENCH_TINY", "0") == "1"

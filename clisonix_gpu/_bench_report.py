@@ -21,7 +21,8 @@ def markdown(env: dict, rows: list[dict[str, object]]) -> str:
     measured = ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in ceilings.items())
     lines = [
         f"Device: {env['device']}; {env['date']}; commit {env['commit']}; Python {env['python']}, NumPy {env['numpy']}, "
-        f"torch {env['torch']}, Triton {env['triton']}. Command: `{env['command'].strip()}`." + (f" Measured ceilings: {measured}." if measured else ""),
+        f"torch {env['torch']}, Triton {env['triton']}. Command: `{env['command'].strip()}`."
+        + (f" Measured ceilings: {measured}." if measured else ""),
         "",
         "Speedup = peer time / our time (> 1: we are faster), medians measured in the same run; one row per peer, "
         "**bold** = the fastest peer. Errors: max |y − ref| / max |ref| against float64, unless the case names another measure.",

@@ -24,7 +24,8 @@ import contextvars
 import functools
 import importlib.util
 import os
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -81,9 +82,7 @@ def array_kind(a: Any) -> str:
             return "torch-cuda" if a.device.type == "cuda" else "torch-cpu"
     if module.startswith("cupy"):
         return "cupy"
-    raise TypeError(
-        f"expected a numpy.ndarray, torch.Tensor or cupy.ndarray, got {type(a).__module__}.{type(a).__name__}"
-    )
+    raise TypeError(f"expected a numpy.ndarray, torch.Tensor or cupy.ndarray, got {type(a).__module__}.{type(a).__name__}")
 
 
 def _device_of(a: Any) -> str:
@@ -121,7 +120,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_device_count() -> int:
     if importlib.util.find_spec("torch") is None:
         return 0
@@ -138,7 +137,7 @@ def _triton_reason() -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cupy_reason() -> str:
     if importlib.util.find_spec("cupy") is None:
         return "CuPy is not installed: pip install 'clisonix-gpu[cuda]'"

@@ -23,7 +23,8 @@ import json
 import math
 import os
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 __all__ = [
     "Device",
@@ -173,7 +174,7 @@ class Schedule:
         return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> "Schedule":
+    def from_json(cls, text: str) -> Schedule:
         """Inverse of :meth:`to_json`."""
         body = json.loads(text)
         shards = tuple(Shard(Device(**s["device"]), s["start"], s["stop"]) for s in body["shards"])
@@ -238,9 +239,7 @@ class TaskSchedule:
         return tuple(t for t in self.order if self.assignment[t] == position)
 
 
-def plan_tasks(
-    costs: Sequence[float], devices: Sequence[Device], priorities: Sequence[float] | None = None
-) -> TaskSchedule:
+def plan_tasks(costs: Sequence[float], devices: Sequence[Device], priorities: Sequence[float] | None = None) -> TaskSchedule:
     """List scheduling: tasks by priority (higher first), then longest cost, then index; each to
     the device that would finish it earliest (cost / weight), ties to the lower device index.
 

@@ -7,7 +7,8 @@ this package; benchmarks time them against our op in the same run.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -102,9 +103,7 @@ def _numpy_popcount_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     aw[:, : a.shape[1]], bw[:, : b.shape[1]] = a, b
     aw, bw = aw.view(np.uint64), bw.view(np.uint64)
     step = max(1, (1 << 24) // max(b.shape[0] * aw.shape[1], 1))
-    return np.concatenate(
-        [np.bitwise_count(aw[s : s + step, None, :] ^ bw[None]).sum(-1, dtype=np.int32) for s in range(0, len(aw), step)]
-    )
+    return np.concatenate([np.bitwise_count(aw[s : s + step, None, :] ^ bw[None]).sum(-1, dtype=np.int32) for s in range(0, len(aw), step)])
 
 
 def _torch_lut_distances(a: Any, b: Any) -> Any:

@@ -40,8 +40,7 @@ def info() -> str:
     lines = [
         f"clisonix-gpu {__version__}",
         f"python {platform.python_version()} ({sys.executable})",
-        f"numpy {_version('numpy')}, torch {_version('torch')}, triton {_version('triton')}, "
-        f"{cupy} {_version(cupy)}",
+        f"numpy {_version('numpy')}, torch {_version('torch')}, triton {_version('triton')}, {cupy} {_version(cupy)}",
         "devices:",
         *(f"  {d}" for d in _devices()),
         f"backends (requested: {current_backend()}):",
@@ -115,6 +114,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "--benchmark-quiet", f"--rootdir={root}"]
     cmd += (["--quick"] if args.quick else []) + args.pytest_args
     return subprocess.call(cmd, env=env, cwd=root)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

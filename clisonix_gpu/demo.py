@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ def load_dataset(name: str, seed: int = 0):
     x, y = loader(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
     scaler = StandardScaler().fit(x_train)
-    as_x = lambda a: torch.from_numpy(scaler.transform(a).astype(np.float32))  # noqa: E731
+    as_x = lambda a: torch.from_numpy(scaler.transform(a).astype(np.float32))
     return as_x(x_train), torch.from_numpy(y_train), as_x(x_test), torch.from_numpy(y_test)
 
 
@@ -94,7 +94,7 @@ def _size(model: nn.Module) -> tuple[int, int]:
 
 
 def run_demo(datasets: tuple[str, ...] = ("digits", "breast_cancer"), ranks: tuple[int, ...] = (32, 16, 4),
-             tols: tuple[float, ...] = (0.5,), out_dir: Optional[Path] = None) -> list[DemoRow]:  # fmt: skip
+             tols: tuple[float, ...] = (0.5,), out_dir: Path | None = None) -> list[DemoRow]:  # fmt: skip
     """Train, compress, measure; print a table and, with ``out_dir``, save Markdown and a PNG plot."""
     rows = []
     for name in datasets:

@@ -22,14 +22,14 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from . import alda
-from .ops import ACTIVATIONS
-from .ops import binary_matmul, hamming_distance, hamming_topk, pack_bits, svd_compress, transform_matrix
+from .ops import ACTIVATIONS, binary_matmul, hamming_distance, hamming_topk, pack_bits, svd_compress, transform_matrix
 
 __all__ = ["Mesh", "MeshError", "OPS", "connect", "serve"]
 
@@ -138,14 +138,14 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
 
 
-def _wait(work: Any, timeout: Optional[float]) -> None:
+def _wait(work: Any, timeout: float | None) -> None:
     if timeout is None:
         work.wait()
     else:
         work.wait(timeout=datetime.timedelta(seconds=timeout))
 
 
-def _send(header: torch.Tensor, tensors: Sequence[torch.Tensor], dst: int, group: Any, timeout: Optional[float]) -> None:
+def _send(header: torch.Tensor, tensors: Sequence[torch.Tensor], dst: int, group: Any, timeout: float | None) -> None:
     """One frame (header + payload when it fits), then any payload that did not fit."""
     parts = [_raw(t) for t in tensors]
     total = sum(p.numel() for p in parts)
@@ -163,14 +163,14 @@ def _send(header: torch.Tensor, tensors: Sequence[torch.Tensor], dst: int, group
                 _wait(dist.isend(part, dst, group=group), timeout)
 
 
-def _recv_frame(src: int, group: Any, timeout: Optional[float]) -> tuple[list[int], torch.Tensor]:
+def _recv_frame(src: int, group: Any, timeout: float | None) -> tuple[list[int], torch.Tensor]:
     """(header as a list of ints, the whole frame)."""
     frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
     _wait(dist.irecv(frame, src, group=group), timeout)
     return frame[:HEADER_BYTES].view(torch.int64).tolist(), frame
 
 
-def _recv_payload(header: Sequence[int], frame: torch.Tensor, specs: list, src: int, group: Any, timeout: Optional[float]) -> list[torch.Tensor]:
+def _recv_payload(header: Sequence[int], frame: torch.Tensor, specs: list, src: int, group: Any, timeout: float | None) -> list[torch.Tensor]:
     out, offset = [], HEADER_BYTES
     for dtype, shape in specs:
         t = torch.empty(shape, dtype=dtype)
@@ -200,7 +200,7 @@ def _capacity() -> tuple[int, float]:
     return 0, float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: Optional[float] = None) -> int:
+def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) -> int:
     """Serve requests from rank 0 until it sends shutdown; returns the number of requests answered.
 
     Call in every rank >= 1 after ``torch.distributed`` is initialised (``clisonix-gpu worker``
@@ -338,7 +338,7 @@ class Mesh:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    def __enter__(self) -> "Mesh":
+    def __enter__(self) -> Mesh:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -367,7 +367,7 @@ class Mesh:
             raise TypeError(f"{op} takes {spec.n_tensors[0]}..{spec.n_tensors[1]} tensors; got {len(tensors)}")
         return _OP_IDS[op], [int(values[name]) for name in spec.params]
 
-    def _run(self, op: str, tensors: Sequence[Any], params: dict[str, Any], preferred: Optional[_Worker]) -> tuple[Any, ...]:
+    def _run(self, op: str, tensors: Sequence[Any], params: dict[str, Any], preferred: _Worker | None) -> tuple[Any, ...]:
         tensors = tuple(t for t in tensors if t is not None)
         op_id, values = self._encode_request(op, tensors, params)
         home = tensors[0].device
@@ -429,7 +429,7 @@ def _free_port() -> int:
 
 
 def connect(
-    workers: Optional[int] = None, *, master_addr: str = "127.0.0.1", master_port: Optional[int] = None, timeout: float = 30.0,
+    workers: int | None = None, *, master_addr: str = "127.0.0.1", master_port: int | None = None, timeout: float = 30.0,
     fallback: str = "local", backend: str = "gloo",
 ) -> Mesh:  # fmt: skip
     """Join (or start) a mesh as the edge, rank 0.
@@ -483,4 +483,3 @@ def worker_main() -> int:
     finally:
         dist.destroy_process_group()
     return 0
-

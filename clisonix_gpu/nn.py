@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -31,13 +31,13 @@ class LIAMLinear(nn.Linear):
     Raises ``ValueError`` for an unknown activation (listing the valid ones).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Optional[str] = None, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None, device=None, dtype=None):
         check_activation(activation)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, activation: Optional[str] = None) -> "LIAMLinear":
+    def from_linear(cls, linear: nn.Linear, activation: str | None = None) -> LIAMLinear:
         """A LIAMLinear with ``linear``'s weight and bias (copied) followed by ``activation``."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
                     device=linear.weight.device, dtype=linear.weight.dtype)  # fmt: skip
@@ -59,11 +59,13 @@ class LowRankLinear(nn.Module):
     ``r * (in + out)`` weights instead of ``in * out``. Parameters: ``first`` (r, in) = Vh,
     ``second`` (out, r) = U diag(s), ``bias`` (out,)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, activation: Optional[str] = None, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, activation: str | None = None, device=None, dtype=None):
         super().__init__()
         check_activation(activation)
         if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank = {rank} is out of range for a {out_features}x{in_features} layer: expected 1 <= rank <= {min(in_features, out_features)}")
+            raise ValueError(
+                f"rank = {rank} is out of range for a {out_features}x{in_features} layer: expected 1 <= rank <= {min(in_features, out_features)}"
+            )
         self.in_features, self.out_features, self.rank, self.activation = in_features, out_features, rank, activation
         self.first = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.second = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
@@ -72,7 +74,9 @@ class LowRankLinear(nn.Module):
         nn.init.kaiming_uniform_(self.second, a=math.sqrt(5))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, k: Optional[int] = None, *, tol: Optional[float] = None, activation: Optional[str] = None, seed: int = 0) -> "LowRankLinear":
+    def from_linear(
+        cls, linear: nn.Linear, k: int | None = None, *, tol: float | None = None, activation: str | None = None, seed: int = 0
+    ) -> LowRankLinear:
         """Compress ``linear.weight`` with ``svd_compress(weight, k=k | tol=tol)`` (in float32).
 
         Raises ``ValueError`` for a rank outside [1, min(in, out)] or tol outside (0, 1).
@@ -127,7 +131,7 @@ class BinaryLinear(nn.Module):
             self.pack()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, trainable: bool = False) -> "BinaryLinear":
+    def from_linear(cls, linear: nn.Linear, trainable: bool = False) -> BinaryLinear:
         """Sign bits and row scales of ``linear.weight``; its bias is kept as is."""
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, trainable, device=w.device, dtype=w.dtype)
@@ -140,13 +144,13 @@ class BinaryLinear(nn.Module):
         return layer
 
     @torch.no_grad()
-    def pack(self, weight: Optional[Tensor] = None) -> None:
+    def pack(self, weight: Tensor | None = None) -> None:
         """(Re)compute the packed sign bits and scales from ``weight`` (default: the latent weight)."""
         bits, scale = ops.binarize((self.weight if weight is None else weight).detach())
         self.weight_bits.copy_(bits)
         self.weight_scale.copy_(scale)
 
-    def train(self, mode: bool = True) -> "BinaryLinear":
+    def train(self, mode: bool = True) -> BinaryLinear:
         if not mode and self.weight is not None:
             self.pack()
         return super().train(mode)
@@ -180,12 +184,12 @@ class LayerReport:
     name: str
     shape: tuple[int, int]  # (out, in)
     action: str  # "low-rank", "binary" or "skipped: <why>"
-    rank: Optional[int]
+    rank: int | None
     params_before: int
     params_after: int
     bytes_before: int
     bytes_after: int
-    relative_error: Optional[float]  # relative Frobenius error of the replaced weight
+    relative_error: float | None  # relative Frobenius error of the replaced weight
 
 
 @dataclasses.dataclass
@@ -220,7 +224,9 @@ class CompressionReport:
             err = "" if r.relative_error is None else f"{r.relative_error:.3g}"
             rank = "" if r.rank is None else str(r.rank)
             lines.append(f"{r.name:<24} {str(r.shape):>12} {r.action:<28} {rank:>5} {f'{r.params_before} -> {r.params_after}':>18} {err:>10}")
-        lines.append(f"{self.changed} of {len(self.layers)} layers replaced; parameters {self.params_before} -> {self.params_after}, bytes {self.bytes_before} -> {self.bytes_after}")
+        lines.append(
+            f"{self.changed} of {len(self.layers)} layers replaced; parameters {self.params_before} -> {self.params_after}, bytes {self.bytes_before} -> {self.bytes_after}"
+        )
         return "\n".join(lines)
 
 
@@ -232,7 +238,7 @@ def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]
 
 
 def compress(
-    model: nn.Module, k: Optional[int] = None, *, tol: Optional[float] = None, min_params: int = 0, binary: bool = False, trainable: bool = False
+    model: nn.Module, k: int | None = None, *, tol: float | None = None, min_params: int = 0, binary: bool = False, trainable: bool = False
 ) -> CompressionReport:
     """Replace eligible ``nn.Linear`` layers of ``model`` in place and report what changed.
 
@@ -274,14 +280,19 @@ def compress(
             approx = torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(1, keepdim=True)
             err = float(torch.linalg.norm(w - approx) / torch.linalg.norm(w))
             after_bytes = layer.weight_bits.numel() + (layer.weight_scale.numel() + (out_f if bias else 0)) * item
-            reports.append(LayerReport(name, (out_f, in_f), "binary", None, before, out_f * in_f + out_f + (out_f if bias else 0), before * item, after_bytes, err))
+            reports.append(
+                LayerReport(
+                    name, (out_f, in_f), "binary", None, before, out_f * in_f + out_f + (out_f if bias else 0), before * item, after_bytes, err
+                )
+            )
         else:
             layer = LowRankLinear.from_linear(linear, k, tol=tol)
             if layer.rank * (in_f + out_f) >= in_f * out_f:  # tol asked for more than it saves
-                reports.append(LayerReport(name, (out_f, in_f), "skipped: rank saves nothing", layer.rank, before, before, before * item, before * item, None))
+                reports.append(
+                    LayerReport(name, (out_f, in_f), "skipped: rank saves nothing", layer.rank, before, before, before * item, before * item, None)
+                )
                 continue
             after = layer.rank * (in_f + out_f) + (out_f if bias else 0)
             reports.append(LayerReport(name, (out_f, in_f), "low-rank", layer.rank, before, after, before * item, after * item, layer.relative_error))
         setattr(parent, child_name, layer)
     return CompressionReport(reports)
-

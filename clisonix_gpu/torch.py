@@ -13,7 +13,6 @@ Not declared here: ``hamming_radius`` (its output size depends on the data) and
 from __future__ import annotations
 
 import importlib
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -47,12 +46,12 @@ def _on_numpy_path(fn, *args, **kwargs):
 
 
 @torch.library.custom_op("clisonix::transform_matrix_cpu", mutates_args=())
-def _transform_matrix_cpu(x: Tensor, w: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+def _transform_matrix_cpu(x: Tensor, w: Tensor, bias: Tensor | None, activation: str) -> Tensor:
     """The CPU implementation (NumPy/torch-CPU path), opaque to tracing."""
     return _on_numpy_path(_tm.transform_matrix, x, w, bias, activation or None)
 
 
-def _transform_matrix_shape(x: Tensor, w: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+def _transform_matrix_shape(x: Tensor, w: Tensor, bias: Tensor | None, activation: str) -> Tensor:
     _tm.validate(x, w, bias, activation or None)
     return x.new_empty(tuple(x.shape[:-1]) + (w.shape[-2],))
 
@@ -61,7 +60,7 @@ _transform_matrix_cpu.register_fake(_transform_matrix_shape)
 
 
 @triton_op("clisonix::transform_matrix", mutates_args=())
-def _transform_matrix_op(x: Tensor, w: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
+def _transform_matrix_op(x: Tensor, w: Tensor, bias: Tensor | None, activation: str) -> Tensor:
     # Tracing runs this body for every device, so the CPU case goes to an opaque op of its own
     # and only CUDA tensors (or CPU tensors under use_backend("triton") with the interpreter)
     # reach the Triton launch, which Inductor sees through wrap_triton.
@@ -130,7 +129,7 @@ def _backward(ctx, grad: Tensor):
 _transform_matrix_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def transform_matrix(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
+def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """``torch.ops.clisonix.transform_matrix``: :func:`clisonix_gpu.transform_matrix` as a
     differentiable, compilable torch op (same shapes, dtypes and errors)."""
     return _transform_matrix_op(x, w, bias, activation or "")
@@ -241,4 +240,3 @@ def svd_compress_k(a: Tensor, k: int, oversample: int = 10, power_iters: int = 2
 def _(a: Tensor, k: int, oversample: int = 10, power_iters: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     lead, (m, n) = tuple(a.shape[:-2]), tuple(a.shape[-2:])
     return a.new_empty(lead + (m, k)), a.new_empty(lead + (k,)), a.new_empty(lead + (k, n))
-

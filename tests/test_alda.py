@@ -60,10 +60,7 @@ def test_plan_ties_go_to_the_lower_device_index():
 
 
 def test_plan_is_identical_across_processes():
-    code = (
-        "from clisonix_gpu import alda;"
-        "print(alda.plan(1_000_003, alda.parse_devices('cpu:0=1.7,cpu:1=0.3,cpu:2=2.9'), align=8).to_json())"
-    )
+    code = "from clisonix_gpu import alda;print(alda.plan(1_000_003, alda.parse_devices('cpu:0=1.7,cpu:1=0.3,cpu:2=2.9'), align=8).to_json())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     here = alda.plan(1_000_003, alda.parse_devices("cpu:0=1.7,cpu:1=0.3,cpu:2=2.9"), align=8).to_json()
     assert out.strip() == here
@@ -231,9 +228,7 @@ def _distributed_worker(rank, world, port, seed, out_dir):
 
 def test_map_distributed_two_gloo_processes_equal_single_process(tmp_path, rng):
     seed = int(rng.integers(2**31))
-    context = mp.start_processes(
-        _distributed_worker, args=(2, _free_port(), seed, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
+    context = mp.start_processes(_distributed_worker, args=(2, _free_port(), seed, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
     deadline = 180.0
     waited = 0.0
     while not context.join(timeout=5):

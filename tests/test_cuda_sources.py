@@ -8,9 +8,7 @@ import subprocess
 
 import pytest
 
-CUDA_SOURCES = sorted(
-    p for p in importlib.resources.files("clisonix_gpu.kernels").iterdir() if p.name.endswith(".cu")
-)
+CUDA_SOURCES = sorted(p for p in importlib.resources.files("clisonix_gpu.kernels").iterdir() if p.name.endswith(".cu"))
 
 
 def test_there_are_cuda_sources():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -7,7 +7,7 @@ import importlib.resources
 from typing import Any
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def raw_module(name: str) -> Any:
     """``cupy.RawModule`` of ``kernels/<name>.cu``; CuPy compiles it on first use per device."""
     import cupy

@@ -60,8 +60,7 @@ def _require_same_width(a_name: str, a: Any, b_name: str, b: Any) -> None:
     _require_packed(b_name, b)
     if a.shape[-1] != b.shape[-1]:
         raise ShapeError(
-            f"{a_name} {tuple(a.shape)} and {b_name} {tuple(b.shape)} have different packed widths "
-            f"({a.shape[-1]} vs {b.shape[-1]} bytes)"
+            f"{a_name} {tuple(a.shape)} and {b_name} {tuple(b.shape)} have different packed widths ({a.shape[-1]} vs {b.shape[-1]} bytes)"
         )
 
 
@@ -176,7 +175,6 @@ def hamming_radius(q: Any, db: Any, r: int) -> RadiusResult:
 
 
 # ----------------------------------------------------------------------------- NumPy backend
-
 
 
 @_dispatch.register("pack_bits", "numpy")

@@ -101,10 +101,7 @@ class LowRank:
         return self.reconstruct().__dlpack_device__()
 
     def __repr__(self) -> str:
-        return (
-            f"LowRank(shape={tuple(self.u.shape[:-1]) + (self.vh.shape[-1],)}, rank={self.rank}, "
-            f"compression_ratio={self.compression_ratio:.2f})"
-        )
+        return f"LowRank(shape={tuple(self.u.shape[:-1]) + (self.vh.shape[-1],)}, rank={self.rank}, compression_ratio={self.compression_ratio:.2f})"
 
 
 def _nbytes(t: Any) -> int:
@@ -119,9 +116,7 @@ def _require_int(name: str, value: Any, low: int | None) -> int:
     return int(value)
 
 
-def svd_compress(
-    a: Any, k: int | None = None, *, tol: float | None = None, oversample: int = 10, power_iters: int = 2, seed: int = 0
-) -> LowRank:
+def svd_compress(a: Any, k: int | None = None, *, tol: float | None = None, oversample: int = 10, power_iters: int = 2, seed: int = 0) -> LowRank:
     """Randomized truncated SVD of ``a`` (M, N) or (..., M, N): a :class:`LowRank`.
 
     Exactly one of ``k`` (1 <= k <= min(M, N)) or ``tol`` (0 < tol < 1, relative Frobenius error;
@@ -187,7 +182,7 @@ def _all_finite(a: Any) -> bool:
 # ----------------------------------------------------------------------------- shared algorithm
 # One implementation over a small set of array operations (NumPy, or torch for the Triton path)
 # so the paths cannot drift apart; they differ only in the first sketch GEMM, fused on GPU.
-# Rank choice and error estimates use the (B, l) singular values on the host, in float64.
+# Rank choice and error estimates use the (B, cols) singular values on the host, in float64.
 
 
 class _NumpyOps:
@@ -222,8 +217,8 @@ class _NumpyOps:
         return np.einsum("bij,bij->b", a, a, dtype=np.float64)
 
     @staticmethod
-    def sketch_matmul(a: np.ndarray, l: int, seed: int) -> np.ndarray:
-        return a @ rademacher_sketch(a.shape[-1], l, seed).astype(a.dtype)
+    def sketch_matmul(a: np.ndarray, cols: int, seed: int) -> np.ndarray:
+        return a @ rademacher_sketch(a.shape[-1], cols, seed).astype(a.dtype)
 
 
 def _randomized_svd(a: Any, ops: Any, *, k: int | None, tol: float | None, oversample: int, power_iters: int, seed: int):
@@ -231,12 +226,12 @@ def _randomized_svd(a: Any, ops: Any, *, k: int | None, tol: float | None, overs
     batch, m, n = a.shape
     limit = min(m, n)
     norm2 = ops.squared_norms(a)
-    l = min(limit, (k if k is not None else min(limit, 16)) + oversample)
+    cols = min(limit, (k if k is not None else min(limit, 16)) + oversample)
     while True:
-        q = ops.qr(ops.sketch_matmul(a, l, seed))
+        q = ops.qr(ops.sketch_matmul(a, cols, seed))
         for _ in range(power_iters):
             q = ops.qr(a @ ops.qr(ops.t(a) @ q))
-        ub, s, vh = ops.svd(ops.t(q) @ a)  # SVD of the projected (B, l, N) matrix
+        ub, s, vh = ops.svd(ops.t(q) @ a)  # SVD of the projected (B, cols, N) matrix
         s_host = ops.host(s)
         # |A - P_r A|^2 = |A|^2 - sum_{j<=r} s_j^2 exactly, for the projector P_r onto u[:, :r]
         rel2 = np.clip(1.0 - np.cumsum(s_host**2, axis=-1) / np.where(norm2 > 0, norm2, 1.0)[:, None], 0.0, None)
@@ -244,10 +239,10 @@ def _randomized_svd(a: Any, ops: Any, *, k: int | None, tol: float | None, overs
             ranks = np.full(batch, k)
             break
         reached = rel2 <= tol * tol
-        if l >= limit or reached.any(axis=-1).all():
-            ranks = np.where(reached.any(axis=-1), np.argmax(reached, axis=-1) + 1, l)
+        if cols >= limit or reached.any(axis=-1).all():
+            ranks = np.where(reached.any(axis=-1), np.argmax(reached, axis=-1) + 1, cols)
             break
-        l = min(limit, 2 * l)  # grow the sketch and start over with the same seed
+        cols = min(limit, 2 * cols)  # grow the sketch and start over with the same seed
     r = int(ranks.max()) if batch else (k or 1)
     keep = ops.like(np.arange(r)[None, :] < ranks[:, None], s)  # tol mode: zero columns past each rank
     u = (q @ ub[..., :r]) * keep[:, None, :]
@@ -320,24 +315,24 @@ class _TorchOps:
         return (a * a).sum(dim=(-2, -1), dtype=torch.float64).cpu().numpy()
 
     @staticmethod
-    def sketch_matmul(a: Any, l: int, seed: int) -> Any:
+    def sketch_matmul(a: Any, cols: int, seed: int) -> Any:
         import torch
 
         from ..kernels.svd_compress import sketch_matmul_kernel
 
         batch, m, n = a.shape
         a = a if a.stride(-1) == 1 else a.contiguous()
-        y = torch.empty((batch, m, l), dtype=a.dtype, device=a.device)
-        block_l = min(64, max(16, 1 << (l - 1).bit_length()))
+        y = torch.empty((batch, m, cols), dtype=a.dtype, device=a.device)
+        block_l = min(64, max(16, 1 << (cols - 1).bit_length()))
         mix = seed_mix(seed)
         mix = mix - (1 << 64) if mix >= 1 << 63 else mix  # the same 64 bits, as a signed argument
 
         def grid(meta: dict[str, int]) -> tuple[int, int, int]:
-            return (-(-m // meta["BLOCK_M"]), -(-l // block_l), batch)
+            return (-(-m // meta["BLOCK_M"]), -(-cols // block_l), batch)
 
         with torch.cuda.device(a.device) if a.is_cuda else _null():
             sketch_matmul_kernel[grid](
-                a, y, m, n, l, a.stride(0), a.stride(1), y.stride(0), y.stride(1), mix,
+                a, y, m, n, cols, a.stride(0), a.stride(1), y.stride(0), y.stride(1), mix,
                 INTERPRETER_DOT=_dispatch.interpreter_enabled(), ACC_FP64=a.dtype == torch.float64, BLOCK_L=block_l,
             )  # fmt: skip
         return y
@@ -353,10 +348,10 @@ class _TorchCpuOps(_TorchOps):
     """torch on the CPU: the same sketch as the NumPy path, applied by torch's matmul."""
 
     @staticmethod
-    def sketch_matmul(a: Any, l: int, seed: int) -> Any:
+    def sketch_matmul(a: Any, cols: int, seed: int) -> Any:
         import torch
 
-        return a @ torch.from_numpy(rademacher_sketch(a.shape[-1], l, seed)).to(a.dtype)
+        return a @ torch.from_numpy(rademacher_sketch(a.shape[-1], cols, seed)).to(a.dtype)
 
 
 @_dispatch.register("svd_compress", "triton")

@@ -70,9 +70,7 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
 
 
 @_dispatch.register("transform_matrix", "numpy")
-def _transform_matrix_numpy(
-    x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, *, activation: str | None
-) -> np.ndarray:
+def _transform_matrix_numpy(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, *, activation: str | None) -> np.ndarray:
     bits = mantissa_bits(x)
     out_dtype = np.float64 if x.dtype == np.float64 else np.float32
     k, n = w.shape[-1], w.shape[-2]
@@ -147,4 +145,3 @@ def _transform_matrix_triton(x: Any, w: Any, bias: Any, *, activation: str | Non
             BLOCK_K=_BLOCK_K[name],
         )
     return out.reshape(lead + (n,))
-
