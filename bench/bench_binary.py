@@ -51,6 +51,15 @@ def _peer_kind(kind):
     return "torch-cuda" if kind == "cupy" else kind
 
 
+def _call(impl, kind, ours, peers, *arrays):
+    """The zero-argument call to time: our op on the arrays, or the peer on torch views of them."""
+    if impl == "clisonix":
+        return lambda: ours(*arrays)
+    if kind == "cupy":
+        arrays = tuple(torch.from_dlpack(a) for a in arrays[:2]) + arrays[2:]
+    return peers[_peer_kind(kind)][impl](*arrays)
+
+
 def _matmul_params():
     for m, n, bits, in_quick in MATMUL_CASES[SIZES]:
         for kind in KINDS:
@@ -74,9 +83,7 @@ def bench_binary_matmul(benchmark, quick, m, n, bits, kind, impl, in_quick):
         pytest.skip("not in --quick")
     rng = np.random.default_rng(0)
     a, b = _codes(rng, m, bits, kind), _codes(rng, n, bits, kind)
-    if kind == "cupy" and impl != "clisonix":
-        a, b = torch.from_dlpack(a), torch.from_dlpack(b)
-    fn = (lambda: cg.binary_matmul(a, b, bits)) if impl == "clisonix" else BINARY_MATMUL_PEERS[_peer_kind(kind)][impl](a, b, bits)
+    fn = _call(impl, kind, cg.binary_matmul, BINARY_MATMUL_PEERS, a, b, bits)
     ref = cg.binary_matmul(_host(a), _host(b), bits).astype(np.float64)
     got = np.asarray(_host(fn()), dtype=np.float64)
     err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1))
@@ -92,9 +99,7 @@ def bench_hamming_topk(benchmark, quick, nq, ndb, bits, k, kind, impl, in_quick)
         pytest.skip("not in --quick")
     rng = np.random.default_rng(1)
     q, db = _codes(rng, nq, bits, kind), _codes(rng, ndb, bits, kind)
-    if kind == "cupy" and impl != "clisonix":
-        q, db = torch.from_dlpack(q), torch.from_dlpack(db)
-    fn = (lambda: cg.hamming_topk(q, db, k)) if impl == "clisonix" else HAMMING_TOPK_PEERS[_peer_kind(kind)][impl](q, db, k)
+    fn = _call(impl, kind, cg.hamming_topk, HAMMING_TOPK_PEERS, q, db, k)
     dist = np.asarray(_host(fn()[0]), dtype=np.float64)
     # accuracy: the k distances must equal ours, which the tests check against brute force
     ours = cg.hamming_topk(q, db, k)[0]

@@ -8,49 +8,24 @@ torch tensors (CPU and CUDA) and CuPy arrays; results come back in the input's a
 [[1.0, 0.0], [0.0, 1.0]]
 """
 
-from . import alda
+from . import alda, ops
 from ._dispatch import BackendStatus, backends, current_backend, use_backend
 from .algebra import BinaryAlgebra
 from .errors import BackendUnavailable, ShapeError
-from .ops import (
-    ACTIVATIONS,
-    LowRank,
-    RadiusResult,
-    binarize,
-    binary_matmul,
-    hamming_distance,
-    hamming_radius,
-    hamming_topk,
-    pack_bits,
-    svd_compress,
-    transform_matrix,
-    unpack_bits,
-)
+from .ops import *  # noqa: F403 - the LIAM ops are the package's top-level API
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS",
+    *ops.__all__,
     "BackendStatus",
     "BackendUnavailable",
     "BinaryAlgebra",
-    "LowRank",
-    "RadiusResult",
     "ShapeError",
     "__version__",
     "alda",
-    "nn",
     "backends",
-    "binarize",
-    "binary_matmul",
     "current_backend",
-    "hamming_distance",
-    "hamming_radius",
-    "hamming_topk",
-    "pack_bits",
-    "svd_compress",
-    "transform_matrix",
-    "unpack_bits",
     "use_backend",
 ]
 
