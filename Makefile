@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: test bench lint info demo clean
+.PHONY: test bench lint docs info demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ ifeq ($(HAS_GPU),)
 	$(PY) -m pip install --quiet "$(CPU_TORCH)" || \
 	  $(PY) -m pip install --quiet "$(CPU_TORCH)" --index-url https://download.pytorch.org/whl/cpu
 endif
-	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m pip install --quiet -e ".[test,bench,docs]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -24,6 +24,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet -d build/site
 
 demo: $(STAMP)
 	$(VENV)/bin/clisonix-gpu demo --out bench/results
