@@ -27,7 +27,14 @@ def test_every_public_name_is_in_the_api_reference(module):
 
 @pytest.mark.parametrize(
     "module",
-    ["clisonix_gpu", "clisonix_gpu._dispatch", "clisonix_gpu.algebra", "clisonix_gpu.alda", "clisonix_gpu.ops.binary", "clisonix_gpu.ops.transform_matrix"],
+    [
+        "clisonix_gpu",
+        "clisonix_gpu._dispatch",
+        "clisonix_gpu.algebra",
+        "clisonix_gpu.alda",
+        "clisonix_gpu.ops.binary",
+        "clisonix_gpu.ops.transform_matrix",
+    ],
 )
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)
