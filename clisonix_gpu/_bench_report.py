@@ -52,7 +52,7 @@ def plot(rows: list[dict[str, object]], path: Path, title: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(11, 0.35 * len(best) + 1.5))
     labels = [re.sub(r"; error = [^)]*", "", str(r["case"]))[:64] for r in best]
-    values = [float(r["speedup"]) for r in best]
+    values = [float(r["speedup"]) for r in best]  # type: ignore[arg-type]
     ax.barh(range(len(best)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")

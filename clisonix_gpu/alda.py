@@ -332,7 +332,7 @@ class DeviceManager:
     def __repr__(self) -> str:
         return f"DeviceManager({', '.join(d.name for d in self.devices)})"
 
-    def _run_all(self, jobs: list[tuple[str, Device, Callable[[], Any]]]) -> list[Any]:
+    def _run_all(self, jobs: Sequence[tuple[str, Device, Callable[..., Any]]]) -> list[Any]:
         """Run jobs (one thread per device, jobs of a device in list order); all results or an error."""
         by_device: dict[str, list[int]] = {}
         for i, (_, device, _) in enumerate(jobs):

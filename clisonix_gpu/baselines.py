@@ -79,7 +79,11 @@ def _torch_compile_linear(x: Any, w: Any, bias: Any, activation: str | None) -> 
     import torch
 
     if activation not in _compiled:
-        _compiled[activation] = torch.compile(lambda a, b, c: _torch_linear(a, b, c, activation))
+
+        def linear(a: Any, b: Any, c: Any) -> Any:
+            return _torch_linear(a, b, c, activation)
+
+        _compiled[activation] = torch.compile(linear)
     return _compiled[activation](x, w, bias)
 
 

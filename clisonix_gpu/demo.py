@@ -11,6 +11,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -59,7 +60,10 @@ def train_mlp(
     return fit(nn.Sequential(*layers), x, y, epochs)
 
 
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 1e-3) -> nn.Module:
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def fit(model: ModelT, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 1e-3) -> ModelT:
     """Full-batch Adam on cross-entropy; returns the model in eval mode."""
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -121,9 +125,9 @@ def run_demo(datasets: tuple[str, ...] = ("digits", "breast_cancer"), ranks: tup
         torch.manual_seed(0)
         fit(model, x_train, y_train, epochs=100)  # straight-through fine-tuning of the 1-bit layers
         variants.append(("tanh MLP, binary + 100 STE epochs", model))
-        for variant, model in variants:
-            params, nbytes = _size(model)
-            rows.append(DemoRow(name, variant, accuracy(model, x_test, y_test), params, nbytes, images_per_hour(model, x_test)))
+        for variant, candidate in variants:
+            params, nbytes = _size(candidate)
+            rows.append(DemoRow(name, variant, accuracy(candidate, x_test, y_test), params, nbytes, images_per_hour(candidate, x_test)))
     text = _markdown(rows)
     print(text)
     if out_dir is not None:

@@ -59,6 +59,9 @@ class LowRankLinear(nn.Module):
     ``r * (in + out)`` weights instead of ``in * out``. Parameters: ``first`` (r, in) = Vh,
     ``second`` (out, r) = U diag(s), ``bias`` (out,)."""
 
+    bias: nn.Parameter | None
+    relative_error: float  # of the compressed weight, set by from_linear
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, activation: str | None = None, device=None, dtype=None):
         super().__init__()
         check_activation(activation)
@@ -83,13 +86,13 @@ class LowRankLinear(nn.Module):
         """
         weight = linear.weight.detach()
         lr = svd_compress(weight.float().cpu(), k, tol=tol, seed=seed)
-        rank = int(lr.ranks) if tol is not None else k
+        rank = int(lr.ranks) if k is None else k
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, activation,
                     device=weight.device, dtype=weight.dtype)  # fmt: skip
         with torch.no_grad():
             layer.first.copy_(lr.vh[:rank])
             layer.second.copy_(lr.u[:, :rank] * lr.s[:rank])
-            if linear.bias is not None:
+            if linear.bias is not None and layer.bias is not None:
                 layer.bias.copy_(linear.bias)
         layer.relative_error = float(lr.error_estimate)
         return layer
@@ -119,6 +122,11 @@ class BinaryLinear(nn.Module):
     estimator and is re-packed when the layer goes to ``eval()``.
     """
 
+    weight_bits: Tensor
+    weight_scale: Tensor
+    bias: nn.Parameter | None
+    weight: nn.Parameter | None
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, trainable: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -136,17 +144,20 @@ class BinaryLinear(nn.Module):
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, trainable, device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            if trainable:
+            if layer.weight is not None:
                 layer.weight.copy_(w)
             layer.pack(w)
-            if linear.bias is not None:
+            if linear.bias is not None and layer.bias is not None:
                 layer.bias.copy_(linear.bias)
         return layer
 
     @torch.no_grad()
     def pack(self, weight: Tensor | None = None) -> None:
         """(Re)compute the packed sign bits and scales from ``weight`` (default: the latent weight)."""
-        bits, scale = ops.binarize((self.weight if weight is None else weight).detach())
+        source = self.weight if weight is None else weight
+        if source is None:
+            raise ValueError("nothing to pack: pass a weight, or build the layer with trainable=True")
+        bits, scale = ops.binarize(source.detach())
         self.weight_bits.copy_(bits)
         self.weight_scale.copy_(scale)
 
@@ -274,25 +285,26 @@ def compress(
         if skip:
             reports.append(LayerReport(name, (out_f, in_f), skip, None, before, before, before * item, before * item, None))
             continue
+        layer: nn.Module
         if binary:
-            layer = BinaryLinear.from_linear(linear, trainable=trainable)
+            packed = layer = BinaryLinear.from_linear(linear, trainable=trainable)
             w = linear.weight.detach().float()
             approx = torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(1, keepdim=True)
             err = float(torch.linalg.norm(w - approx) / torch.linalg.norm(w))
-            after_bytes = layer.weight_bits.numel() + (layer.weight_scale.numel() + (out_f if bias else 0)) * item
+            after_bytes = packed.weight_bits.numel() + (packed.weight_scale.numel() + (out_f if bias else 0)) * item
             reports.append(
                 LayerReport(
                     name, (out_f, in_f), "binary", None, before, out_f * in_f + out_f + (out_f if bias else 0), before * item, after_bytes, err
                 )
             )
         else:
-            layer = LowRankLinear.from_linear(linear, k, tol=tol)
-            if layer.rank * (in_f + out_f) >= in_f * out_f:  # tol asked for more than it saves
+            low = layer = LowRankLinear.from_linear(linear, k, tol=tol)
+            if low.rank * (in_f + out_f) >= in_f * out_f:  # tol asked for more than it saves
                 reports.append(
-                    LayerReport(name, (out_f, in_f), "skipped: rank saves nothing", layer.rank, before, before, before * item, before * item, None)
+                    LayerReport(name, (out_f, in_f), "skipped: rank saves nothing", low.rank, before, before, before * item, before * item, None)
                 )
                 continue
-            after = layer.rank * (in_f + out_f) + (out_f if bias else 0)
-            reports.append(LayerReport(name, (out_f, in_f), "low-rank", layer.rank, before, after, before * item, after * item, layer.relative_error))
+            after = low.rank * (in_f + out_f) + (out_f if bias else 0)
+            reports.append(LayerReport(name, (out_f, in_f), "low-rank", low.rank, before, after, before * item, after * item, low.relative_error))
         setattr(parent, child_name, layer)
     return CompressionReport(reports)

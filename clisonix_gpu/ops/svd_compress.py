@@ -238,6 +238,7 @@ def _randomized_svd(a: Any, ops: Any, *, k: int | None, tol: float | None, overs
         if k is not None:
             ranks = np.full(batch, k)
             break
+        assert tol is not None  # k and tol: exactly one is set
         reached = rel2 <= tol * tol
         if cols >= limit or reached.any(axis=-1).all():
             ranks = np.where(reached.any(axis=-1), np.argmax(reached, axis=-1) + 1, cols)
