@@ -36,3 +36,7 @@ def test_ops_do_not_import_torch_library_alda_or_mesh():
             text = path.read_text()
             for forbidden in ("torch.library", "alda", "mesh", "cli"):
                 assert f"import {forbidden}" not in text and f"from ..{forbidden}" not in text, (path, forbidden)
+
+
+def test_typed_marker_ships():
+    assert importlib.resources.files("clisonix_gpu").joinpath("py.typed").is_file()
