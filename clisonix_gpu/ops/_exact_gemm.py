@@ -28,29 +28,31 @@ def _slice_bits(k: int) -> int:
     return (_FLOAT64_MANTISSA - int(max(k, 1) - 1).bit_length()) // 2
 
 
-def _split_rows(a: np.ndarray, bits: int, slices: int) -> list[np.ndarray]:
-    """``a`` (R, K) float64 -> ``slices`` arrays summing to ``a`` up to the last slice's quantum.
+def _row_max(a: np.ndarray) -> np.ndarray:
+    """max |a| per row (NaN for rows holding NaN) without an |a| temporary."""
+    if a.shape[1] == 0:
+        return np.zeros(a.shape[0])
+    return np.maximum(a.max(axis=1), -a.min(axis=1))
+
+
+def _split_rows(a: np.ndarray, row_max: np.ndarray, bits: int, slices: int) -> list[np.ndarray]:
+    """``a`` (R, K) float64 -> ``slices`` arrays summing to ``a`` up to the last slice's quantum;
+    ``a`` is overwritten (it holds the remainder).
 
     Slice s of row r is a multiple of q_{r,s} = 2^(e_r - bits*(s+1)) with |slice| <= 2^bits q_{r,s},
-    where 2^e_r bounds the row's magnitude. Rounding to a multiple of q uses adding and
-    subtracting 1.5 * 2^52 * q, which is exact in float64 round-to-nearest.
+    where 2^e_r > ``row_max[r]``. Rounding to a multiple of q adds and subtracts 1.5 * 2^52 * q,
+    which is exact in float64 round-to-nearest.
     """
-    row_max = np.max(np.abs(a), axis=1, initial=0.0)
-    _, exponent = np.frexp(row_max)  # row_max < 2**exponent
+    _, exponent = np.frexp(row_max)
     parts = []
-    rest = a
     for s in range(slices):
         shifter = np.ldexp(1.5, exponent - bits * (s + 1) + 52)[:, None]
-        top = (rest + shifter) - shifter
+        top = np.add(a, shifter)
+        top -= shifter
         parts.append(top)
-        rest = rest - top
+        if s + 1 < slices:
+            a -= top  # the remainder for the next slice
     return parts
-
-
-def _outside_exact_range(a: np.ndarray) -> np.ndarray:
-    """Rows with NaN/Inf, or so large (> 2^900, float64 only) that the slicing would overflow."""
-    with np.errstate(invalid="ignore"):
-        return ~(np.abs(a) < 2.0**900).all(axis=1)
 
 
 def exact_matmul_nt(x: np.ndarray, w: np.ndarray, mantissa_bits: int) -> np.ndarray:
@@ -58,9 +60,11 @@ def exact_matmul_nt(x: np.ndarray, w: np.ndarray, mantissa_bits: int) -> np.ndar
     ``mantissa_bits`` significant bits; rows holding NaN/Inf follow IEEE arithmetic."""
     m, k = x.shape
     n = w.shape[0]
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(w, dtype=np.float64)
-    bad_x, bad_w = _outside_exact_range(x), _outside_exact_range(w)
+    x = np.array(x, dtype=np.float64)  # copies: the split works in place
+    w = np.array(w, dtype=np.float64)
+    max_x, max_w = _row_max(x), _row_max(w)
+    # rows with NaN/Inf, or so large (> 2^900, float64 only) that the slicing would overflow
+    bad_x, bad_w = ~(max_x < 2.0**900), ~(max_w < 2.0**900)
     if bad_x.any() or bad_w.any():
         # A non-finite entry makes every product of its row NaN or +-Inf, and such a sum is the
         # same in any order; compute those outputs plainly and the rest exactly. (Rows beyond
@@ -74,8 +78,8 @@ def exact_matmul_nt(x: np.ndarray, w: np.ndarray, mantissa_bits: int) -> np.ndar
         return np.zeros((m, n), dtype=np.float64)
     bits = _slice_bits(k)
     slices = -(-(mantissa_bits + _GUARD_BITS) // bits)
-    xs = _split_rows(x, bits, slices)
-    ws = [p.T for p in _split_rows(w, bits, slices)]
+    xs = _split_rows(x, max_x, bits, slices)
+    ws = [p.T for p in _split_rows(w, max_w, bits, slices)]
     out = np.zeros((m, n), dtype=np.float64)
     for order in reversed(range(slices)):  # weight 2^(-bits*order): smallest terms first
         for s in range(order + 1):
