@@ -213,21 +213,13 @@ class CompressionReport:
     def changed(self) -> int:
         return sum(not r.action.startswith("skipped") for r in self.layers)
 
-    @property
-    def params_before(self) -> int:
-        return sum(r.params_before for r in self.layers)
+    def _total(self, field: str) -> int:
+        return sum(getattr(r, field) for r in self.layers)
 
-    @property
-    def params_after(self) -> int:
-        return sum(r.params_after for r in self.layers)
-
-    @property
-    def bytes_before(self) -> int:
-        return sum(r.bytes_before for r in self.layers)
-
-    @property
-    def bytes_after(self) -> int:
-        return sum(r.bytes_after for r in self.layers)
+    params_before = property(lambda self: self._total("params_before"))
+    params_after = property(lambda self: self._total("params_after"))
+    bytes_before = property(lambda self: self._total("bytes_before"))
+    bytes_after = property(lambda self: self._total("bytes_after"))
 
     def __str__(self) -> str:
         lines = [f"{'layer':<24} {'shape':>12} {'action':<28} {'rank':>5} {'params':>18} {'rel. error':>10}"]

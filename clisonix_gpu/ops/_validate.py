@@ -20,6 +20,17 @@ def require_float(name: str, a: Any) -> None:
         raise TypeError(f"{name} has dtype {dtype_name(a)}; expected one of {FLOAT_DTYPE_NAMES}")
 
 
+def require_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int; ``TypeError`` if it is not an integer, ``ValueError`` naming the allowed
+    range if it lies outside [low, high] (either bound may be open)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} = {value} is out of range: expected {allowed}")
+    return int(value)
+
+
 def mantissa_bits(a: Any) -> int:
     """Significant bits of ``a``'s floating dtype (bfloat16 8, float16 11, float32 24, float64 53)."""
     name = dtype_name(a)

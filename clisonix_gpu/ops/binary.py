@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _dispatch
 from ..errors import ShapeError
-from ._validate import dtype_name, require_float
+from ._validate import dtype_name, require_float, require_int
 
 __all__ = [
     "RadiusResult",
@@ -65,21 +65,11 @@ def _require_same_width(a_name: str, a: Any, b_name: str, b: Any) -> None:
 
 
 def _require_bit_count(n: Any, width: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"n must be an int (the number of bits per row); got {type(n).__name__}")
+    n = require_int("n", n)
     low, high = (0, 0) if width == 0 else (8 * (width - 1) + 1, 8 * width)
     if not low <= n <= high:
         raise ValueError(f"n = {n} does not fit {width} packed bytes: expected {low} <= n <= {high}")
     return int(n)
-
-
-def _require_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} = {value} is out of range: expected {allowed}")
-    return int(value)
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -160,7 +150,7 @@ def hamming_topk(q: Any, db: Any, k: int) -> tuple[Any, Any]:
     Raises ``TypeError``, ``ShapeError`` and ``ValueError`` (k out of range, with the range).
     """
     _require_same_width("q", q, "db", db)
-    k = _require_int("k", k, 1, db.shape[0])
+    k = require_int("k", k, 1, db.shape[0])
     return _dispatch.call("hamming_topk", ("q", "db"), (q, db), k=k)
 
 
@@ -170,7 +160,7 @@ def hamming_radius(q: Any, db: Any, r: int) -> RadiusResult:
     Raises ``TypeError``, ``ShapeError`` and ``ValueError`` (negative r).
     """
     _require_same_width("q", q, "db", db)
-    r = _require_int("r", r, 0)
+    r = require_int("r", r, 0)
     return RadiusResult(*_dispatch.call("hamming_radius", ("q", "db"), (q, db), r=r))
 
 

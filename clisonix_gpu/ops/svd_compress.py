@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _dispatch
 from ..errors import ShapeError
-from ._validate import dtype_name, require_float
+from ._validate import dtype_name, require_float, require_int
 
 __all__ = ["LowRank", "svd_compress", "rademacher_sketch"]
 
@@ -87,12 +87,7 @@ class LowRank:
         return self.u @ (scale * t)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        dense = self.reconstruct()
-        if type(dense).__module__.startswith("torch"):
-            dense = dense.detach().cpu().numpy()
-        elif type(dense).__module__.startswith("cupy"):
-            dense = dense.get()
-        return np.asarray(dense, dtype=dtype)
+        return np.asarray(_host(self.reconstruct()), dtype=dtype)
 
     def __dlpack__(self, **kwargs: Any) -> Any:
         return self.reconstruct().__dlpack__(**kwargs)
@@ -106,14 +101,6 @@ class LowRank:
 
 def _nbytes(t: Any) -> int:
     return int(t.nbytes) if hasattr(t, "nbytes") else int(t.numel() * t.element_size())
-
-
-def _require_int(name: str, value: Any, low: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} = {value} is out of range: expected >= {low}")
-    return int(value)
 
 
 def svd_compress(a: Any, k: int | None = None, *, tol: float | None = None, oversample: int = 10, power_iters: int = 2, seed: int = 0) -> LowRank:
@@ -136,7 +123,7 @@ def svd_compress(a: Any, k: int | None = None, *, tol: float | None = None, over
     if (k is None) == (tol is None):
         raise ValueError(f"give exactly one of k (1 <= k <= {limit}) or tol (0 < tol < 1); got k={k}, tol={tol}")
     if k is not None:
-        k = _require_int("k", k, None)
+        k = require_int("k", k)
         if not 1 <= k <= limit:
             raise ValueError(f"k = {k} is out of range for a {m}x{n} matrix: expected 1 <= k <= {limit}")
     else:
@@ -144,9 +131,9 @@ def svd_compress(a: Any, k: int | None = None, *, tol: float | None = None, over
             raise ValueError(f"tol = {tol!r} is out of range: expected 0 < tol < 1")
         if limit == 0:
             raise ValueError(f"tol mode needs a non-empty matrix; got {m}x{n}")
-    oversample = _require_int("oversample", oversample, 0)
-    power_iters = _require_int("power_iters", power_iters, 0)
-    seed = _require_int("seed", seed, 0)
+    oversample = require_int("oversample", oversample, 0)
+    power_iters = require_int("power_iters", power_iters, 0)
+    seed = require_int("seed", seed, 0)
     if not _all_finite(a):
         raise ValueError("a contains NaN or Inf: a randomized SVD of it would be meaningless")
     u, s, vh, ranks, err = _dispatch.call(
