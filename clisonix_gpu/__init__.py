@@ -8,6 +8,8 @@ torch tensors (CPU and CUDA) and CuPy arrays; results come back in the input's a
 [[1.0, 0.0], [0.0, 1.0]]
 """
 
+from types import ModuleType
+
 from . import alda, ops
 from ._dispatch import BackendStatus, backends, current_backend, use_backend
 from .algebra import BinaryAlgebra
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> ModuleType:
     # clisonix_gpu.nn and clisonix_gpu.torch import torch: load them on first use only
     if name in ("nn", "torch"):
         import importlib

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 PERF_BEGIN = "<!-- performance:begin (clisonix-gpu bench --update-readme) -->"
 PERF_END = "<!-- performance:end -->"
@@ -15,7 +16,7 @@ def _fmt(value: object, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def markdown(env: dict, rows: list[dict[str, object]]) -> str:
+def markdown(env: dict[str, Any], rows: list[dict[str, object]]) -> str:
     """The results as a Markdown page (also used for the README's performance section)."""
     ceilings = env.get("ceilings") or {}
     measured = ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in ceilings.items())

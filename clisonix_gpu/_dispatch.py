@@ -25,7 +25,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -228,15 +228,15 @@ def _torch_dtype_is_numpy_native(t: Any) -> bool:
 
 def _to_numpy(a: Any, kind: str) -> np.ndarray:
     if kind == "numpy":
-        return a
+        return cast(np.ndarray, a)
     if kind == "cupy":
         import cupy
 
-        return cupy.asnumpy(a)
+        return cast(np.ndarray, cupy.asnumpy(a))
     t = a.detach()
     if not _torch_dtype_is_numpy_native(t):
         t = t.float()  # NumPy has no bfloat16; every bfloat16 value is exact in float32
-    return t.cpu().numpy()
+    return cast(np.ndarray, t.cpu().numpy())
 
 
 def _to_torch(a: Any, kind: str) -> Any:
@@ -245,7 +245,9 @@ def _to_torch(a: Any, kind: str) -> Any:
     if kind == "numpy":
         return torch.from_numpy(a)
     if kind == "cupy":
-        return torch.from_dlpack(a)
+        from torch.utils.dlpack import from_dlpack
+
+        return from_dlpack(a)
     return a.detach()
 
 

@@ -303,7 +303,7 @@ def _on(device: Device) -> Iterator[None]:
     import torch
 
     with torch.cuda.device(device.index):
-        stream = torch.cuda.Stream(device.index)
+        stream = torch.cuda.Stream(device.index)  # type: ignore[no-untyped-call]
         with torch.cuda.stream(stream):
             yield
         stream.synchronize()

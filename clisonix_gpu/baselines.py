@@ -41,7 +41,8 @@ def reference_transform_matrix(x: Any, w: Any, bias: Any = None, activation: str
     pre = f64(x) @ np.swapaxes(f64(w), -1, -2)
     if bias is not None:
         pre = pre + f64(bias)
-    return _torch_activation(activation)(torch.from_numpy(pre)).numpy()
+    result: np.ndarray = _torch_activation(activation)(torch.from_numpy(pre)).numpy()
+    return result
 
 
 def transform_matrix_error_bound(x: Any, w: Any, bias: Any = None) -> np.ndarray:
@@ -53,7 +54,7 @@ def transform_matrix_error_bound(x: Any, w: Any, bias: Any = None) -> np.ndarray
             a = a.detach().cpu().double().numpy()
         return np.abs(np.asarray(a, dtype=np.float64))
 
-    scale = abs64(x) @ np.swapaxes(abs64(w), -1, -2)
+    scale: np.ndarray = abs64(x) @ np.swapaxes(abs64(w), -1, -2)
     return scale if bias is None else scale + abs64(bias)
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,17 +32,20 @@ class DemoRow:
     images_per_hour: float
 
 
-def load_dataset(name: str, seed: int = 0):
+def load_dataset(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_train, y_train, x_test, y_test)`` float32/int64 tensors of 'digits' or 'breast_cancer'."""
     from sklearn import datasets
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
-    loader: Callable = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer}[name]
+    loader: Callable[..., Any] = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer}[name]
     x, y = loader(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
     scaler = StandardScaler().fit(x_train)
-    as_x = lambda a: torch.from_numpy(scaler.transform(a).astype(np.float32))
+
+    def as_x(a: Any) -> torch.Tensor:
+        return torch.from_numpy(scaler.transform(a).astype(np.float32))
+
     return as_x(x_train), torch.from_numpy(y_train), as_x(x_test), torch.from_numpy(y_test)
 
 
@@ -69,7 +72,8 @@ def fit(model: ModelT, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(epochs):
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
     return model.eval()
 

@@ -62,17 +62,18 @@ class _Op:
     defaults: tuple[tuple[str, int], ...] = ()
 
 
-def _transform_matrix(x, w, bias=None, *, activation: int = 0):
+def _transform_matrix(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *, activation: int = 0) -> tuple[torch.Tensor]:
     return (transform_matrix(x, w, bias, activation=ACTIVATIONS[activation]),)
 
 
-def _svd_compress(a, *, k: int, oversample: int, power_iters: int, seed: int):
+def _svd_compress(a: torch.Tensor, *, k: int, oversample: int, power_iters: int, seed: int) -> tuple[torch.Tensor, ...]:
     lr = svd_compress(a, k, oversample=oversample, power_iters=power_iters, seed=seed)
     return lr.u, lr.s, lr.vh
 
 
-def _hamming_topk(q, db, *, k: int):
-    return hamming_topk(q, db, k)
+def _hamming_topk(q: torch.Tensor, db: torch.Tensor, *, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    distances, indices = hamming_topk(q, db, k)
+    return distances, indices
 
 
 # The allowlist: op id -> op. Parameters travel as int64; activation by its index in ACTIVATIONS.
@@ -112,11 +113,15 @@ def _encode(request_id: int, code: int, tensors: Sequence[torch.Tensor], params:
     return torch.tensor(words, dtype=torch.int64)
 
 
-def _decode_specs(header: Sequence[int], count: int, max_bytes: int) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+_TensorSpec = tuple[torch.dtype, tuple[int, ...]]
+
+
+def _decode_specs(header: Sequence[int], count: int, max_bytes: int) -> list[_TensorSpec]:
     """Tensor (dtype, shape) pairs from a header (as a list); ``ValueError`` naming the first field out of range."""
     if not 0 <= count <= MAX_TENSORS:
         raise ValueError(f"tensor count {count} outside [0, {MAX_TENSORS}]")
-    specs, total = [], 0
+    specs: list[_TensorSpec] = []
+    total = 0
     for i in range(count):
         base = _TENSOR_BLOCK + i * _SPEC_WORDS
         code, ndim = header[base], header[base + 1]
@@ -170,7 +175,9 @@ def _recv_frame(src: int, group: Any, timeout: float | None) -> tuple[list[int],
     return frame[:HEADER_BYTES].view(torch.int64).tolist(), frame
 
 
-def _recv_payload(header: Sequence[int], frame: torch.Tensor, specs: list, src: int, group: Any, timeout: float | None) -> list[torch.Tensor]:
+def _recv_payload(
+    header: Sequence[int], frame: torch.Tensor, specs: list[_TensorSpec], src: int, group: Any, timeout: float | None
+) -> list[torch.Tensor]:
     out, offset = [], HEADER_BYTES
     for dtype, shape in specs:
         t = torch.empty(shape, dtype=dtype)
@@ -273,7 +280,7 @@ class _Worker:
 class Mesh:
     """The edge's handle on the workers. Use :func:`connect` to make one; close it when done."""
 
-    def __init__(self, workers: list[_Worker], *, timeout: float, fallback: str, processes: Sequence[subprocess.Popen] = ()):
+    def __init__(self, workers: list[_Worker], *, timeout: float, fallback: str, processes: Sequence[subprocess.Popen[bytes]] = ()):
         if fallback not in ("local", "raise"):
             raise ValueError(f"fallback must be 'local' or 'raise'; got {fallback!r}")
         self._workers = workers
@@ -397,7 +404,7 @@ class Mesh:
         op_id, values = self._encode_request(op, tensors, params)
         spec = OPS[op_id]
         self._local_runs += 1
-        return spec.fn(*tensors, **dict(zip(spec.params, values)))
+        return tuple(spec.fn(*tensors, **dict(zip(spec.params, values))))
 
     def _call(self, worker: _Worker, op_id: int, tensors: Sequence[torch.Tensor], values: list[int]) -> list[torch.Tensor]:
         request_id = self._request_id()
@@ -425,7 +432,8 @@ def _free_port() -> int:
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def connect(

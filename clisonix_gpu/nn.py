@@ -31,7 +31,15 @@ class LIAMLinear(nn.Linear):
     Raises ``ValueError`` for an unknown activation (listing the valid ones).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         check_activation(activation)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
@@ -62,7 +70,16 @@ class LowRankLinear(nn.Module):
     bias: nn.Parameter | None
     relative_error: float  # of the compressed weight, set by from_linear
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, activation: str | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        activation: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         check_activation(activation)
         if not 1 <= rank <= min(in_features, out_features):
@@ -127,7 +144,15 @@ class BinaryLinear(nn.Module):
     bias: nn.Parameter | None
     weight: nn.Parameter | None
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, trainable: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        trainable: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_bits", torch.zeros(out_features, -(-in_features // 8), dtype=torch.uint8, device=device))

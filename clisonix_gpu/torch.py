@@ -13,6 +13,8 @@ Not declared here: ``hamming_radius`` (its output size depends on the data) and
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -37,9 +39,9 @@ __all__ = [
 ]
 
 
-def _on_numpy_path(fn, *args, **kwargs):
+def _on_numpy_path(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Tensor:
     with _dispatch.use_backend("numpy"):
-        return fn(*args, **kwargs)
+        return cast(Tensor, fn(*args, **kwargs))
 
 
 # ----------------------------------------------------------------------------- transform_matrix
@@ -65,9 +67,9 @@ def _transform_matrix_op(x: Tensor, w: Tensor, bias: Tensor | None, activation: 
     # and only CUDA tensors (or CPU tensors under use_backend("triton") with the interpreter)
     # reach the Triton launch, which Inductor sees through wrap_triton.
     if x.device.type != "cuda" and _dispatch.select_backend("torch-cpu") != "triton":
-        return _transform_matrix_cpu(x, w, bias, activation)
+        return cast(Tensor, _transform_matrix_cpu(x, w, bias, activation))
     _tm.validate(x, w, bias, activation or None)
-    return _tm._transform_matrix_triton(x, w, bias, activation=activation or None, wrap=wrap_triton)
+    return cast(Tensor, _tm._transform_matrix_triton(x, w, bias, activation=activation or None, wrap=wrap_triton))
 
 
 _transform_matrix_op.register_fake(_transform_matrix_shape)
@@ -99,14 +101,14 @@ def _activation_grad(z: Tensor, activation: str) -> Tensor:
     return 1.0 - t * t
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     x, w, bias, activation = inputs
     ctx.save_for_backward(x, w, bias)
     ctx.activation = activation
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad: Tensor):
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
     x, w, bias = ctx.saved_tensors
     if ctx.activation:
         # recompute the pre-activation (one GEMM) instead of keeping it alive since forward
@@ -132,7 +134,7 @@ _transform_matrix_op.register_autograd(_backward, setup_context=_setup_context)
 def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """``torch.ops.clisonix.transform_matrix``: :func:`clisonix_gpu.transform_matrix` as a
     differentiable, compilable torch op (same shapes, dtypes and errors)."""
-    return _transform_matrix_op(x, w, bias, activation or "")
+    return cast(Tensor, _transform_matrix_op(x, w, bias, activation or ""))
 
 
 # ----------------------------------------------------------------------------- binary algebra
@@ -146,7 +148,7 @@ def _width(n: int) -> int:
 @torch.library.custom_op("clisonix::pack_bits", mutates_args=())
 def pack_bits(x: Tensor) -> Tensor:
     """:func:`clisonix_gpu.pack_bits` as a torch op."""
-    return _binary.pack_bits(x)
+    return cast(Tensor, _binary.pack_bits(x))
 
 
 @pack_bits.register_fake
@@ -157,7 +159,7 @@ def _(x: Tensor) -> Tensor:
 @torch.library.custom_op("clisonix::unpack_bits", mutates_args=())
 def unpack_bits(bits: Tensor, n: int) -> Tensor:
     """:func:`clisonix_gpu.unpack_bits` as a torch op."""
-    return _binary.unpack_bits(bits, n)
+    return cast(Tensor, _binary.unpack_bits(bits, n))
 
 
 @unpack_bits.register_fake
@@ -178,15 +180,16 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.new_empty(lead + (_width(x.shape[-1]),), dtype=torch.uint8), x.new_empty(lead)
 
 
-def _binarize_setup(ctx, inputs, output) -> None:
+def _binarize_setup(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
     (x,) = inputs
     ctx.save_for_backward(x)
 
 
-def _binarize_backward(ctx, grad_bits, grad_scale):
+def _binarize_backward(ctx: Any, grad_bits: Tensor, grad_scale: Tensor) -> Tensor:
     # the bits are piecewise constant (no gradient); scale = mean |x| over the last axis
     (x,) = ctx.saved_tensors
-    return grad_scale[..., None] * torch.sign(x) / max(x.shape[-1], 1)
+    grad_x: Tensor = grad_scale[..., None] * torch.sign(x) / max(x.shape[-1], 1)
+    return grad_x
 
 
 binarize.register_autograd(_binarize_backward, setup_context=_binarize_setup)
@@ -195,7 +198,7 @@ binarize.register_autograd(_binarize_backward, setup_context=_binarize_setup)
 @torch.library.custom_op("clisonix::binary_matmul", mutates_args=())
 def binary_matmul(a: Tensor, b: Tensor, n: int) -> Tensor:
     """:func:`clisonix_gpu.binary_matmul` as a torch op."""
-    return _binary.binary_matmul(a, b, n)
+    return cast(Tensor, _binary.binary_matmul(a, b, n))
 
 
 @binary_matmul.register_fake
@@ -206,7 +209,7 @@ def _(a: Tensor, b: Tensor, n: int) -> Tensor:
 @torch.library.custom_op("clisonix::hamming_distance", mutates_args=())
 def hamming_distance(a: Tensor, b: Tensor) -> Tensor:
     """:func:`clisonix_gpu.hamming_distance` as a torch op."""
-    return _binary.hamming_distance(a, b)
+    return cast(Tensor, _binary.hamming_distance(a, b))
 
 
 @hamming_distance.register_fake

@@ -32,7 +32,8 @@ def _row_max(a: np.ndarray) -> np.ndarray:
     """max |a| per row (NaN for rows holding NaN) without an |a| temporary."""
     if a.shape[1] == 0:
         return np.zeros(a.shape[0])
-    return np.maximum(a.max(axis=1), -a.min(axis=1))
+    row_max: np.ndarray = np.maximum(a.max(axis=1), -a.min(axis=1))
+    return row_max
 
 
 def _split_rows(a: np.ndarray, row_max: np.ndarray, bits: int, slices: int) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ means +1 and a clear bit -1, so for packed rows of ``n`` bits the +-1 dot produc
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -151,7 +152,8 @@ def hamming_topk(q: Any, db: Any, k: int) -> tuple[Any, Any]:
     """
     _require_same_width("q", q, "db", db)
     k = require_int("k", k, 1, db.shape[0])
-    return _dispatch.call("hamming_topk", ("q", "db"), (q, db), k=k)
+    distances, indices = _dispatch.call("hamming_topk", ("q", "db"), (q, db), k=k)
+    return distances, indices
 
 
 def hamming_radius(q: Any, db: Any, r: int) -> RadiusResult:
@@ -183,7 +185,8 @@ def _mean_abs_numpy(x: np.ndarray) -> np.ndarray:
     if x.shape[-1] == 0:
         return np.zeros(x.shape[:-1], dtype=x.dtype)
     acc = np.float64 if x.dtype == np.float64 else np.float32
-    return np.abs(x).mean(axis=-1, dtype=acc)
+    scale: np.ndarray = np.abs(x).mean(axis=-1, dtype=acc)
+    return scale
 
 
 def _as_words(a: np.ndarray) -> np.ndarray:
@@ -204,7 +207,7 @@ def _plus_minus_one(a: np.ndarray) -> np.ndarray:
     return np.unpackbits(a, axis=-1, bitorder="little").astype(np.float32) * 2 - 1
 
 
-def _distance_blocks(q: np.ndarray, db: np.ndarray):
+def _distance_blocks(q: np.ndarray, db: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, distances int32 (rows, N))`` over row blocks of ``q``.
 
     Through BLAS when it fits: the +-1 dot product of 8W-bit rows is an integer below 2^24,
@@ -263,7 +266,7 @@ def _hamming_topk_numpy(q: np.ndarray, db: np.ndarray, *, k: int) -> tuple[np.nd
 
 
 @_dispatch.register("hamming_radius", "numpy")
-def _hamming_radius_numpy(q: np.ndarray, db: np.ndarray, *, r: int):
+def _hamming_radius_numpy(q: np.ndarray, db: np.ndarray, *, r: int) -> tuple[Any, Any, Any]:
     counts = np.zeros(q.shape[0], dtype=np.int64)
     indices, distances = [], []
     for start, d in _distance_blocks(q, db):
@@ -383,7 +386,7 @@ def _popcount_gemm_triton(a: Any, b: Any, *, signed_bits: int | None) -> Any:
     return _popcount_gemm_words(_int32_words(a), _int32_words(b), signed_bits)
 
 
-def _search_blocks(q: Any, db: Any):
+def _search_blocks(q: Any, db: Any) -> Iterator[tuple[int, int, Any]]:
     """Yield ``(q_start, db_start, distances int32)`` over blocks of about _BLOCK_ENTRIES entries."""
     qw, dw = _int32_words(q), _int32_words(db)
     n = dw.shape[0]
@@ -416,7 +419,7 @@ def _hamming_topk_triton(q: Any, db: Any, *, k: int) -> tuple[Any, Any]:
 
 
 @_dispatch.register("hamming_radius", "triton")
-def _hamming_radius_triton(q: Any, db: Any, *, r: int):
+def _hamming_radius_triton(q: Any, db: Any, *, r: int) -> tuple[Any, Any, Any]:
     import torch
 
     counts = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
@@ -516,7 +519,7 @@ def _popcount_gemm_cupy(a: Any, b: Any, *, signed_bits: int | None) -> Any:
     return _popcount_gemm_u64(_uint64_words(a), _uint64_words(b), signed_bits)
 
 
-def _cupy_search_blocks(q: Any, db: Any):
+def _cupy_search_blocks(q: Any, db: Any) -> Iterator[tuple[int, Any]]:
     qw, dw = _uint64_words(q), _uint64_words(db)
     q_step = max(1, _BLOCK_ENTRIES // max(dw.shape[0], 1))
     for qs in range(0, qw.shape[0], q_step):
@@ -548,7 +551,7 @@ def _hamming_topk_cupy(q: Any, db: Any, *, k: int) -> tuple[Any, Any]:
 
 
 @_dispatch.register("hamming_radius", "cupy")
-def _hamming_radius_cupy(q: Any, db: Any, *, r: int):
+def _hamming_radius_cupy(q: Any, db: Any, *, r: int) -> tuple[Any, Any, Any]:
     import cupy
 
     counts = cupy.zeros(q.shape[0], dtype=cupy.int64)

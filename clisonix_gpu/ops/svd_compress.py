@@ -9,7 +9,7 @@ the small projected matrix. ``tol=`` grows the sketch in blocks until the exact 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -38,7 +38,8 @@ def rademacher_sketch(rows: int, cols: int, seed: int, col_start: int = 0) -> np
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    return 1.0 - 2.0 * (z >> np.uint64(63)).astype(np.float64)
+    signs: np.ndarray = 1.0 - 2.0 * (z >> np.uint64(63)).astype(np.float64)
+    return signs
 
 
 class LowRank:
@@ -171,6 +172,8 @@ def _all_finite(a: Any) -> bool:
 # so the paths cannot drift apart; they differ only in the first sketch GEMM, fused on GPU.
 # Rank choice and error estimates use the (B, cols) singular values on the host, in float64.
 
+_Factors = tuple[Any, Any, Any, Any, Any]  # u, s, vh, ranks, error estimates
+
 
 class _NumpyOps:
     @staticmethod
@@ -201,14 +204,15 @@ class _NumpyOps:
 
     @staticmethod
     def squared_norms(a: np.ndarray) -> np.ndarray:
-        return np.einsum("bij,bij->b", a, a, dtype=np.float64)
+        return cast(np.ndarray, np.einsum("bij,bij->b", a, a, dtype=np.float64))
 
     @staticmethod
     def sketch_matmul(a: np.ndarray, cols: int, seed: int) -> np.ndarray:
-        return a @ rademacher_sketch(a.shape[-1], cols, seed).astype(a.dtype)
+        product: np.ndarray = a @ rademacher_sketch(a.shape[-1], cols, seed).astype(a.dtype)
+        return product
 
 
-def _randomized_svd(a: Any, ops: Any, *, k: int | None, tol: float | None, oversample: int, power_iters: int, seed: int):
+def _randomized_svd(a: Any, ops: Any, *, k: int | None, tol: float | None, oversample: int, power_iters: int, seed: int) -> _Factors:
     """Factors of ``a`` (B, M, N), float32/float64, with the array operations ``ops``."""
     batch, m, n = a.shape
     limit = min(m, n)
@@ -245,7 +249,7 @@ def _compute_dtype(name: str) -> str:
 
 
 @_dispatch.register("svd_compress", "numpy", takes_cpu_tensors=True)
-def _svd_compress_numpy(a: Any, **params: Any):
+def _svd_compress_numpy(a: Any, **params: Any) -> _Factors:
     if not isinstance(a, np.ndarray):  # CPU torch tensor: torch's LAPACK beats a NumPy view here
         return _svd_compress_torch(a, _TorchCpuOps, **params)
     lead, (m, n) = a.shape[:-2], a.shape[-2:]
@@ -280,7 +284,7 @@ class _TorchOps:
 
     @staticmethod
     def host(x: Any) -> np.ndarray:
-        return x.detach().double().cpu().numpy()
+        return cast(np.ndarray, x.detach().double().cpu().numpy())
 
     @staticmethod
     def like(values: np.ndarray, ref: Any) -> Any:
@@ -300,7 +304,7 @@ class _TorchOps:
     def squared_norms(a: Any) -> np.ndarray:
         import torch
 
-        return (a * a).sum(dim=(-2, -1), dtype=torch.float64).cpu().numpy()
+        return cast(np.ndarray, (a * a).sum(dim=(-2, -1), dtype=torch.float64).cpu().numpy())
 
     @staticmethod
     def sketch_matmul(a: Any, cols: int, seed: int) -> Any:
@@ -343,11 +347,11 @@ class _TorchCpuOps(_TorchOps):
 
 
 @_dispatch.register("svd_compress", "triton")
-def _svd_compress_triton(a: Any, **params: Any):
+def _svd_compress_triton(a: Any, **params: Any) -> _Factors:
     return _svd_compress_torch(a, _TorchOps, **params)
 
 
-def _svd_compress_torch(a: Any, ops: Any, **params: Any):
+def _svd_compress_torch(a: Any, ops: Any, **params: Any) -> _Factors:
     import torch
 
     lead, (m, n) = tuple(a.shape[:-2]), tuple(a.shape[-2:])
