@@ -39,7 +39,14 @@ _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("clisoni
 
 
 class BackendStatus(NamedTuple):
-    """One row of :func:`backends`: ``reason`` says why an unusable backend cannot run."""
+    """One row of :func:`backends`: ``reason`` says why an unusable backend cannot run.
+
+    Example:
+
+    >>> numpy_row = next(row for row in cg.backends() if row.name == "numpy")
+    >>> numpy_row.usable, numpy_row.reason
+    (True, '')
+    """
 
     name: str
     usable: bool
@@ -161,7 +168,7 @@ def _reason(backend: str) -> str:
 def backends() -> list[BackendStatus]:
     """Every backend, whether it is usable here, and for the unusable ones why not.
 
-    >>> backends()[0].name
+    >>> cg.backends()[0].name
     'numpy'
     """
     return [BackendStatus(name, not _reason(name), _reason(name)) for name in BACKEND_NAMES]
@@ -177,7 +184,14 @@ def _validate_choice(name: str, source: str) -> str:
 
 
 def current_backend() -> str:
-    """The requested backend: the innermost ``use_backend``, else ``CLISONIX_BACKEND``, else ``auto``."""
+    """The requested backend: the innermost ``use_backend``, else ``CLISONIX_BACKEND``, else ``auto``.
+
+    Example:
+
+    >>> with cg.use_backend("numpy"):
+    ...     cg.current_backend()
+    'numpy'
+    """
     requested = _requested.get()
     if requested is not None:
         return requested
@@ -189,6 +203,12 @@ def use_backend(name: str) -> Iterator[None]:
     """Context manager: run ops inside on ``name`` (``"numpy"``, ``"triton"``, ``"cupy"`` or ``"auto"``).
 
     Raises ``ValueError`` for an unknown name and :class:`BackendUnavailable` if it cannot run here.
+
+    Example:
+
+    >>> with cg.use_backend("numpy"):
+    ...     cg.pack_bits(np.array([1.0, -1.0, 2.0])).tolist()
+    [5]
     """
     _validate_choice(name, "use_backend")
     if name != "auto" and _reason(name):

@@ -42,7 +42,15 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Device:
-    """One place to run work: ``kind`` "cuda" or "cpu", its ``index``, and a relative ``weight`` > 0."""
+    """One place to run work: ``kind`` "cuda" or "cpu", its ``index``, and a relative ``weight`` > 0.
+
+    Example:
+
+    >>> from clisonix_gpu import alda
+    >>> device = alda.Device("cuda", 1, weight=2.0)
+    >>> device.name, device.to_dict()
+    ('cuda:1', {'kind': 'cuda', 'index': 1, 'weight': 2.0})
+    """
 
     kind: str
     index: int
@@ -71,6 +79,12 @@ def parse_devices(spec: str) -> tuple[Device, ...]:
     """Devices from text such as ``"cuda:0=2,cuda:1"`` (weight after ``=``, default 1).
 
     Raises ``ValueError`` for malformed entries.
+
+    Example:
+
+    >>> from clisonix_gpu import alda
+    >>> [(d.name, d.weight) for d in alda.parse_devices("cuda:0=2,cuda:1")]
+    [('cuda:0', 2.0), ('cuda:1', 1.0)]
     """
     devices = []
     for item in (s.strip() for s in spec.split(",")):
@@ -90,6 +104,13 @@ def discover() -> tuple[Device, ...]:
     times clock where torch reports it; with no GPU, ``cpu:0..n-1`` worker slots of weight 1.
 
     ``CLISONIX_DEVICES`` (same syntax as :func:`parse_devices`) overrides the discovery.
+
+    Example:
+
+    >>> from clisonix_gpu import alda
+    >>> devices = alda.discover()
+    >>> all(d.kind in ("cuda", "cpu") and d.weight > 0 for d in devices)
+    True
     """
     override = os.environ.get("CLISONIX_DEVICES")
     if override:
@@ -136,7 +157,15 @@ def _check_count(name: str, value: Any, low: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Shard:
-    """Items ``[start, stop)`` run on ``device``."""
+    """Items ``[start, stop)`` run on ``device``.
+
+    Example:
+
+    >>> from clisonix_gpu import alda
+    >>> first = alda.plan(10, alda.parse_devices("cpu:0=2,cpu:1"))[0]
+    >>> first.device.name, first.start, first.stop, first.size
+    ('cpu:0', 0, 7, 7)
+    """
 
     device: Device
     start: int
@@ -149,7 +178,17 @@ class Shard:
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """An immutable sequence of :class:`Shard` covering ``range(n_items)`` in device order."""
+    """An immutable sequence of :class:`Shard` covering ``range(n_items)`` in device order.
+
+    Example:
+
+    >>> from clisonix_gpu import alda
+    >>> schedule = alda.plan(10, alda.parse_devices("cpu:0=2,cpu:1"))
+    >>> [(shard.start, shard.stop) for shard in schedule]
+    [(0, 7), (7, 10)]
+    >>> alda.Schedule.from_json(schedule.to_json()) == schedule
+    True
+    """
 
     n_items: int
     align: int
@@ -206,6 +245,13 @@ def plan(n_items: int, devices: Sequence[Device], *, align: int = 1) -> Schedule
     Every shard but the last is a multiple of ``align`` (the ``n_items % align`` leftover items go
     to the last shard); shards may be empty when items are fewer than devices. Pure and
     deterministic. Raises ``ValueError`` for an empty device list, ``n_items`` < 0 or ``align`` < 1.
+
+    Example:
+
+    >>> from clisonix_gpu import alda
+    >>> schedule = alda.plan(1000, alda.parse_devices("cuda:0=2,cuda:1"), align=8)
+    >>> [shard.size for shard in schedule]
+    [664, 336]
     """
     devices = _check_devices(devices)
     _check_count("n_items", n_items, 0)
@@ -223,7 +269,17 @@ def plan(n_items: int, devices: Sequence[Device], *, align: int = 1) -> Schedule
 @dataclasses.dataclass(frozen=True)
 class TaskSchedule:
     """Result of :func:`plan_tasks`: ``assignment[t]`` is the device position of task t,
-    ``order`` the tasks in the order they were placed, ``loads`` the busy time per device."""
+    ``order`` the tasks in the order they were placed, ``loads`` the busy time per device.
+
+    Example:
+
+    >>> from clisonix_gpu import alda
+    >>> schedule = alda.plan_tasks([5, 3, 3, 2, 2], alda.parse_devices("cpu:0,cpu:1"))
+    >>> schedule.assignment, schedule.loads, schedule.makespan
+    ((0, 1, 1, 0, 1), (7.0, 8.0), 8.0)
+    >>> schedule.tasks_of(0)
+    (0, 3)
+    """
 
     devices: tuple[Device, ...]
     assignment: tuple[int, ...]
@@ -245,6 +301,13 @@ def plan_tasks(costs: Sequence[float], devices: Sequence[Device], priorities: Se
 
     With equal weights and no priorities this is LPT. Raises ``ValueError`` for an empty device
     list, negative or non-finite costs, or priorities of the wrong length.
+
+    Example:
+
+    >>> from clisonix_gpu import alda
+    >>> schedule = alda.plan_tasks([1, 4, 2], alda.parse_devices("cpu:0,cpu:1"), priorities=[1, 0, 0])
+    >>> schedule.order, schedule.assignment  # task 0 first: it has the highest priority
+    ((0, 1, 2), (0, 1, 0))
     """
     devices = _check_devices(devices)
     costs = [float(c) for c in costs]
@@ -278,7 +341,17 @@ def plan_tasks(costs: Sequence[float], devices: Sequence[Device], priorities: Se
 
 
 class ShardError(RuntimeError):
-    """A shard (or task) failed; the message names it and its device, the cause is chained."""
+    """A shard (or task) failed; the message names it and its device, the cause is chained.
+
+    Example:
+
+    >>> from clisonix_gpu import alda
+    >>> manager = alda.DeviceManager(alda.parse_devices("cpu:0,cpu:1"))
+    >>> manager.map(lambda x: x[10], np.arange(4.0))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    clisonix_gpu.alda.ShardError: ...
+    """
 
 
 def _is_torch(a: Any) -> bool:
@@ -324,7 +397,17 @@ def _concatenate(parts: list[Any], like: Any) -> Any:
 
 
 class DeviceManager:
-    """Runs ops across devices by ALDA plans. ``devices`` defaults to :func:`discover`."""
+    """Runs ops across devices by ALDA plans. ``devices`` defaults to :func:`discover`.
+
+    Example:
+
+    >>> from clisonix_gpu import alda
+    >>> manager = alda.DeviceManager(alda.parse_devices("cpu:0,cpu:1"))
+    >>> manager.map(np.square, np.arange(5.0)).tolist()  # rows 0-2 on cpu:0, 3-4 on cpu:1
+    [0.0, 1.0, 4.0, 9.0, 16.0]
+    >>> manager.run([lambda device: "a", lambda device: device.name], costs=[2.0, 1.0])
+    ['a', 'cpu:1']
+    """
 
     def __init__(self, devices: Sequence[Device] | None = None):
         self.devices = _check_devices(discover() if devices is None else devices)

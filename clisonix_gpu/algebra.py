@@ -11,7 +11,7 @@ class BinaryAlgebra:
     Each method is the module-level op of the same name, with the same arguments and errors.
 
     >>> import numpy as np
-    >>> BinaryAlgebra().transform_matrix(np.ones((1, 2)), np.ones((3, 2))).tolist()
+    >>> cg.BinaryAlgebra().transform_matrix(np.ones((1, 2)), np.ones((3, 2))).tolist()
     [[2.0, 2.0, 2.0]]
     """
 

@@ -29,6 +29,14 @@ class LIAMLinear(nn.Linear):
     """``activation(x @ weight.T + bias)`` in one fused op; parameters and state dict as ``nn.Linear``.
 
     Raises ``ValueError`` for an unknown activation (listing the valid ones).
+
+    Example:
+
+    >>> from clisonix_gpu.nn import LIAMLinear
+    >>> layer = LIAMLinear(16, 4, activation="relu")
+    >>> y = layer(torch.randn(8, 16))
+    >>> y.shape, bool((y >= 0).all())
+    (torch.Size([8, 4]), True)
     """
 
     def __init__(
@@ -65,7 +73,17 @@ class LIAMLinear(nn.Linear):
 class LowRankLinear(nn.Module):
     """``x @ (U diag(s) Vh).T + bias`` as ``(x @ Vh.T) @ (U diag(s)).T + bias``: rank ``r`` costs
     ``r * (in + out)`` weights instead of ``in * out``. Parameters: ``first`` (r, in) = Vh,
-    ``second`` (out, r) = U diag(s), ``bias`` (out,)."""
+    ``second`` (out, r) = U diag(s), ``bias`` (out,).
+
+    Example:
+
+    >>> from clisonix_gpu.nn import LowRankLinear
+    >>> low = LowRankLinear.from_linear(torch.nn.Linear(64, 32), k=8)
+    >>> low.first.shape, low.second.shape
+    (torch.Size([8, 64]), torch.Size([32, 8]))
+    >>> low(torch.randn(5, 64)).shape
+    torch.Size([5, 32])
+    """
 
     bias: nn.Parameter | None
     relative_error: float  # of the compressed weight, set by from_linear
@@ -137,6 +155,15 @@ class BinaryLinear(nn.Module):
     Buffers ``weight_bits`` (out, ceil(in/8)) uint8 and ``weight_scale`` (out,) = mean |W| per
     row; with ``trainable=True`` a latent float ``weight`` trains through the straight-through
     estimator and is re-packed when the layer goes to ``eval()``.
+
+    Example:
+
+    >>> from clisonix_gpu.nn import BinaryLinear
+    >>> layer = BinaryLinear.from_linear(torch.nn.Linear(20, 3))
+    >>> layer.weight_bits.shape, layer.weight_bits.dtype
+    (torch.Size([3, 3]), torch.uint8)
+    >>> layer(torch.randn(4, 20)).shape
+    torch.Size([4, 3])
     """
 
     weight_bits: Tensor
@@ -215,7 +242,18 @@ class BinaryLinear(nn.Module):
 
 @dataclasses.dataclass
 class LayerReport:
-    """One ``nn.Linear`` considered by :func:`compress`."""
+    """One ``nn.Linear`` considered by :func:`compress`.
+
+    Example:
+
+    >>> from clisonix_gpu.nn import compress
+    >>> model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
+    >>> first, last = compress(model, k=16).layers
+    >>> first.name, first.action, first.rank, first.params_before, first.params_after
+    ('0', 'low-rank', 16, 32896, 6272)
+    >>> last.action  # doctest: +ELLIPSIS
+    'skipped: ...'
+    """
 
     name: str
     shape: tuple[int, int]  # (out, in)
@@ -230,7 +268,16 @@ class LayerReport:
 
 @dataclasses.dataclass
 class CompressionReport:
-    """What :func:`compress` did, layer by layer. ``changed`` is 0 when nothing was replaced."""
+    """What :func:`compress` did, layer by layer. ``changed`` is 0 when nothing was replaced.
+
+    Example:
+
+    >>> from clisonix_gpu.nn import compress
+    >>> model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
+    >>> report = compress(model, k=16)
+    >>> report.changed, report.params_before, report.params_after
+    (1, 34186, 7562)
+    """
 
     layers: list[LayerReport]
 
@@ -277,6 +324,16 @@ def compress(
     straight-through fine-tuning). A model with no eligible layer is left as it
     is and the report says so (``report.changed == 0``). Raises ``ValueError`` for k < 1, tol
     outside (0, 1), or a wrong combination of k, tol and binary.
+
+    Example:
+
+    >>> from clisonix_gpu.nn import compress
+    >>> model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
+    >>> report = compress(model, k=16)
+    >>> type(model[0]).__name__, type(model[2]).__name__  # the last layer is too small to gain
+    ('LowRankLinear', 'Linear')
+    >>> model(torch.randn(2, 256)).shape
+    torch.Size([2, 10])
     """
     if binary and (k is not None or tol is not None):
         raise ValueError("binary=True takes neither k nor tol")

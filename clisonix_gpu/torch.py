@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import _dispatch
+
+if TYPE_CHECKING:
+    from torch._library.custom_ops import CustomOpDef
 
 # The op modules share their names with the functions that clisonix_gpu.ops re-exports.
 _binary = importlib.import_module("clisonix_gpu.ops.binary")
@@ -44,10 +47,22 @@ def _on_numpy_path(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Tensor:
         return cast(Tensor, fn(*args, **kwargs))
 
 
+def _custom_op(name: str) -> Callable[[Callable[..., Any]], CustomOpDef]:
+    """``torch.library.custom_op`` (no mutated arguments) that keeps the function's docstring on
+    the op object, so ``help()`` and doctest see it."""
+
+    def declare(fn: Callable[..., Any]) -> CustomOpDef:
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.__doc__ = fn.__doc__
+        return op
+
+    return declare
+
+
 # ----------------------------------------------------------------------------- transform_matrix
 
 
-@torch.library.custom_op("clisonix::transform_matrix_cpu", mutates_args=())
+@_custom_op("clisonix::transform_matrix_cpu")
 def _transform_matrix_cpu(x: Tensor, w: Tensor, bias: Tensor | None, activation: str) -> Tensor:
     """The CPU implementation (NumPy/torch-CPU path), opaque to tracing."""
     return _on_numpy_path(_tm.transform_matrix, x, w, bias, activation or None)
@@ -133,7 +148,18 @@ _transform_matrix_op.register_autograd(_backward, setup_context=_setup_context)
 
 def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """``torch.ops.clisonix.transform_matrix``: :func:`clisonix_gpu.transform_matrix` as a
-    differentiable, compilable torch op (same shapes, dtypes and errors)."""
+    differentiable, compilable torch op (same shapes, dtypes and errors).
+
+    Example:
+
+    >>> x, w = torch.randn(5, 8, requires_grad=True), torch.randn(3, 8)
+    >>> y = cg.torch.transform_matrix(x, w, None, "relu")
+    >>> y.shape, bool(torch.allclose(y, torch.relu(x @ w.T), atol=1e-5))
+    (torch.Size([5, 3]), True)
+    >>> y.sum().backward()
+    >>> x.grad.shape
+    torch.Size([5, 8])
+    """
     return cast(Tensor, _transform_matrix_op(x, w, bias, activation or ""))
 
 
@@ -145,9 +171,15 @@ def _width(n: int) -> int:
     return -(-n // 8)
 
 
-@torch.library.custom_op("clisonix::pack_bits", mutates_args=())
+@_custom_op("clisonix::pack_bits")
 def pack_bits(x: Tensor) -> Tensor:
-    """:func:`clisonix_gpu.pack_bits` as a torch op."""
+    """:func:`clisonix_gpu.pack_bits` as a torch op.
+
+    Example:
+
+    >>> cg.torch.pack_bits(torch.tensor([[1.0, -1.0, 2.0]])).tolist()
+    [[5]]
+    """
     return cast(Tensor, _binary.pack_bits(x))
 
 
@@ -156,9 +188,15 @@ def _(x: Tensor) -> Tensor:
     return x.new_empty(tuple(x.shape[:-1]) + (_width(x.shape[-1]),), dtype=torch.uint8)
 
 
-@torch.library.custom_op("clisonix::unpack_bits", mutates_args=())
+@_custom_op("clisonix::unpack_bits")
 def unpack_bits(bits: Tensor, n: int) -> Tensor:
-    """:func:`clisonix_gpu.unpack_bits` as a torch op."""
+    """:func:`clisonix_gpu.unpack_bits` as a torch op.
+
+    Example:
+
+    >>> cg.torch.unpack_bits(torch.tensor([[5]], dtype=torch.uint8), 3).tolist()
+    [[1, 0, 1]]
+    """
     return cast(Tensor, _binary.unpack_bits(bits, n))
 
 
@@ -167,9 +205,16 @@ def _(bits: Tensor, n: int) -> Tensor:
     return bits.new_empty(tuple(bits.shape[:-1]) + (n,), dtype=torch.uint8)
 
 
-@torch.library.custom_op("clisonix::binarize", mutates_args=())
+@_custom_op("clisonix::binarize")
 def binarize(x: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`clisonix_gpu.binarize` as a torch op: ``(bits, scale)``."""
+    """:func:`clisonix_gpu.binarize` as a torch op: ``(bits, scale)``.
+
+    Example:
+
+    >>> bits, scale = cg.torch.binarize(torch.tensor([[0.5, -1.5, 2.0]]))
+    >>> bits.tolist(), scale.tolist()
+    ([[5]], [1.3333333730697632])
+    """
     bits, scale = _binary.binarize(x)
     return bits, scale
 
@@ -195,9 +240,16 @@ def _binarize_backward(ctx: Any, grad_bits: Tensor, grad_scale: Tensor) -> Tenso
 binarize.register_autograd(_binarize_backward, setup_context=_binarize_setup)
 
 
-@torch.library.custom_op("clisonix::binary_matmul", mutates_args=())
+@_custom_op("clisonix::binary_matmul")
 def binary_matmul(a: Tensor, b: Tensor, n: int) -> Tensor:
-    """:func:`clisonix_gpu.binary_matmul` as a torch op."""
+    """:func:`clisonix_gpu.binary_matmul` as a torch op.
+
+    Example:
+
+    >>> a = cg.torch.pack_bits(torch.tensor([[1.0, -1.0, 1.0], [1.0, 1.0, 1.0]]))
+    >>> cg.torch.binary_matmul(a, a, 3).tolist()
+    [[3, 1], [1, 3]]
+    """
     return cast(Tensor, _binary.binary_matmul(a, b, n))
 
 
@@ -206,9 +258,16 @@ def _(a: Tensor, b: Tensor, n: int) -> Tensor:
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
-@torch.library.custom_op("clisonix::hamming_distance", mutates_args=())
+@_custom_op("clisonix::hamming_distance")
 def hamming_distance(a: Tensor, b: Tensor) -> Tensor:
-    """:func:`clisonix_gpu.hamming_distance` as a torch op."""
+    """:func:`clisonix_gpu.hamming_distance` as a torch op.
+
+    Example:
+
+    >>> a = cg.torch.pack_bits(torch.tensor([[1.0, -1.0, 1.0], [1.0, 1.0, 1.0]]))
+    >>> cg.torch.hamming_distance(a, a).tolist()
+    [[0, 1], [1, 0]]
+    """
     return cast(Tensor, _binary.hamming_distance(a, b))
 
 
@@ -217,9 +276,17 @@ def _(a: Tensor, b: Tensor) -> Tensor:
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
-@torch.library.custom_op("clisonix::hamming_topk", mutates_args=())
+@_custom_op("clisonix::hamming_topk")
 def hamming_topk(q: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """:func:`clisonix_gpu.hamming_topk` as a torch op: ``(distances, indices)``."""
+    """:func:`clisonix_gpu.hamming_topk` as a torch op: ``(distances, indices)``.
+
+    Example:
+
+    >>> db = cg.torch.pack_bits(torch.tensor([[1.0, 1.0, -1.0], [1.0, -1.0, -1.0], [-1.0, -1.0, 1.0]]))
+    >>> distances, indices = cg.torch.hamming_topk(db[2:], db, 2)
+    >>> distances.tolist(), indices.tolist()
+    ([[0, 2]], [[2, 1]])
+    """
     dist, idx = _binary.hamming_topk(q, db, k)
     return dist, idx
 
@@ -232,9 +299,17 @@ def _(q: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------- svd_compress
 
 
-@torch.library.custom_op("clisonix::svd_compress_k", mutates_args=())
+@_custom_op("clisonix::svd_compress_k")
 def svd_compress_k(a: Tensor, k: int, oversample: int = 10, power_iters: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`clisonix_gpu.svd_compress` with a fixed rank, as a torch op: ``(u, s, vh)``."""
+    """:func:`clisonix_gpu.svd_compress` with a fixed rank, as a torch op: ``(u, s, vh)``.
+
+    Example:
+
+    >>> a = torch.randn(40, 4, dtype=torch.float64) @ torch.randn(4, 30, dtype=torch.float64)
+    >>> u, s, vh = cg.torch.svd_compress_k(a, 4)
+    >>> u.shape, s.shape, vh.shape, bool(torch.allclose(u @ torch.diag(s) @ vh, a))
+    (torch.Size([40, 4]), torch.Size([4]), torch.Size([4, 30]), True)
+    """
     lr = _svd.svd_compress(a, k, oversample=oversample, power_iters=power_iters, seed=seed)
     return lr.u.contiguous(), lr.s.contiguous(), lr.vh.contiguous()
 

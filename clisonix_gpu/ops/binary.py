@@ -36,7 +36,17 @@ _BLOCK_ENTRIES = 1 << 24
 
 class RadiusResult(NamedTuple):
     """Matches of :func:`hamming_radius` in CSR layout: query i's matches are
-    ``indices[offsets[i]:offsets[i+1]]`` (ascending) at ``distances[offsets[i]:offsets[i+1]]``."""
+    ``indices[offsets[i]:offsets[i+1]]`` (ascending) at ``distances[offsets[i]:offsets[i+1]]``.
+
+    Example:
+
+    >>> db = cg.pack_bits(np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=bool))
+    >>> res = cg.hamming_radius(db[:2], db, 1)
+    >>> res.offsets.tolist(), res.indices.tolist(), res.distances.tolist()
+    ([0, 2, 4], [0, 1, 0, 1], [0, 1, 1, 0])
+    >>> res.indices[res.offsets[1] : res.offsets[2]].tolist()  # the matches of query 1
+    [0, 1]
+    """
 
     offsets: Any  # (Q + 1,) int64
     indices: Any  # (total,) int64
@@ -83,7 +93,7 @@ def pack_bits(x: Any) -> Any:
     so the result equals ``np.packbits(x > 0 if float else x, axis=-1, bitorder="little")``.
     Raises ``TypeError`` for complex input, ``ShapeError`` for 0-d input.
 
-    >>> pack_bits(np.array([1, 0, 1, 1, 0, 0, 0, 0, 1])).tolist()
+    >>> cg.pack_bits(np.array([1, 0, 1, 1, 0, 0, 0, 0, 1])).tolist()
     [13, 1]
     """
     _dispatch.array_kind(x)
@@ -100,6 +110,12 @@ def unpack_bits(bits: Any, n: int) -> Any:
     """Inverse of :func:`pack_bits`: uint8 (..., W) -> uint8 0/1 (..., n), 8(W-1) < n <= 8W.
 
     Raises ``TypeError`` (not uint8), ``ValueError`` (n does not fit W bytes).
+
+    Example:
+
+    >>> bits = cg.pack_bits(np.array([1, 0, 1, 1, 0, 0, 0, 0, 1]))
+    >>> cg.unpack_bits(bits, 9).tolist()
+    [1, 0, 1, 1, 0, 0, 0, 0, 1]
     """
     _dispatch.array_kind(bits)
     _require_packed("bits", bits, ndim=None)
@@ -113,6 +129,12 @@ def binarize(x: Any) -> tuple[Any, Any]:
     ``bits`` is uint8 (..., ceil(n / 8)); ``scale`` has shape (...) and ``x``'s dtype (0 when
     n = 0), so ``scale[..., None] * (2 * unpack_bits(bits, n) - 1)`` approximates ``x``.
     Raises ``TypeError`` for non-float input.
+
+    Example:
+
+    >>> bits, scale = cg.binarize(np.array([[0.5, -1.5, 2.0]], dtype=np.float32))
+    >>> bits.tolist(), scale.tolist()
+    ([[5]], [1.3333333730697632])
     """
     _dispatch.array_kind(x)
     require_float("x", x)
@@ -129,6 +151,12 @@ def binary_matmul(a: Any, b: Any, n: int) -> Any:
     ``a`` (M, W) and ``b`` (N, W) are uint8 from :func:`pack_bits` of rows of ``n`` bits,
     8(W-1) < n <= 8W. Raises ``TypeError`` (not uint8), ``ShapeError`` (widths differ),
     ``ValueError`` (n does not fit W).
+
+    Example:
+
+    >>> a = cg.pack_bits(np.array([[1.0, -1.0, 1.0], [1.0, 1.0, 1.0]]))
+    >>> cg.binary_matmul(a, a, 3).tolist()  # (+1 -1 +1) . (+1 +1 +1) = 1
+    [[3, 1], [1, 3]]
     """
     _require_same_width("a", a, "b", b)
     n = _require_bit_count(n, a.shape[-1])
@@ -139,6 +167,12 @@ def hamming_distance(a: Any, b: Any) -> Any:
     """Pairwise Hamming distances of packed rows: int32 (M, N) = ``popcount(a ^ b)``.
 
     Raises ``TypeError`` (not uint8) and ``ShapeError`` (not 2-D, or widths differ).
+
+    Example:
+
+    >>> a = cg.pack_bits(np.array([[1.0, -1.0, 1.0], [1.0, 1.0, 1.0]]))
+    >>> cg.hamming_distance(a, a).tolist()
+    [[0, 1], [1, 0]]
     """
     _require_same_width("a", a, "b", b)
     return _dispatch.call("popcount_gemm", ("a", "b"), (a, b), signed_bits=None)
@@ -149,6 +183,13 @@ def hamming_topk(q: Any, db: Any, k: int) -> tuple[Any, Any]:
 
     Ascending by distance, ties broken by the lower database index; any 1 <= k <= len(db).
     Raises ``TypeError``, ``ShapeError`` and ``ValueError`` (k out of range, with the range).
+
+    Example:
+
+    >>> db = cg.pack_bits(np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=bool))
+    >>> distances, indices = cg.hamming_topk(db[2:], db, 2)
+    >>> distances.tolist(), indices.tolist()
+    ([[0, 2]], [[2, 1]])
     """
     _require_same_width("q", q, "db", db)
     k = require_int("k", k, 1, db.shape[0])
@@ -160,6 +201,13 @@ def hamming_radius(q: Any, db: Any, r: int) -> RadiusResult:
     """Every database code within Hamming distance ``r`` of each query, as a :class:`RadiusResult`.
 
     Raises ``TypeError``, ``ShapeError`` and ``ValueError`` (negative r).
+
+    Example:
+
+    >>> db = cg.pack_bits(np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=bool))
+    >>> res = cg.hamming_radius(db[2:], db, 2)
+    >>> res.indices.tolist(), res.distances.tolist()
+    ([1, 2], [2, 0])
     """
     _require_same_width("q", q, "db", db)
     r = require_int("r", r, 0)

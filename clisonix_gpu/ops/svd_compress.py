@@ -48,6 +48,17 @@ class LowRank:
     ``u`` (..., M, k), ``s`` (..., k) descending, ``vh`` (..., k, N), in the input's array type and
     device. In ``tol=`` mode ranks differ per matrix: ``ranks`` holds them, and factors are padded
     with zero singular values up to ``rank`` (the largest).
+
+    Example:
+
+    >>> a = np.outer(np.arange(1.0, 5.0), np.arange(1.0, 4.0))  # rank 1, (4, 3)
+    >>> lr = cg.svd_compress(a, k=1)
+    >>> lr.u.shape, lr.s.shape, lr.vh.shape, lr.rank
+    ((4, 1), (1,), (1, 3), 1)
+    >>> bool(np.allclose(lr.reconstruct(), a)), bool(np.allclose(lr.matmul(np.eye(3)), a))
+    (True, True)
+    >>> float(lr.error_estimate) < 1e-6, np.asarray(lr).shape
+    (True, (4, 3))
     """
 
     def __init__(self, u: Any, s: Any, vh: Any, ranks: np.ndarray, error_estimate: np.ndarray, source_nbytes: int):
@@ -114,6 +125,20 @@ def svd_compress(a: Any, k: int | None = None, *, tol: float | None = None, over
     float16/bfloat16 are computed in float32. Raises ``ShapeError`` (fewer than 2 dimensions),
     ``TypeError`` (integer/complex dtype), ``ValueError`` (k/tol out of range, both or neither
     given, NaN/Inf in ``a``).
+
+    Example:
+
+    >>> rng = np.random.default_rng(0)
+    >>> a = rng.standard_normal((100, 5)) @ rng.standard_normal((5, 80))  # rank 5
+    >>> lr = cg.svd_compress(a, k=5)
+    >>> lr.u.shape, lr.s.shape, lr.vh.shape
+    ((100, 5), (5,), (5, 80))
+    >>> bool(np.allclose(lr.reconstruct(), a))
+    True
+    >>> cg.svd_compress(a, tol=1e-6).rank  # the smallest rank that reaches tol
+    5
+    >>> cg.svd_compress(rng.standard_normal((3, 8, 6)), k=2).s.shape  # a batch of three matrices
+    (3, 2)
     """
     _dispatch.array_kind(a)
     require_float("a", a)

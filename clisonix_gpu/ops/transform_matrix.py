@@ -57,7 +57,7 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
     ``ValueError`` (unknown activation), ``BackendUnavailable``.
 
     >>> import numpy as np
-    >>> transform_matrix(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), activation="relu").shape
+    >>> cg.transform_matrix(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), activation="relu").shape
     (2, 4)
     """
     _dispatch.common_kind(("x", "w", "bias"), (x, w, bias))
