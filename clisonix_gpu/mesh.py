@@ -1,15 +1,22 @@
 """Neural Mesh: offload tensors from this process (the edge, rank 0) to workers (ranks >= 1) over
 torch.distributed point-to-point messages, with failover; nothing is lost or answered twice.
 
-Wire format, no pickle: every message starts with a fixed int64 header of ``HEADER_WORDS`` words
-(magic, protocol version, request id, op id from an allowlist, parameters, dtype codes and shapes),
-followed by each tensor's raw bytes as a uint8 tensor. A worker checks every header field against
-its limits before receiving anything else; a malformed request gets an error reply and the worker
-keeps serving. Each worker talks to the edge through a process group of its own, so one worker's
-failure cannot poison the others.
+Wire format, no pickle: a request or reply is one or more self-describing messages. Each message
+is a fixed int64 header of ``HEADER_WORDS`` words (magic, protocol version, request id, op id from
+an allowlist or a reply status, parameters, dtype codes and shapes, chunk index and size), up to
+``CHUNK_BYTES`` of the tensors' raw bytes, and a trailer that repeats the request id, chunk index
+and size. A request up to ``CHUNK_BYTES`` is one message each way. Every peer keeps receives posted
+ahead of time into buffers that fit any message, so a sender never waits for the receiver to post,
+and a message shorter than its header says is caught by its trailer; a request whose chunks stop
+early is answered with an error when the next request starts. A worker checks every header field
+against its limits; a malformed request gets one error reply and the worker keeps serving. Each
+worker talks to the edge through a process group of its own, so one worker's failure cannot poison
+the others; the edge may have several requests in flight per worker (bounded: back-pressure).
 
 Security: torch.distributed has no authentication or encryption. The mesh binds 127.0.0.1 unless
-told otherwise; across hosts, run it inside a private network or an SSH/WireGuard tunnel.
+told otherwise; across hosts, run it inside a private network or an SSH/WireGuard tunnel. A peer
+that sends a message longer than a posted receive makes Gloo abort the receiving process: only
+the mesh's own ranks belong on its network.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -34,7 +44,7 @@ from .ops import ACTIVATIONS, binary_matmul, hamming_distance, hamming_topk, pac
 __all__ = ["Mesh", "MeshError", "OPS", "connect", "serve"]
 
 MAGIC = 0x434C5358  # "CLSX"
-VERSION = 1
+VERSION = 2
 HEADER_WORDS = 64
 MAX_TENSORS = 4
 MAX_PARAMS = 4
@@ -42,6 +52,7 @@ MAX_NDIM = 6
 MAX_DIM = 2**31 - 1
 DEFAULT_MAX_BYTES = 1 << 31  # per request, all tensors together
 SHUTDOWN, HELLO = 0, 1
+STATUS_OK, STATUS_BAD_REQUEST, STATUS_OP_FAILED = 0, 1, 2
 
 # dtype codes on the wire
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int32, torch.int64, torch.bool]
@@ -50,7 +61,19 @@ _ITEMSIZE = {d: torch.empty(0, dtype=d).element_size() for d in DTYPES}
 
 
 class MeshError(RuntimeError):
-    """A request failed on a worker (message from the worker) or no worker could answer it."""
+    """A request failed on a worker (message from the worker) or no worker could answer it.
+
+    Example:
+
+    >>> from clisonix_gpu import mesh
+    >>> codes = torch.full((3, 4), 0b1011, dtype=torch.uint8)
+    >>> with mesh.connect(workers=1, timeout=30) as m:
+    ...     try:
+    ...         m.offload("hamming_topk", codes, codes, k=9)  # k above len(db): the op's own ValueError
+    ...     except mesh.MeshError as exc:
+    ...         print(exc)  # doctest: +ELLIPSIS
+    worker 1: ValueError: ...
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,28 +112,33 @@ OPS: dict[int, _Op] = {
 _OP_IDS = {op.name: i for i, op in OPS.items()}
 
 # ----------------------------------------------------------------------------- wire format
-# Every message is a fixed-size uint8 frame: the int64 header, then up to INLINE_BYTES of payload,
-# so a small request or reply is one message each way. Larger payloads follow the frame as one
-# raw uint8 message per tensor.
-# header: [MAGIC, VERSION, request_id, op id (request) | status (reply), n_tensors, n_params,
-#          inline (0/1), 0, params x MAX_PARAMS, (dtype, ndim, shape x MAX_NDIM) x MAX_TENSORS]
-# A reply with status != 0 carries one uint8 tensor: the error message.
-_TENSOR_BLOCK = 8 + MAX_PARAMS
+# message = header (HEADER_BYTES) | chunk of the payload (padded to 8 bytes) | trailer (TRAILER_BYTES)
+# header words: [MAGIC, VERSION, request_id, op id (request) | status (reply), n_tensors, n_params,
+#                chunk index, chunk bytes, params x MAX_PARAMS, (dtype, ndim, shape x MAX_NDIM) x MAX_TENSORS]
+# trailer words: [TRAILER_MAGIC, request_id, chunk index, chunk bytes]
+# The payload is the tensors' raw bytes back to back, cut into chunks of CHUNK_BYTES; every chunk
+# repeats the header. A reply with a nonzero status carries one uint8 tensor: the error message.
+_PARAMS_AT = 8
+_SPECS_AT = _PARAMS_AT + MAX_PARAMS
 _SPEC_WORDS = 2 + MAX_NDIM
 HEADER_BYTES = HEADER_WORDS * 8
-INLINE_BYTES = 8192
-FRAME_BYTES = HEADER_BYTES + INLINE_BYTES
+TRAILER_MAGIC = 0x434C5354  # "CLST"
+TRAILER_BYTES = 32
+CHUNK_BYTES = 1 << 20
+MESSAGE_BYTES = HEADER_BYTES + CHUNK_BYTES + TRAILER_BYTES  # every posted receive fits any message
+POSTED_RECEIVES = 2  # per peer, kept posted ahead of the messages they will hold
+_REPLY_LIMIT = 1 << 40  # replies come from the mesh's own workers; the bound only rejects garbage
 
 
-def _encode(request_id: int, code: int, tensors: Sequence[torch.Tensor], params: Sequence[int] = ()) -> torch.Tensor:
-    """The int64 header for a request (code = op id) or a reply (code = status)."""
-    words = [0] * HEADER_WORDS  # built as a list: one tensor conversion instead of dozens
+def _header(request_id: int, code: int, tensors: Sequence[torch.Tensor], params: Sequence[int] = ()) -> list[int]:
+    """The header words of a request (code = op id) or a reply (code = status); chunk fields zero."""
+    words = [0] * HEADER_WORDS
     words[:6] = [MAGIC, VERSION, request_id, code, len(tensors), len(params)]
-    words[8 : 8 + len(params)] = [int(p) for p in params]
+    words[_PARAMS_AT : _PARAMS_AT + len(params)] = [int(p) for p in params]
     for i, t in enumerate(tensors):
-        base = _TENSOR_BLOCK + i * _SPEC_WORDS
+        base = _SPECS_AT + i * _SPEC_WORDS
         words[base : base + 2 + t.ndim] = [_CODE[t.dtype], t.ndim, *t.shape]
-    return torch.tensor(words, dtype=torch.int64)
+    return words
 
 
 _TensorSpec = tuple[torch.dtype, tuple[int, ...]]
@@ -123,7 +151,7 @@ def _decode_specs(header: Sequence[int], count: int, max_bytes: int) -> list[_Te
     specs: list[_TensorSpec] = []
     total = 0
     for i in range(count):
-        base = _TENSOR_BLOCK + i * _SPEC_WORDS
+        base = _SPECS_AT + i * _SPEC_WORDS
         code, ndim = header[base], header[base + 1]
         if not 0 <= code < len(DTYPES):
             raise ValueError(f"tensor {i}: dtype code {code} unknown")
@@ -139,56 +167,199 @@ def _decode_specs(header: Sequence[int], count: int, max_bytes: int) -> list[_Te
     return specs
 
 
-def _raw(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+def _byte_view(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 NumPy array; a view unless ``t`` is off the CPU or not contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16; its bytes are those of an int16
+        t = t.contiguous().view(torch.int16)
+    return t.numpy().reshape(-1).view(np.uint8)  # reshape copies a non-contiguous array
+
+
+class _Bytes:
+    """The raw bytes of some tensors as one address space, without copies of CPU tensors:
+    requests and replies are cut into chunks from it (``read``) and put back into it (``write``).
+    Byte work goes through NumPy views: per call, they cost a fraction of torch ops."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = parts
+        self.starts = [0]
+        for part in self.parts:
+            self.starts.append(self.starts[-1] + part.size)
+        self.total = self.starts[-1]
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor]) -> _Bytes:
+        return cls([_byte_view(t) for t in tensors])
+
+    def _spans(self, offset: int, n: int) -> Iterator[tuple[np.ndarray, int, int]]:
+        """(part, start in the part, start in the range) pieces of bytes [offset, offset + n)."""
+        for part, start in zip(self.parts, self.starts):
+            lo, hi = max(offset, start), min(offset + n, start + part.size)
+            if lo < hi:
+                yield part[lo - start : hi - start], lo - start, lo - offset
+
+    def read(self, offset: int, out: np.ndarray) -> None:
+        if len(self.parts) == 1:  # the common case, without the span walk
+            out[:] = self.parts[0][offset : offset + out.size]
+            return
+        for piece, _, at in self._spans(offset, out.size):
+            out[at : at + piece.size] = piece
+
+    def write(self, offset: int, data: np.ndarray) -> None:
+        if len(self.parts) == 1:
+            self.parts[0][offset : offset + data.size] = data
+            return
+        for piece, _, at in self._spans(offset, data.size):
+            piece[:] = data[at : at + piece.size]
+
+
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _n_chunks(total: int) -> int:
+    return max(1, -(-total // CHUNK_BYTES))
+
+
+def _fill(buffer: np.ndarray, header: np.ndarray, chunk: int, payload: _Bytes) -> np.ndarray:
+    """Write message ``chunk`` of a request or reply into ``buffer``; returns the used part."""
+    size = min(CHUNK_BYTES, payload.total - chunk * CHUNK_BYTES)
+    header[6], header[7] = chunk, size
+    end = HEADER_BYTES + _pad8(size)
+    buffer[:HEADER_BYTES].view(np.int64)[:] = header
+    payload.read(chunk * CHUNK_BYTES, buffer[HEADER_BYTES : HEADER_BYTES + size])
+    if end > HEADER_BYTES + size:
+        buffer[HEADER_BYTES + size : end] = 0
+    buffer[end : end + TRAILER_BYTES].view(np.int64)[:] = (TRAILER_MAGIC, header[2], chunk, size)
+    return buffer[: end + TRAILER_BYTES]
+
+
+def _peer_of(group: Any, rank: int) -> int:
+    """``rank``'s rank inside ``group``: messages go through the process group's own send/recv,
+    which skips a per-call layer of checks in torch.distributed that costs as much as the
+    transfer of a small message."""
+    return dist.get_group_rank(group, rank)
 
 
 def _wait(work: Any, timeout: float | None) -> None:
     if timeout is None:
         work.wait()
     else:
-        work.wait(timeout=datetime.timedelta(seconds=timeout))
+        work.wait(timeout=datetime.timedelta(seconds=max(timeout, 1e-3)))
 
 
-def _send(header: torch.Tensor, tensors: Sequence[torch.Tensor], dst: int, group: Any, timeout: float | None) -> None:
-    """One frame (header + payload when it fits), then any payload that did not fit."""
-    parts = [_raw(t) for t in tensors]
-    total = sum(p.numel() for p in parts)
-    inline = total <= INLINE_BYTES
-    header = header.clone()
-    header[6] = int(inline)
-    frame = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
-    frame[:HEADER_BYTES] = header.view(torch.uint8)
-    if inline and total:
-        frame[HEADER_BYTES : HEADER_BYTES + total] = torch.cat(parts)
-    _wait(dist.isend(frame, dst, group=group), timeout)
-    if not inline:
-        for part in parts:
-            if part.numel():
-                _wait(dist.isend(part, dst, group=group), timeout)
+class _Outbox:
+    """Messages to one peer, built in ``POSTED_RECEIVES`` reusable buffers. ``send`` returns once
+    the last message is on its way; a buffer is waited for (with the deadline) only when it is
+    needed again, so a request or reply costs no wait of its own."""
+
+    def __init__(self, dst: int, group: Any):
+        self._group, self._peer = group, _peer_of(group, dst)
+        self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES)]
+        self._free = deque(range(POSTED_RECEIVES))
+        self._sending: deque[tuple[int, Any]] = deque()
+
+    def _take(self, timeout: float | None) -> int:
+        if not self._free and self._sending[0][1].is_completed():  # the usual case: no wait needed
+            self._free.append(self._sending.popleft()[0])
+        return self._free.popleft() if self._free else self._take_sent(timeout)
+
+    def send(self, header: list[int], tensors: Sequence[torch.Tensor], timeout: float | None) -> None:
+        payload = _Bytes.of(tensors)
+        words = np.array(header, dtype=np.int64)
+        for chunk in range(_n_chunks(payload.total)):
+            index = self._take(timeout)
+            message = _fill(self._buffers[index], words, chunk, payload)
+            self._sending.append((index, self._group.send([torch.from_numpy(message)], self._peer, 0)))
+
+    def flush(self, timeout: float | None) -> None:
+        while self._sending:
+            self._free.append(self._take_sent(timeout))
+
+    def _take_sent(self, timeout: float | None) -> int:
+        index, work = self._sending.popleft()
+        _wait(work, timeout)
+        return index
 
 
-def _recv_frame(src: int, group: Any, timeout: float | None) -> tuple[list[int], torch.Tensor]:
-    """(header as a list of ints, the whole frame)."""
-    frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
-    _wait(dist.irecv(frame, src, group=group), timeout)
-    return frame[:HEADER_BYTES].view(torch.int64).tolist(), frame
+class _Inbox:
+    """Messages from one peer, through ``POSTED_RECEIVES`` receives posted ahead of time.
+
+    ``receive`` returns ``(header words, chunk bytes)``; the bytes are a view into a buffer that
+    stays valid until the next call, and ``None`` when the trailer does not match the header (the
+    message was shorter than its header says).
+    """
+
+    def __init__(self, src: int, group: Any):
+        self._group, self._peer = group, _peer_of(group, src)
+        self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES + 1)]
+        self._free = deque(range(POSTED_RECEIVES + 1))
+        self._posted: deque[tuple[int, Any]] = deque()
+        self._held: int | None = None
+        while len(self._posted) < POSTED_RECEIVES:
+            self._post()
+
+    def _post(self) -> None:
+        index = self._free.popleft()
+        self._posted.append((index, self._group.recv([torch.from_numpy(self._buffers[index])], self._peer, 0)))
+
+    def receive(self, timeout: float | None) -> tuple[list[int], np.ndarray | None]:
+        # Buffers are posted again here, not right after a message arrives: one receive stays
+        # posted meanwhile, and posting is then off the path from a message to its answer.
+        if self._held is not None:
+            self._free.append(self._held)
+            self._held = None
+        while len(self._posted) < POSTED_RECEIVES:
+            self._post()
+        index, work = self._posted[0]
+        _wait(work, timeout)
+        self._posted.popleft()
+        self._held = index
+        buffer = self._buffers[index]
+        header: list[int] = buffer[:HEADER_BYTES].view(np.int64).tolist()
+        buffer[:HEADER_BYTES] = 0  # nor this header, should a later message end inside it
+        size = header[7]
+        if not 0 <= size <= CHUNK_BYTES:
+            return header, None
+        at = HEADER_BYTES + _pad8(size)
+        trailer = buffer[at : at + TRAILER_BYTES].view(np.int64)
+        intact = trailer.tolist() == [TRAILER_MAGIC, header[2], header[6], size]
+        trailer[:] = 0  # a later, shorter message must not find this trailer still in place
+        return header, buffer[HEADER_BYTES : HEADER_BYTES + size] if intact else None
 
 
-def _recv_payload(
-    header: Sequence[int], frame: torch.Tensor, specs: list[_TensorSpec], src: int, group: Any, timeout: float | None
-) -> list[torch.Tensor]:
-    out, offset = [], HEADER_BYTES
-    for dtype, shape in specs:
-        t = torch.empty(shape, dtype=dtype)
-        raw = t.reshape(-1).view(torch.uint8)
-        if header[6]:  # inline in the frame
-            raw.copy_(frame[offset : offset + raw.numel()])
-            offset += raw.numel()
-        elif raw.numel():
-            _wait(dist.irecv(raw, src, group=group), timeout)
-        out.append(t)
-    return out
+class _Assembly:
+    """A request or reply put together from its chunks, in order, into tensors of its specs."""
+
+    def __init__(self, header: list[int], specs: list[_TensorSpec]):
+        self.first = header
+        raws = [np.empty(math.prod(shape) * _ITEMSIZE[dtype], dtype=np.uint8) for dtype, shape in specs]
+        self.tensors = [torch.from_numpy(raw).view(dtype).view(shape) for raw, (dtype, shape) in zip(raws, specs)]
+        self._bytes = _Bytes(raws)
+        self.total = self._bytes.total
+        self.n_chunks = _n_chunks(self.total)
+        self.next_chunk = 0
+
+    @property
+    def request_id(self) -> int:
+        return self.first[2]
+
+    @property
+    def complete(self) -> bool:
+        return self.next_chunk == self.n_chunks
+
+    def add(self, header: list[int], body: np.ndarray) -> None:
+        """Append the next chunk; ``ValueError`` if it is out of order, the wrong size or its header changed."""
+        chunk, size = header[6], header[7]
+        expected = min(CHUNK_BYTES, self.total - self.next_chunk * CHUNK_BYTES)
+        if chunk != self.next_chunk or size != expected:
+            raise ValueError(f"chunk {chunk} of {size} bytes where chunk {self.next_chunk} of {expected} bytes was due")
+        if header[:6] != self.first[:6] or header[_PARAMS_AT:] != self.first[_PARAMS_AT:]:
+            raise ValueError(f"chunk {chunk} changes the header of request {self.request_id}")
+        self._bytes.write(chunk * CHUNK_BYTES, body)
+        self.next_chunk += 1
 
 
 # ----------------------------------------------------------------------------- worker
@@ -207,58 +378,99 @@ def _capacity() -> tuple[int, float]:
     return 0, float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def _check_request(header: list[int], max_bytes: int) -> tuple[_Op, list[_TensorSpec]]:
+    """The op and tensor specs of a request's first chunk; ``ValueError`` naming what is wrong."""
+    op = OPS.get(header[3])
+    if op is None:
+        raise ValueError(f"op id {header[3]} is not in the allowlist {sorted(OPS)}")
+    count, n_params = header[4], header[5]
+    if not op.n_tensors[0] <= count <= op.n_tensors[1] or n_params != len(op.params):
+        raise ValueError(f"{op.name} takes {op.n_tensors} tensors and {len(op.params)} parameters; got {count} and {n_params}")
+    return op, _decode_specs(header, count, max_bytes)
+
+
 def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) -> int:
     """Serve requests from rank 0 until it sends shutdown; returns the number of requests answered.
 
-    Call in every rank >= 1 after ``torch.distributed`` is initialised (``clisonix-gpu worker``
-    does both).
+    Call in every rank >= 1 after ``torch.distributed`` is initialised; ``clisonix-gpu worker``
+    does both. ``max_bytes`` bounds one request's tensors; ``capacity`` overrides the relative
+    speed this worker announces (default: SM count on CUDA, else CPU cores).
+
+    Example, as the program of every rank >= 1 under ``torchrun`` (what ``clisonix-gpu worker`` runs)::
+
+        import torch.distributed as dist
+        from clisonix_gpu import mesh
+
+        dist.init_process_group("gloo")
+        mesh.serve()
+        dist.destroy_process_group()
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     group = _groups(world)[rank]
+    inbox, outbox = _Inbox(0, group), _Outbox(0, group)  # receives posted before the hello
     kind, cap = _capacity()
-    _send(_encode(0, HELLO, (), (kind, int(1000 * (capacity or cap)))), (), 0, group, None)
+    outbox.send(_header(0, HELLO, (), (kind, int(1000 * (capacity or cap)))), (), None)
     device = "cuda" if kind else "cpu"
     answered = 0
+    current: _Assembly | None = None  # the request whose chunks are arriving, and its op
+    current_op: _Op | None = None
+    rejected = None  # a request already answered with an error: its later chunks are dropped
+
+    def reject(request_id: int, message: str) -> None:
+        nonlocal rejected
+        rejected = request_id
+        _reply_error(outbox, request_id, STATUS_BAD_REQUEST, message)
+
     while True:
-        header, frame = _recv_frame(0, group, None)
-        request_id = header[2]
-        try:
-            if header[0] != MAGIC or header[1] != VERSION:
-                raise ValueError(f"bad magic/version {header[0]:#x}/{header[1]}, expected {MAGIC:#x}/{VERSION}")
-            op_id = header[3]
-            if op_id == SHUTDOWN:
-                break
-            op = OPS.get(op_id)
-            if op is None:
-                raise ValueError(f"op id {op_id} is not in the allowlist {sorted(OPS)}")
-            count, n_params = header[4], header[5]
-            if not op.n_tensors[0] <= count <= op.n_tensors[1] or n_params != len(op.params):
-                raise ValueError(f"{op.name} takes {op.n_tensors} tensors and {len(op.params)} parameters; got {count} and {n_params}")
-            specs = _decode_specs(header, count, max_bytes)
-            if header[6] and sum(math.prod(sh) * _ITEMSIZE[dt] for dt, sh in specs) > INLINE_BYTES:
-                raise ValueError(f"inline payload larger than the {INLINE_BYTES}-byte frame")
-        except ValueError as exc:  # nothing follows a header we cannot trust
-            _reply_error(request_id, 1, str(exc), group)
+        header, body = inbox.receive(None)
+        request_id, chunk = header[2], header[6]
+        if current is not None and (request_id != current.request_id or chunk != current.next_chunk or body is None):
+            reject(current.request_id, f"truncated payload: {current.next_chunk} of {current.n_chunks} chunks arrived")
+            current = None
+        if header[0] != MAGIC or header[1] != VERSION:
+            reject(request_id, f"bad magic/version {header[0]:#x}/{header[1]}, expected {MAGIC:#x}/{VERSION}")
             continue
-        try:
-            tensors = [t.to(device) for t in _recv_payload(header, frame, specs, 0, group, None)]
-        except RuntimeError as exc:  # a payload that does not match its header
-            _reply_error(request_id, 1, f"payload: {exc}", group)
+        if header[3] == SHUTDOWN and chunk == 0:
+            break
+        if body is None:
+            reject(request_id, f"truncated message: chunk {chunk} is shorter than its {header[7]} bytes")
             continue
-        params = {name: header[8 + i] for i, name in enumerate(op.params)}
+        if current is None:
+            if chunk != 0:
+                if request_id != rejected:
+                    reject(request_id, f"chunk {chunk} without the start of its request")
+                continue
+            try:
+                current_op, specs = _check_request(header, max_bytes)
+            except ValueError as exc:
+                reject(request_id, str(exc))
+                continue
+            current = _Assembly(header, specs)
         try:
-            results = op.fn(*tensors, **params)
+            current.add(header, body)
+        except ValueError as exc:
+            reject(request_id, str(exc))
+            current = None
+            continue
+        if not current.complete or current_op is None:
+            continue
+        tensors = [t.to(device) for t in current.tensors]
+        params = {name: current.first[_PARAMS_AT + i] for i, name in enumerate(current_op.params)}
+        op_fn, current = current_op.fn, None
+        try:
+            results = op_fn(*tensors, **params)
         except Exception as exc:  # the op's own typed errors, sent back by name and message
-            _reply_error(request_id, 2, f"{type(exc).__name__}: {exc}", group)
+            _reply_error(outbox, request_id, STATUS_OP_FAILED, f"{type(exc).__name__}: {exc}")
             continue
-        _send(_encode(request_id, 0, results), results, 0, group, None)
+        outbox.send(_header(request_id, STATUS_OK, results), results, None)
         answered += 1
+    outbox.flush(None)
     return answered
 
 
-def _reply_error(request_id: int, status: int, message: str, group: Any) -> None:
+def _reply_error(outbox: _Outbox, request_id: int, status: int, message: str) -> None:
     data = torch.tensor(list(message.encode()[:4096]), dtype=torch.uint8)
-    _send(_encode(request_id, status, (data,)), (data,), 0, group, None)
+    outbox.send(_header(request_id, status, (data,)), (data,), None)
 
 
 # ----------------------------------------------------------------------------- edge
@@ -266,31 +478,62 @@ def _reply_error(request_id: int, status: int, message: str, group: Any) -> None
 
 @dataclasses.dataclass
 class _Worker:
+    """The edge's state for one worker. ``cond`` guards everything below it."""
+
     rank: int
     group: Any
     device: alda.Device
+    inbox: _Inbox
+    outbox: _Outbox
+    slots: threading.Semaphore  # requests in flight at once (back-pressure)
+    send_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    cond: threading.Condition = dataclasses.field(default_factory=threading.Condition)
     alive: bool = True
     in_flight: int = 0
+    peak_in_flight: int = 0
     answered: int = 0
     failures: int = 0
     last_error: str = ""
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    receiving: bool = False  # one caller at a time reads the inbox and files replies for all
+    awaited: set[int] = dataclasses.field(default_factory=set)  # request ids whose callers wait
+    replies: dict[int, tuple[int, list[torch.Tensor]]] = dataclasses.field(default_factory=dict)
+    assembly: _Assembly | None = None
 
 
 class Mesh:
-    """The edge's handle on the workers. Use :func:`connect` to make one; close it when done."""
+    """The edge's handle on the workers. Use :func:`connect` to make one; close it when done.
 
-    def __init__(self, workers: list[_Worker], *, timeout: float, fallback: str, processes: Sequence[subprocess.Popen[bytes]] = ()):
+    Example:
+
+    >>> from clisonix_gpu import mesh
+    >>> m = mesh.connect(workers=1, timeout=30)
+    >>> futures = [m.submit("identity", torch.full((3,), float(i))) for i in range(4)]  # pipelined
+    >>> [f.result()[0].item() for f in futures]
+    [0.0, 1.0, 2.0, 3.0]
+    >>> m.offload("transform_matrix", torch.ones(2, 3), torch.ones(4, 5))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    clisonix_gpu.mesh.MeshError: worker 1: ShapeError: ...
+    >>> [(s["rank"], s["alive"], s["answered"]) for s in m.status()]
+    [(1, True, 5), (0, True, 0)]
+    >>> m.close()
+    """
+
+    def __init__(
+        self, workers: list[_Worker], *, timeout: float, fallback: str, processes: Sequence[subprocess.Popen[bytes]] = (), max_in_flight: int = 4
+    ):
         if fallback not in ("local", "raise"):
             raise ValueError(f"fallback must be 'local' or 'raise'; got {fallback!r}")
         self._workers = workers
         self.timeout = timeout
         self.fallback = fallback
+        self.max_in_flight = max_in_flight
         self._processes = list(processes)
         self._next_id = 1
         self._id_lock = threading.Lock()
         self._local_runs = 0
         self._closed = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, max_in_flight * max(len(workers), 1)), thread_name_prefix="mesh")
 
     # -- public API
 
@@ -299,42 +542,57 @@ class Mesh:
         device of the first tensor. Failover: a worker that dies or misses the deadline is marked
         down and the request goes to the next live one, then runs locally (``fallback="local"``)
         or raises :class:`MeshError` (``"raise"``). Errors of the op itself are raised as
-        :class:`MeshError` with the worker's message."""
+        :class:`MeshError` with the worker's message; a bad op name or parameters raise
+        ``ValueError``/``TypeError`` before anything is sent."""
         results = self._run(op, tensors, params, preferred=None)
         return results[0] if len(results) == 1 else results
 
+    def submit(self, op: str, *tensors: torch.Tensor, **params: Any) -> concurrent.futures.Future[Any]:
+        """:meth:`offload` without waiting: a future of its result. Up to ``max_in_flight``
+        requests per worker are on the wire at once; more wait their turn (back-pressure).
+        A bad op name or parameters raise here, before anything is queued."""
+        self._encode_request(op, tuple(t for t in tensors if t is not None), params)
+        return self._executor.submit(self.offload, op, *tensors, **params)
+
     def map(self, op: str, x: torch.Tensor, *args: torch.Tensor, **params: Any) -> Any:
         """``op(x, *args, **params)`` with ``x`` split on axis 0 across live workers by an ALDA
-        plan weighted by their capacity; shards run concurrently and reassemble in order."""
+        plan weighted by their capacity; each worker's share goes as up to ``max_in_flight``
+        pipelined requests, and the pieces reassemble in order."""
         live = [w for w in self._workers if w.alive]
         if not live:
             return self._run_local(op, (x, *args), params)[0]
+        self._encode_request(op, (x, *args), params)
         schedule = alda.plan(len(x), [w.device for w in live])
         by_device = {w.device.name: w for w in live}
-        shards = [s for s in schedule if s.size > 0] or [schedule[0]]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(live)) as pool:
-            futures = [pool.submit(self._run, op, (x[s.start : s.stop], *args), params, by_device[s.device.name]) for s in shards]
-            parts = [f.result()[0] for f in futures]
-        return torch.cat(parts, dim=0)
+        pieces = []
+        for shard in schedule:
+            step = max(1, -(-shard.size // self.max_in_flight), 256)
+            pieces += [(start, min(start + step, shard.stop), by_device[shard.device.name]) for start in range(shard.start, shard.stop, step)]
+        pieces = pieces or [(0, 0, live[0])]
+        futures = [self._executor.submit(self._run, op, (x[a:b], *args), params, worker) for a, b, worker in pieces]
+        return torch.cat([f.result()[0] for f in futures], dim=0)
 
     def status(self) -> list[dict[str, Any]]:
-        """One entry per worker: rank, device, alive, in flight, answered, failures, last error."""
+        """One entry per worker (rank, device, weight, alive, requests in flight now and at most,
+        answered, failures, last error), then rank 0 itself: the requests it ran locally."""
         return [
             {"rank": w.rank, "device": w.device.name, "weight": w.device.weight, "alive": w.alive, "in_flight": w.in_flight,
-             "answered": w.answered, "failures": w.failures, "last_error": w.last_error}
+             "peak_in_flight": w.peak_in_flight, "answered": w.answered, "failures": w.failures, "last_error": w.last_error}
             for w in self._workers
-        ] + [{"rank": 0, "device": "local", "answered": self._local_runs}]  # fmt: skip
+        ] + [{"rank": 0, "device": "local", "alive": True, "answered": self._local_runs}]  # fmt: skip
 
     def close(self) -> None:
         """Tell live workers to stop, wait for processes this mesh started, leave torch.distributed."""
         if self._closed:
             return
         self._closed = True
+        self._executor.shutdown(wait=True)
         for w in self._workers:
             if w.alive:
                 try:
-                    with w.lock:
-                        _send(_encode(0, SHUTDOWN, ()), (), w.rank, w.group, self.timeout)
+                    with w.send_lock:
+                        w.outbox.send(_header(0, SHUTDOWN, ()), (), self.timeout)
+                        w.outbox.flush(self.timeout)
                 except Exception:
                     w.alive = False
         for p in self._processes:
@@ -389,13 +647,11 @@ class Mesh:
             if not worker.alive:
                 continue
             try:
-                return tuple(t.to(home) for t in self._call(worker, op_id, tensors, values))
+                return tuple(t if t.device == home else t.to(home) for t in self._call(worker, op_id, tensors, values))
             except MeshError:
                 raise
-            except Exception as exc:  # dead, timed out or desynchronised: never use it again
-                worker.alive = False
-                worker.failures += 1
-                worker.last_error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # dead, timed out or out of step: never use it again
+                self._mark_down(worker, f"{type(exc).__name__}: {exc}")
         if self.fallback == "raise":
             raise MeshError(f"no live worker could run {op}; workers: {self.status()}")
         return self._run_local(op, tensors, params)
@@ -403,28 +659,93 @@ class Mesh:
     def _run_local(self, op: str, tensors: Sequence[Any], params: dict[str, Any]) -> tuple[Any, ...]:
         op_id, values = self._encode_request(op, tensors, params)
         spec = OPS[op_id]
-        self._local_runs += 1
+        with self._id_lock:
+            self._local_runs += 1
         return tuple(spec.fn(*tensors, **dict(zip(spec.params, values))))
 
+    @staticmethod
+    def _mark_down(worker: _Worker, reason: str) -> None:
+        with worker.cond:
+            if worker.alive:
+                worker.alive = False
+                worker.failures += 1
+                worker.last_error = reason
+            worker.cond.notify_all()  # callers waiting for replies from it fail over now
+
     def _call(self, worker: _Worker, op_id: int, tensors: Sequence[torch.Tensor], values: list[int]) -> list[torch.Tensor]:
+        deadline = time.monotonic() + self.timeout
+        if not worker.slots.acquire(timeout=self.timeout):
+            raise TimeoutError(f"worker {worker.rank} kept {self.max_in_flight} requests in flight past the deadline")
         request_id = self._request_id()
-        with worker.lock:  # one conversation at a time per worker: callers queue here
+        with worker.cond:
             worker.in_flight += 1
-            try:
-                group, rank = worker.group, worker.rank
-                # every send and receive has the deadline: a stalled worker cannot block the edge
-                _send(_encode(request_id, op_id, tensors, values), tensors, rank, group, self.timeout)
-                header, frame = _recv_frame(rank, group, self.timeout)
-                if header[0] != MAGIC or header[2] != request_id:
-                    raise ConnectionError(f"reply out of step (request {request_id}, got {header[2]})")
-                specs = _decode_specs(header, header[4], DEFAULT_MAX_BYTES * 4)
-                results = _recv_payload(header, frame, specs, rank, group, self.timeout)
-                worker.answered += 1
-                if header[3] != 0:
-                    raise MeshError(f"worker {rank}: {bytes(results[0].tolist()).decode(errors='replace')}")
-                return results
-            finally:
+            worker.peak_in_flight = max(worker.peak_in_flight, worker.in_flight)
+            worker.awaited.add(request_id)  # before the send: another caller may read the reply
+        try:
+            with worker.send_lock:  # every send has the deadline: a stalled worker cannot block the edge
+                if not worker.alive:
+                    raise ConnectionError(f"worker {worker.rank} is down")
+                worker.outbox.send(_header(request_id, op_id, tensors, values), tensors, deadline - time.monotonic())
+            status, results = self._await_reply(worker, request_id, deadline)
+        finally:
+            with worker.cond:
                 worker.in_flight -= 1
+                worker.awaited.discard(request_id)
+                worker.replies.pop(request_id, None)
+            worker.slots.release()
+        if status != STATUS_OK:
+            raise MeshError(f"worker {worker.rank}: {bytes(results[0].tolist()).decode(errors='replace')}")
+        return results
+
+    def _await_reply(self, worker: _Worker, request_id: int, deadline: float) -> tuple[int, list[torch.Tensor]]:
+        """Wait for the reply to ``request_id``. Whichever waiting caller is free reads the inbox and
+        files every reply it finds (for awaited requests only), so replies may come back in any order
+        across callers."""
+        with worker.cond:
+            worker.awaited.add(request_id)
+        while True:
+            with worker.cond:
+                while True:
+                    if request_id in worker.replies:
+                        worker.answered += 1
+                        worker.awaited.discard(request_id)
+                        return worker.replies.pop(request_id)
+                    if not worker.alive:
+                        raise ConnectionError(f"worker {worker.rank} went down: {worker.last_error}")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"no reply to request {request_id} from worker {worker.rank} within {self.timeout} s")
+                    if not worker.receiving:
+                        worker.receiving = True
+                        break
+                    worker.cond.wait(left)
+            try:
+                self._receive_one(worker, deadline)
+            finally:
+                with worker.cond:
+                    worker.receiving = False
+                    worker.cond.notify_all()
+
+    @staticmethod
+    def _receive_one(worker: _Worker, deadline: float) -> None:
+        """Read one message of ``worker`` and file the reply it completes; ``ConnectionError`` when
+        the worker is out of step (it is then never used again)."""
+        header, body = worker.inbox.receive(deadline - time.monotonic())
+        if header[0] != MAGIC or header[1] != VERSION or body is None:
+            raise ConnectionError(f"malformed reply from worker {worker.rank}")
+        try:
+            if header[6] == 0 and worker.assembly is None:
+                worker.assembly = _Assembly(header, _decode_specs(header, header[4], _REPLY_LIMIT))
+            elif worker.assembly is None or header[2] != worker.assembly.request_id:
+                raise ValueError(f"chunk {header[6]} of reply {header[2]} out of order")
+            worker.assembly.add(header, body)
+        except ValueError as exc:
+            raise ConnectionError(f"worker {worker.rank} is out of step: {exc}") from exc
+        if worker.assembly.complete:
+            with worker.cond:
+                if worker.assembly.request_id in worker.awaited:  # a reply nobody waits for is dropped
+                    worker.replies[worker.assembly.request_id] = (worker.assembly.first[3], worker.assembly.tensors)
+            worker.assembly = None
 
 
 def _free_port() -> int:
@@ -438,15 +759,32 @@ def _free_port() -> int:
 
 def connect(
     workers: int | None = None, *, master_addr: str = "127.0.0.1", master_port: int | None = None, timeout: float = 30.0,
-    fallback: str = "local", backend: str = "gloo",
+    fallback: str = "local", backend: str = "gloo", max_in_flight: int = 4,
 ) -> Mesh:  # fmt: skip
     """Join (or start) a mesh as the edge, rank 0.
 
     ``workers=n`` starts n local worker processes (``clisonix-gpu worker``) on 127.0.0.1. Without
     it, the ranks come from the environment that ``torchrun`` sets (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``); run ``clisonix-gpu worker`` on the other ranks. ``timeout``
-    is the per-request deadline in seconds; ``fallback`` is "local" or "raise".
+    is the per-request deadline in seconds; ``fallback`` is "local" or "raise";
+    ``max_in_flight`` bounds the requests on the wire per worker. Raises ``ValueError`` for
+    ``workers`` < 1, a bad ``fallback`` or ``max_in_flight`` < 1.
+
+    Example:
+
+    >>> from clisonix_gpu import mesh
+    >>> x, w = torch.randn(300, 16), torch.randn(4, 16)
+    >>> with mesh.connect(workers=2, timeout=30) as m:  # two local worker processes
+    ...     y = m.offload("transform_matrix", x, w, activation="relu")
+    ...     z = m.map("transform_matrix", x, w, activation="relu")  # rows split across both
+    ...     alive = [s["alive"] for s in m.status()]
+    >>> bool(torch.equal(y, cg.transform_matrix(x, w, activation="relu"))), bool(torch.equal(z, y)), alive
+    (True, True, [True, True, True])
     """
+    if fallback not in ("local", "raise"):
+        raise ValueError(f"fallback must be 'local' or 'raise'; got {fallback!r}")
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1; got {max_in_flight}")
     processes = []
     if workers is not None:
         if workers < 1:
@@ -468,14 +806,18 @@ def connect(
         groups = _groups(world)
         members = []
         for rank, group in groups.items():
-            hello, _ = _recv_frame(rank, group, max(timeout, 60))
-            kind = "cuda" if hello[8] else "cpu"
-            members.append(_Worker(rank, group, alda.Device(kind, rank, max(hello[9] / 1000, 1e-3))))
+            inbox = _Inbox(rank, group)
+            hello, _ = inbox.receive(max(timeout, 60))
+            if hello[:2] != [MAGIC, VERSION] or hello[3] != HELLO:
+                raise MeshError(f"rank {rank} did not greet as a worker of protocol version {VERSION}")
+            kind = "cuda" if hello[_PARAMS_AT] else "cpu"
+            device = alda.Device(kind, rank, max(hello[_PARAMS_AT + 1] / 1000, 1e-3))
+            members.append(_Worker(rank, group, device, inbox, _Outbox(rank, group), threading.Semaphore(max_in_flight)))
     except Exception:
         for p in processes:
             p.kill()
         raise
-    return Mesh(members, timeout=timeout, fallback=fallback, processes=processes)
+    return Mesh(members, timeout=timeout, fallback=fallback, processes=processes, max_in_flight=max_in_flight)
 
 
 def worker_main() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -55,45 +56,110 @@ def test_offload_and_map_equal_local_results(two_workers, rng):
     assert all(s["alive"] for s in status if s["rank"] != 0)
 
 
-def _raw_request(worker, header):
-    """Send a hand-made request header and return (status, message) of the reply."""
-    mesh_module._send(header, (), worker.rank, worker.group, 20)
-    reply, frame = mesh_module._recv_frame(worker.rank, worker.group, 20)
-    specs = mesh_module._decode_specs(reply, reply[4], 1 << 20)
-    (message,) = mesh_module._recv_payload(reply, frame, specs, worker.rank, worker.group, 20)
-    return reply[3], bytes(message.tolist()).decode()
+_IDS = iter(range(10**12, 10**13))  # request ids of hand-made messages, apart from the mesh's own
 
 
-def _header(request_id=5, op_id=7, count=1, n_params=0, dtype=0, shape=(3,), version=mesh_module.VERSION):
-    h = mesh_module._encode(request_id, op_id, ())
+def _message(request_id, tensors, op_id=7, chunk=0, params=()):
+    """One hand-made message (NumPy uint8) of a request for ``op_id`` carrying ``tensors``."""
+    header = mesh_module._header(request_id, op_id, tensors, params)
+    buffer = np.empty(mesh_module.MESSAGE_BYTES, dtype=np.uint8)
+    return mesh_module._fill(buffer, np.array(header, dtype=np.int64), chunk, mesh_module._Bytes.of(tensors)).copy()
+
+
+def _send_raw(worker, message):
+    dist.send(torch.from_numpy(np.ascontiguousarray(message)), worker.rank, group=worker.group)
+
+
+def _reply(mesh, worker, request_id):
+    """(status, message text or result tensors) of the worker's reply to ``request_id``."""
+    status, tensors = mesh._await_reply(worker, request_id, time.monotonic() + 20)
+    return status, bytes(tensors[0].tolist()).decode() if status else tensors
+
+
+def _header(request_id, op_id=7, count=1, n_params=0, dtype=0, shape=(3,), version=mesh_module.VERSION):
+    h = mesh_module._header(request_id, op_id, ())
     h[1], h[4], h[5] = version, count, n_params
-    base = mesh_module._TENSOR_BLOCK
+    base = mesh_module._SPECS_AT
     h[base], h[base + 1] = dtype, len(shape)
-    h[base + 2 : base + 2 + len(shape)] = torch.tensor(shape)
+    h[base + 2 : base + 2 + len(shape)] = shape
     return h
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def _serves_afterwards(mesh, worker):
+    x = torch.arange(6.0)
+    assert torch.equal(mesh._run("identity", (x,), {}, preferred=worker)[0], x)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    field=st.sampled_from(["version", "op", "count", "params", "dtype", "ndim", "shape", "huge"]),
+    field=st.sampled_from(["version", "op", "count", "params", "dtype", "ndim", "shape", "huge", "truncated"]),
     value=st.integers(-(2**62), 2**62),
 )
 def test_fuzzed_headers_get_error_replies_and_the_worker_keeps_serving(two_workers, field, value):
-    worker = two_workers._workers[0]
-    kwargs = {
-        "version": {"version": value if value != mesh_module.VERSION else value + 1},
-        "op": {"op_id": value if value not in mesh_module.OPS and value != mesh_module.SHUTDOWN else 1000},
-        "count": {"count": value if not 1 <= value <= 4 else 9},
-        "params": {"n_params": value if value != 0 else 3},
-        "dtype": {"dtype": value if not 0 <= value < len(mesh_module.DTYPES) else -1},
-        "ndim": {"shape": tuple([2] * 7)},
-        "shape": {"shape": (-abs(value) - 1,)},
-        "huge": {"shape": (2**31 - 1, 2**31 - 1)},
-    }[field]
-    status, message = _raw_request(worker, _header(**kwargs))
-    assert status == 1 and message
-    x = torch.arange(6.0)
-    assert torch.equal(two_workers._run("identity", (x,), {}, preferred=worker)[0], x)
+    worker, request_id = two_workers._workers[0], next(_IDS)
+    if field == "truncated":  # the message ends before the bytes its header declares
+        message = _message(request_id, (torch.arange(3.0),))[: mesh_module.HEADER_BYTES + abs(value) % 12]
+    else:
+        kwargs = {
+            "version": {"version": value if value != mesh_module.VERSION else value + 1},
+            "op": {"op_id": value if value not in mesh_module.OPS and value != mesh_module.SHUTDOWN else 1000},
+            "count": {"count": value if not 1 <= value <= 4 else 9},
+            "params": {"n_params": value if value != 0 else 3},
+            "dtype": {"dtype": value if not 0 <= value < len(mesh_module.DTYPES) else -1},
+            "ndim": {"shape": tuple([2] * 7)},
+            "shape": {"shape": (-abs(value) - 1,)},
+            "huge": {"shape": (2**31 - 1, 2**31 - 1)},
+        }[field]
+        message = _message(request_id, ())
+        message[: mesh_module.HEADER_BYTES].view(np.int64)[:] = _header(request_id, **kwargs)
+    _send_raw(worker, message)
+    status, text = _reply(two_workers, worker, request_id)
+    assert status == mesh_module.STATUS_BAD_REQUEST and text
+    _serves_afterwards(two_workers, worker)
+
+
+def test_a_request_whose_chunks_stop_early_gets_an_error_reply(two_workers):
+    """A 2-chunk request of which only the first chunk comes, then a good request: one error
+    reply for the first, a result for the second; nothing else comes back."""
+    worker = two_workers._workers[1]
+    big = torch.randint(0, 255, (mesh_module.CHUNK_BYTES + 10,), dtype=torch.uint8)
+    cut, good = next(_IDS), next(_IDS)
+    _send_raw(worker, _message(cut, (big,), chunk=0))
+    x = torch.arange(5.0)
+    _send_raw(worker, _message(good, (x,)))
+    status, text = _reply(two_workers, worker, cut)
+    assert status == mesh_module.STATUS_BAD_REQUEST and "1 of 2 chunks" in text
+    status, (echo,) = _reply(two_workers, worker, good)
+    assert status == mesh_module.STATUS_OK and torch.equal(echo, x)
+    orphan = next(_IDS)  # a later chunk without its first one
+    _send_raw(worker, _message(orphan, (big,), chunk=1))
+    status, text = _reply(two_workers, worker, orphan)
+    assert status == mesh_module.STATUS_BAD_REQUEST and "without the start" in text
+    _serves_afterwards(two_workers, worker)
+    assert worker.replies == {} and worker.alive
+
+
+def test_large_requests_travel_in_chunks_and_come_back_whole(two_workers, rng):
+    m = two_workers
+    sizes = [0, 1, mesh_module.CHUNK_BYTES - 1, mesh_module.CHUNK_BYTES, 2 * mesh_module.CHUNK_BYTES + 7]
+    for n in sizes:
+        x = torch.from_numpy(rng.integers(0, 256, n, dtype=np.uint8))
+        assert torch.equal(m.offload("identity", x), x), n
+    parts = (torch.randn(300, 1000), torch.randn(3, 5, dtype=torch.float64), torch.arange(7, dtype=torch.int32)[::2], torch.randn(2, 3).bfloat16())
+    for sent, echo in zip(parts, m.offload("identity", *parts)):  # tensors spanning chunk borders, non-contiguous, bf16
+        assert echo.dtype == sent.dtype and torch.equal(echo, sent)
+
+
+def test_requests_pipeline_with_a_bounded_queue_per_worker(rng):
+    with mesh_module.connect(workers=1, timeout=20, max_in_flight=2) as m:
+        futures = [m.submit("identity", torch.full((100,), float(i))) for i in range(40)]
+        assert [int(f.result()[0]) for f in futures] == list(range(40))
+        (worker,) = [s for s in m.status() if s["rank"] == 1]
+        assert worker["answered"] == 40 and 1 <= worker["peak_in_flight"] <= 2 and worker["in_flight"] == 0
+        with pytest.raises(ValueError, match="unknown op"):
+            m.submit("nope", torch.ones(1))  # checked before anything is queued
+    with pytest.raises(ValueError, match="max_in_flight"):
+        mesh_module.connect(workers=1, max_in_flight=0)
 
 
 def test_op_errors_come_back_typed_and_named(two_workers, rng):
