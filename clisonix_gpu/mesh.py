@@ -170,7 +170,7 @@ def _decode_specs(header: Sequence[int], count: int, max_bytes: int) -> list[_Te
 def _byte_view(t: torch.Tensor) -> np.ndarray:
     """A tensor's bytes as a flat uint8 NumPy array; a view unless ``t`` is off the CPU or not contiguous."""
     t = t.detach()
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         t = t.cpu()
     if t.dtype == torch.bfloat16:  # NumPy has no bfloat16; its bytes are those of an int16
         t = t.contiguous().view(torch.int16)
@@ -356,7 +356,7 @@ class _Assembly:
         expected = min(CHUNK_BYTES, self.total - self.next_chunk * CHUNK_BYTES)
         if chunk != self.next_chunk or size != expected:
             raise ValueError(f"chunk {chunk} of {size} bytes where chunk {self.next_chunk} of {expected} bytes was due")
-        if header[:6] != self.first[:6] or header[_PARAMS_AT:] != self.first[_PARAMS_AT:]:
+        if chunk and (header[:6] != self.first[:6] or header[_PARAMS_AT:] != self.first[_PARAMS_AT:]):
             raise ValueError(f"chunk {chunk} changes the header of request {self.request_id}")
         self._bytes.write(chunk * CHUNK_BYTES, body)
         self.next_chunk += 1
