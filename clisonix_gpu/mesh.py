@@ -454,7 +454,7 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
             continue
         if not current.complete or current_op is None:
             continue
-        tensors = [t.to(device) for t in current.tensors]
+        tensors = current.tensors if device == "cpu" else [t.to(device) for t in current.tensors]
         params = {name: current.first[_PARAMS_AT + i] for i, name in enumerate(current_op.params)}
         op_fn, current = current_op.fn, None
         try:
