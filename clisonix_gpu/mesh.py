@@ -174,7 +174,7 @@ def _byte_view(t: torch.Tensor) -> np.ndarray:
         t = t.cpu()
     if t.dtype == torch.bfloat16:  # NumPy has no bfloat16; its bytes are those of an int16
         t = t.contiguous().view(torch.int16)
-    return t.numpy().reshape(-1).view(np.uint8)  # reshape copies a non-contiguous array
+    return np.ascontiguousarray(t.numpy()).reshape(-1).view(np.uint8)
 
 
 class _Bytes:
@@ -266,8 +266,7 @@ class _Outbox:
             self._free.append(self._sending.popleft()[0])
         return self._free.popleft() if self._free else self._take_sent(timeout)
 
-    def send(self, header: list[int], tensors: Sequence[torch.Tensor], timeout: float | None) -> None:
-        payload = _Bytes.of(tensors)
+    def send(self, header: list[int], payload: _Bytes, timeout: float | None) -> None:
         words = np.array(header, dtype=np.int64)
         for chunk in range(_n_chunks(payload.total)):
             index = self._take(timeout)
@@ -409,7 +408,7 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
     group = _groups(world)[rank]
     inbox, outbox = _Inbox(0, group), _Outbox(0, group)  # receives posted before the hello
     kind, cap = _capacity()
-    outbox.send(_header(0, HELLO, (), (kind, int(1000 * (capacity or cap)))), (), None)
+    outbox.send(_header(0, HELLO, (), (kind, int(1000 * (capacity or cap)))), _Bytes([]), None)
     device = "cuda" if kind else "cpu"
     answered = 0
     current: _Assembly | None = None  # the request whose chunks are arriving, and its op
@@ -462,7 +461,7 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
         except Exception as exc:  # the op's own typed errors, sent back by name and message
             _reply_error(outbox, request_id, STATUS_OP_FAILED, f"{type(exc).__name__}: {exc}")
             continue
-        outbox.send(_header(request_id, STATUS_OK, results), results, None)
+        outbox.send(_header(request_id, STATUS_OK, results), _Bytes.of(results), None)
         answered += 1
     outbox.flush(None)
     return answered
@@ -470,7 +469,7 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
 
 def _reply_error(outbox: _Outbox, request_id: int, status: int, message: str) -> None:
     data = torch.tensor(list(message.encode()[:4096]), dtype=torch.uint8)
-    outbox.send(_header(request_id, status, (data,)), (data,), None)
+    outbox.send(_header(request_id, status, (data,)), _Bytes.of((data,)), None)
 
 
 # ----------------------------------------------------------------------------- edge
@@ -591,15 +590,17 @@ class Mesh:
             if w.alive:
                 try:
                     with w.send_lock:
-                        w.outbox.send(_header(0, SHUTDOWN, ()), (), self.timeout)
+                        w.outbox.send(_header(0, SHUTDOWN, ()), _Bytes([]), self.timeout)
                         w.outbox.flush(self.timeout)
                 except Exception:
                     w.alive = False
-        for p in self._processes:
+        alive = {w.rank for w in self._workers if w.alive}
+        for rank, p in enumerate(self._processes, start=1):  # connect(workers=n) started rank i as process i - 1
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=30 if rank in alive else 0.1)  # a worker marked down never got the shutdown
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -630,12 +631,18 @@ class Mesh:
             raise TypeError(f"{op} takes parameters {spec.params}; got {sorted(values)}")
         if not spec.n_tensors[0] <= len(tensors) <= spec.n_tensors[1]:
             raise TypeError(f"{op} takes {spec.n_tensors[0]}..{spec.n_tensors[1]} tensors; got {len(tensors)}")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor) or t.dtype not in _CODE:
+                raise TypeError(f"tensor {i} of {op}: the mesh carries torch tensors of {DTYPES}; got {getattr(t, 'dtype', type(t))}")
+            if t.ndim > MAX_NDIM:
+                raise ValueError(f"tensor {i} of {op}: at most {MAX_NDIM} dimensions; got shape {tuple(t.shape)}")
         return _OP_IDS[op], [int(values[name]) for name in spec.params]
 
     def _run(self, op: str, tensors: Sequence[Any], params: dict[str, Any], preferred: _Worker | None) -> tuple[Any, ...]:
         tensors = tuple(t for t in tensors if t is not None)
         op_id, values = self._encode_request(op, tensors, params)
         home = tensors[0].device
+        payload = _Bytes.of(tensors)  # once, before any worker is tried: a failure here is the caller's
         order = [w for w in self._workers if w.alive]
         if preferred is not None and preferred in order:
             order.remove(preferred)
@@ -647,7 +654,7 @@ class Mesh:
             if not worker.alive:
                 continue
             try:
-                return tuple(t if t.device == home else t.to(home) for t in self._call(worker, op_id, tensors, values))
+                return tuple(t if t.device == home else t.to(home) for t in self._call(worker, op_id, tensors, values, payload))
             except MeshError:
                 raise
             except Exception as exc:  # dead, timed out or out of step: never use it again
@@ -672,7 +679,7 @@ class Mesh:
                 worker.last_error = reason
             worker.cond.notify_all()  # callers waiting for replies from it fail over now
 
-    def _call(self, worker: _Worker, op_id: int, tensors: Sequence[torch.Tensor], values: list[int]) -> list[torch.Tensor]:
+    def _call(self, worker: _Worker, op_id: int, tensors: Sequence[torch.Tensor], values: list[int], payload: _Bytes) -> list[torch.Tensor]:
         deadline = time.monotonic() + self.timeout
         if not worker.slots.acquire(timeout=self.timeout):
             raise TimeoutError(f"worker {worker.rank} kept {self.max_in_flight} requests in flight past the deadline")
@@ -685,7 +692,7 @@ class Mesh:
             with worker.send_lock:  # every send has the deadline: a stalled worker cannot block the edge
                 if not worker.alive:
                     raise ConnectionError(f"worker {worker.rank} is down")
-                worker.outbox.send(_header(request_id, op_id, tensors, values), tensors, deadline - time.monotonic())
+                worker.outbox.send(_header(request_id, op_id, tensors, values), payload, deadline - time.monotonic())
             status, results = self._await_reply(worker, request_id, deadline)
         finally:
             with worker.cond:

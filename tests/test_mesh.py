@@ -148,6 +148,7 @@ def test_large_requests_travel_in_chunks_and_come_back_whole(two_workers, rng):
     parts = (torch.randn(300, 1000), torch.randn(3, 5, dtype=torch.float64), torch.arange(7, dtype=torch.int32)[::2], torch.randn(2, 3).bfloat16())
     for sent, echo in zip(parts, m.offload("identity", *parts)):  # tensors spanning chunk borders, non-contiguous, bf16
         assert echo.dtype == sent.dtype and torch.equal(echo, sent)
+    assert all(s["alive"] and s["failures"] == 0 for s in m.status()[:-1]) and m.status()[-1]["answered"] == 0  # no local fallback
 
 
 def test_requests_pipeline_with_a_bounded_queue_per_worker(rng):
@@ -167,6 +168,10 @@ def test_op_errors_come_back_typed_and_named(two_workers, rng):
         two_workers.offload("transform_matrix", _t(rng, 4, 3), _t(rng, 5, 6))
     with pytest.raises(ValueError, match="unknown op"):
         two_workers.offload("rm -rf", _t(rng, 2, 2))
+    with pytest.raises(TypeError, match="complex64"):  # refused at the edge: no worker is blamed
+        two_workers.offload("identity", torch.ones(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="at most 6 dimensions"):
+        two_workers.offload("identity", torch.ones((1,) * 7))
     assert all(s["alive"] for s in two_workers.status() if s["rank"] != 0)
 
 
