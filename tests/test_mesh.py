@@ -218,3 +218,21 @@ def test_thousand_requests_with_a_worker_killed_midway(rng):
         assert status[1]["answered"] + status[2]["answered"] + status[0]["answered"] == 1000
     finally:
         m.close()
+
+
+def test_a_worker_killed_with_requests_in_flight_loses_none_of_them():
+    """Pipelined requests from several threads; one worker dies while some of its requests are on
+    the wire: every future gets its own answer, once."""
+    with mesh_module.connect(workers=2, timeout=10, max_in_flight=4) as m:
+        inputs = [torch.full((257,), float(i)) for i in range(400)]
+        futures = []
+        for i, x in enumerate(inputs):
+            if i == 150:
+                m._processes[0].kill()
+            futures.append(m.submit("identity", x))
+        answers = [f.result(timeout=60) for f in futures]
+        assert all(torch.equal(a, x) for a, x in zip(answers, inputs))
+        status = {s["rank"]: s for s in m.status()}
+        assert not status[1]["alive"] and status[2]["alive"]
+        assert status[1]["answered"] + status[2]["answered"] + status[0]["answered"] == 400
+        assert status[2]["peak_in_flight"] <= 4
