@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import itertools
 import math
 import os
 import subprocess
@@ -528,8 +529,8 @@ class Mesh:
         self.fallback = fallback
         self.max_in_flight = max_in_flight
         self._processes = list(processes)
-        self._next_id = 1
-        self._id_lock = threading.Lock()
+        self._ids = itertools.count(2)  # next() on a count is atomic under the GIL: no lock per request
+        self._local_lock = threading.Lock()
         self._local_runs = 0
         self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, max_in_flight * max(len(workers), 1)), thread_name_prefix="mesh")
@@ -613,9 +614,7 @@ class Mesh:
     # -- internals
 
     def _request_id(self) -> int:
-        with self._id_lock:
-            self._next_id += 1
-            return self._next_id
+        return next(self._ids)
 
     def _encode_request(self, op: str, tensors: Sequence[torch.Tensor], params: dict[str, Any]) -> tuple[int, list[int]]:
         if op not in _OP_IDS:
@@ -654,7 +653,8 @@ class Mesh:
             if not worker.alive:
                 continue
             try:
-                return tuple(t if t.device == home else t.to(home) for t in self._call(worker, op_id, tensors, values, payload))
+                results = self._call(worker, op_id, tensors, values, payload)
+                return tuple(results) if home.type == "cpu" else tuple(t.to(home) for t in results)
             except MeshError:
                 raise
             except Exception as exc:  # dead, timed out or out of step: never use it again
@@ -666,7 +666,7 @@ class Mesh:
     def _run_local(self, op: str, tensors: Sequence[Any], params: dict[str, Any]) -> tuple[Any, ...]:
         op_id, values = self._encode_request(op, tensors, params)
         spec = OPS[op_id]
-        with self._id_lock:
+        with self._local_lock:
             self._local_runs += 1
         return tuple(spec.fn(*tensors, **dict(zip(spec.params, values))))
 
@@ -726,17 +726,21 @@ class Mesh:
                         worker.receiving = True
                         break
                     worker.cond.wait(left)
+            reply = None
             try:
-                self._receive_one(worker, deadline)
+                reply = self._receive_one(worker, deadline)
             finally:
                 with worker.cond:
                     worker.receiving = False
+                    if reply is not None and reply[0] in worker.awaited:  # a reply nobody waits for is dropped
+                        worker.replies[reply[0]] = reply[1]
                     worker.cond.notify_all()
 
     @staticmethod
-    def _receive_one(worker: _Worker, deadline: float) -> None:
-        """Read one message of ``worker`` and file the reply it completes; ``ConnectionError`` when
-        the worker is out of step (it is then never used again)."""
+    def _receive_one(worker: _Worker, deadline: float) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:
+        """Read one message of ``worker``: ``(request id, (status, tensors))`` when it completes a
+        reply, else None; ``ConnectionError`` when the worker is out of step (it is then never
+        used again)."""
         header, body = worker.inbox.receive(deadline - time.monotonic())
         if header[0] != MAGIC or header[1] != VERSION or body is None:
             raise ConnectionError(f"malformed reply from worker {worker.rank}")
@@ -748,11 +752,11 @@ class Mesh:
             worker.assembly.add(header, body)
         except ValueError as exc:
             raise ConnectionError(f"worker {worker.rank} is out of step: {exc}") from exc
-        if worker.assembly.complete:
-            with worker.cond:
-                if worker.assembly.request_id in worker.awaited:  # a reply nobody waits for is dropped
-                    worker.replies[worker.assembly.request_id] = (worker.assembly.first[3], worker.assembly.tensors)
-            worker.assembly = None
+        done = worker.assembly
+        if not done.complete:
+            return None
+        worker.assembly = None
+        return done.request_id, (done.first[3], done.tensors)
 
 
 def _free_port() -> int:
