@@ -170,16 +170,33 @@ def test_bad_parameters(kwargs, error, match):
         cg.svd_compress(np.ones((4, 6)), **kwargs)
 
 
-def test_bad_arrays():
+def test_bad_arrays(rng):
     with pytest.raises(cg.ShapeError):
         cg.svd_compress(np.ones(5), k=1)
     with pytest.raises(TypeError):
         cg.svd_compress(np.ones((4, 4), np.int32), k=1)
-    for bad in (np.nan, np.inf):
-        a = np.ones((4, 4))
-        a[1, 2] = bad
-        with pytest.raises(ValueError, match="NaN or Inf"):
-            cg.svd_compress(a, k=1)
+    for bad in (np.nan, np.inf, -np.inf):
+        for dtype in (np.float64, np.float32):
+            a = rng.standard_normal((3, 4, 5)).astype(dtype)
+            a[2, 1, 3] = bad  # in the last matrix of a batch
+            for array in (a, torch.from_numpy(a)):
+                with pytest.raises(ValueError, match="NaN or Inf"):
+                    cg.svd_compress(array, k=1)
+
+
+@pytest.mark.parametrize("scale", [1e25, 1e-25])
+@pytest.mark.parametrize("as_torch", [False, True], ids=["numpy", "torch-cpu"])
+def test_float32_extreme_scales_are_finite_input(rng, scale, as_torch):
+    """Entries whose squares leave float32's range are still finite input: no NaN/Inf error, and
+    the error estimate and tol= rank stay right."""
+    a, sigma = _matrix(rng, 60, 40, _decaying(40))
+    a32 = (a * scale).astype(np.float32)
+    array = torch.from_numpy(a32) if as_torch else a32
+    lr = cg.svd_compress(array, k=8)
+    assert np.isclose(float(lr.error_estimate), _tail(sigma, 8) / np.sqrt(np.sum(sigma**2)), rtol=1e-3)
+    by_tol = cg.svd_compress(array, tol=0.05)
+    optimal = int(np.argmax(np.sqrt(1 - np.cumsum(sigma**2) / np.sum(sigma**2)) <= 0.05)) + 1
+    assert optimal <= by_tol.rank <= optimal + 1 and float(by_tol.error_estimate) <= 0.05
 
 
 def test_torch_cpu_path_agrees_with_numpy_path(rng):

@@ -160,8 +160,6 @@ def svd_compress(a: Any, k: int | None = None, *, tol: float | None = None, over
     oversample = require_int("oversample", oversample, 0)
     power_iters = require_int("power_iters", power_iters, 0)
     seed = require_int("seed", seed, 0)
-    if not _all_finite(a):
-        raise ValueError("a contains NaN or Inf: a randomized SVD of it would be meaningless")
     u, s, vh, ranks, err = _dispatch.call(
         "svd_compress", ("a",), (a,), k=k, tol=None if tol is None else float(tol),
         oversample=oversample, power_iters=power_iters, seed=seed,
@@ -178,18 +176,6 @@ def _host(t: Any) -> Any:
     if type(t).__module__.startswith("cupy"):
         return t.get()
     return t
-
-
-def _all_finite(a: Any) -> bool:
-    if isinstance(a, np.ndarray):
-        return bool(np.isfinite(a).all())
-    if type(a).__module__.startswith("torch"):
-        import torch
-
-        return bool(torch.isfinite(a).all())
-    import cupy
-
-    return bool(cupy.isfinite(a).all())
 
 
 # ----------------------------------------------------------------------------- shared algorithm
@@ -229,7 +215,15 @@ class _NumpyOps:
 
     @staticmethod
     def squared_norms(a: np.ndarray) -> np.ndarray:
+        return cast(np.ndarray, np.einsum("bij,bij->bi", a, a).sum(axis=-1, dtype=np.float64))
+
+    @staticmethod
+    def squared_norms_wide(a: np.ndarray) -> np.ndarray:
         return cast(np.ndarray, np.einsum("bij,bij->b", a, a, dtype=np.float64))
+
+    @staticmethod
+    def all_finite(a: np.ndarray) -> bool:
+        return bool(np.isfinite(a).all())
 
     @staticmethod
     def sketch_matmul(a: np.ndarray, cols: int, seed: int) -> np.ndarray:
@@ -237,11 +231,26 @@ class _NumpyOps:
         return product
 
 
+def _checked_squared_norms(a: Any, ops: Any) -> np.ndarray:
+    """|a_b|_F^2 per matrix in float64 (B,), which doubles as the NaN/Inf check: one pass over
+    ``a`` in its own precision, and a float64 pass only where squares left float32's range."""
+    norm2: np.ndarray = ops.squared_norms(a)
+    if np.isfinite(norm2).all() and (norm2 > _TINY).all():
+        return norm2
+    if not ops.all_finite(a):
+        raise ValueError("a contains NaN or Inf: a randomized SVD of it would be meaningless")
+    wide: np.ndarray = ops.squared_norms_wide(a)  # finite entries whose squares overflow or underflow float32
+    return wide
+
+
+_TINY = 1e-30  # below this a float32 sum of squares may have lost entries to underflow
+
+
 def _randomized_svd(a: Any, ops: Any, *, k: int | None, tol: float | None, oversample: int, power_iters: int, seed: int) -> _Factors:
     """Factors of ``a`` (B, M, N), float32/float64, with the array operations ``ops``."""
     batch, m, n = a.shape
     limit = min(m, n)
-    norm2 = ops.squared_norms(a)
+    norm2 = _checked_squared_norms(a, ops)
     cols = min(limit, (k if k is not None else min(limit, 16)) + oversample)
     while True:
         q = ops.qr(ops.sketch_matmul(a, cols, seed))
@@ -329,7 +338,19 @@ class _TorchOps:
     def squared_norms(a: Any) -> np.ndarray:
         import torch
 
-        return cast(np.ndarray, (a * a).sum(dim=(-2, -1), dtype=torch.float64).cpu().numpy())
+        rows = torch.linalg.vector_norm(a, dim=-1)  # one pass, no (M, N) temporary
+        return cast(np.ndarray, rows.double().square().sum(dim=-1).cpu().numpy())
+
+    @staticmethod
+    def squared_norms_wide(a: Any) -> np.ndarray:
+
+        return cast(np.ndarray, a.double().square().sum(dim=(-2, -1)).cpu().numpy())
+
+    @staticmethod
+    def all_finite(a: Any) -> bool:
+        import torch
+
+        return bool(torch.isfinite(a).all())
 
     @staticmethod
     def sketch_matmul(a: Any, cols: int, seed: int) -> Any:
