@@ -205,3 +205,30 @@ def test_torch_cpu_path_agrees_with_numpy_path(rng):
     got = cg.svd_compress(torch.from_numpy(a), k=6, seed=11)  # torch's own CPU kernels, same sketch
     for x, y in ((got.u, ref.u), (got.s, ref.s), (got.vh, ref.vh)):
         np.testing.assert_allclose(_np(x), y, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_svd_through_r_matches_a_direct_svd(rng, dtype):
+    """The route a GPU batch of small wide matrices takes (QR, then an r x r SVD), checked here."""
+    from clisonix_gpu.ops.svd_compress import _svd_through_r
+
+    b = torch.from_numpy(rng.standard_normal((5, 18, 64))).to(dtype)
+    b[1] *= 1e-3  # a batch member on another scale
+    w, s, vh = _svd_through_r(b)
+    _, s_ref, _ = torch.linalg.svd(b.double(), full_matrices=False)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(_np(s), _np(s_ref), rtol=tol * 10, atol=0)
+    np.testing.assert_allclose(_np(w @ torch.diag_embed(s) @ vh), _np(b), rtol=0, atol=tol * 10 * float(b.abs().max()))
+    eye = np.broadcast_to(np.eye(18), (5, 18, 18))
+    np.testing.assert_allclose(_np(vh @ vh.transpose(-1, -2)), eye, atol=tol * 10)
+    np.testing.assert_allclose(_np(w.transpose(-1, -2) @ w), eye, atol=tol * 10)
+
+
+@pytest.mark.gpu
+def test_gpu_batch_of_small_matrices_matches_numpy_path(rng):
+    a, _ = _matrix(rng, 64, 64, _decaying(64))
+    batch = np.stack([a * (1 + i) for i in range(64)])
+    ref = cg.svd_compress(batch, k=8, seed=4)
+    got = cg.svd_compress(torch.from_numpy(batch).cuda(), k=8, seed=4)
+    np.testing.assert_allclose(_np(got.s), ref.s, rtol=1e-8)
+    np.testing.assert_allclose(_np(got.reconstruct()), ref.reconstruct(), rtol=0, atol=1e-8 * np.abs(batch).max())

@@ -297,6 +297,21 @@ def _svd_compress_numpy(a: Any, **params: Any) -> _Factors:
 # ----------------------------------------------------------------------------- Triton backend
 
 
+# cuSOLVER's batched Jacobi SVD takes matrices up to 32 x 32; a wider batch is solved one matrix
+# at a time, which is what makes a batched GPU SVD of many small (cols, N) matrices slow.
+_BATCHED_JACOBI_MAX = 32
+
+
+def _svd_through_r(b: Any) -> tuple[Any, Any, Any]:
+    """SVD of wide matrices ``b`` (B, r, N), r < N, from a QR of ``b^T`` and an SVD of the small
+    (B, r, r) factor: ``b^T = q R``, ``R^T = w diag(s) z^T``, so ``b = w diag(s) (q z)^T``."""
+    import torch
+
+    q, r = torch.linalg.qr(b.transpose(-1, -2))
+    w, s, zh = torch.linalg.svd(r.transpose(-1, -2))
+    return w, s, zh @ q.transpose(-1, -2)
+
+
 class _TorchOps:
     """torch versions of the array operations; the first sketch GEMM is the fused Triton kernel."""
 
@@ -310,6 +325,9 @@ class _TorchOps:
     def svd(b: Any) -> Any:
         import torch
 
+        batch, rows, cols = b.shape
+        if b.device.type == "cuda" and batch > 1 and rows <= _BATCHED_JACOBI_MAX < cols:
+            return _svd_through_r(b)
         return torch.linalg.svd(b, full_matrices=False)
 
     @staticmethod
