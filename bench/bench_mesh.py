@@ -1,6 +1,6 @@
 """Neural Mesh on loopback: offload round-trip latency (p50, p99) against a raw gloo send/recv
-ping-pong of the same bytes measured in the same run, and map throughput over 1-3 workers
-against one local call."""
+ping-pong of the same bytes, in alternating blocks of the same run, and map throughput over 1-3
+workers against one local call."""
 
 from __future__ import annotations
 
@@ -29,51 +29,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ping_pong(rank: int, port: int, nbytes: int, trips: int, out: str) -> None:
+def _ping_pong_pair(rank: int, port: int, conn) -> None:
+    """A raw gloo ping-pong pair that stays up between blocks: rank 0 takes (nbytes, trips) from
+    ``conn`` and answers with the round-trip times; (0, 0) ends both."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-    buf = torch.zeros(nbytes, dtype=torch.uint8)
-    times = []
-    for _ in range(trips + 5):
-        start = time.perf_counter()
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
+    command = torch.zeros(2, dtype=torch.int64)
+    while True:
         if rank == 0:
-            dist.send(buf, 1)
-            dist.recv(buf, 1)
+            command[:] = torch.tensor(conn.recv())
+            dist.send(command, 1)
         else:
-            dist.recv(buf, 0)
-            dist.send(buf, 0)
-        times.append(time.perf_counter() - start)
-    if rank == 0:
-        np.save(out, np.array(times[5:]))
+            dist.recv(command, 0)
+        nbytes, trips = command.tolist()
+        if trips == 0:
+            break
+        buf = torch.ones(nbytes, dtype=torch.uint8)
+        times = []
+        for _ in range(trips + 5):
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            times.append(time.perf_counter() - start)
+        if rank == 0:
+            conn.send(times[5:])
     dist.destroy_process_group()
 
 
-def _raw_latencies(nbytes: int, tmp_path) -> np.ndarray:
-    out = str(tmp_path / f"pingpong-{nbytes}.npy")
-    mp.start_processes(_ping_pong, args=(_free_port(), nbytes, ROUND_TRIPS, out), nprocs=2, start_method="spawn")
-    return np.load(out)
-
-
-def bench_mesh_round_trip(tmp_path):
+def bench_mesh_round_trip():
+    """Blocks of mesh round trips alternate with blocks of raw ping-pong, both kept running, so
+    both sides see the same machine conditions."""
     sizes = SIZES[:1] if TINY else SIZES
-    with mesh.connect(workers=1, timeout=60) as m:
-        ours = {}
-        for nbytes in sizes:
-            x = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-            assert torch.equal(m.offload("identity", x), x)
-            times = []
-            for _ in range(ROUND_TRIPS):
-                start = time.perf_counter()
-                m.offload("identity", x)
-                times.append(time.perf_counter() - start)
-            ours[nbytes] = times
-    for nbytes in sizes:  # the raw ping-pong runs once the mesh is closed, in the same session
-        raw = _raw_latencies(nbytes, tmp_path)
+    blocks = 2 if TINY else 5
+    ctx = mp.get_context("spawn")
+    ours_end, raw_end = ctx.Pipe()
+    pair = mp.start_processes(_ping_pong_pair, args=(_free_port(), raw_end), nprocs=2, start_method="spawn", join=False)
+    ours: dict[int, list[float]] = {n: [] for n in sizes}
+    raw: dict[int, list[float]] = {n: [] for n in sizes}
+    try:
+        with mesh.connect(workers=1, timeout=60) as m:
+            for nbytes in sizes:
+                x = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+                assert torch.equal(m.offload("identity", x), x)
+                trips = max(ROUND_TRIPS // blocks, 5)
+                for _ in range(blocks):
+                    for _ in range(trips):
+                        start = time.perf_counter()
+                        m.offload("identity", x)
+                        ours[nbytes].append(time.perf_counter() - start)
+                    ours_end.send((nbytes, trips))
+                    raw[nbytes] += ours_end.recv()
+    finally:
+        ours_end.send((0, 0))
+        pair.join()
+    for nbytes in sizes:
         label = f"{nbytes >> 10} KiB" if nbytes < 1 << 20 else f"{nbytes >> 20} MiB"
         for q in (50, 99):
             case = f"mesh offload round trip {label} p{q} (loopback gloo)"
             record(Result(case, "clisonix", "cpu", float(np.percentile(ours[nbytes], q)), 0.0, bytes=2.0 * nbytes))
-            record(Result(case, "raw gloo send/recv ping-pong", "cpu", float(np.percentile(raw, q)), 0.0, bytes=2.0 * nbytes))
+            record(Result(case, "raw gloo send/recv ping-pong", "cpu", float(np.percentile(raw[nbytes], q)), 0.0, bytes=2.0 * nbytes))
 
 
 @pytest.mark.parametrize("workers", [1] if TINY else [1, 2, 3])
