@@ -319,7 +319,7 @@ class _Inbox:
         self._held = index
         buffer = self._buffers[index]
         header: list[int] = buffer[:HEADER_BYTES].view(np.int64).tolist()
-        buffer[:HEADER_BYTES] = 0  # nor this header, should a later message end inside it
+        buffer[:HEADER_BYTES] = 0  # a later message that ends inside the header must not show these words
         size = header[7]
         if not 0 <= size <= CHUNK_BYTES:
             return header, None
