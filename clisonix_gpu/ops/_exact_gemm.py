@@ -16,6 +16,8 @@ range, which holds for every float32/float16 input and for float64 rows not near
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 _FLOAT64_MANTISSA = 53
@@ -29,60 +31,72 @@ def _slice_bits(k: int) -> int:
 
 
 def _row_max(a: np.ndarray) -> np.ndarray:
-    """max |a| per row (NaN for rows holding NaN) without an |a| temporary."""
+    """max |a| per row in float64 (NaN for rows holding NaN), read in ``a``'s own dtype, without
+    an |a| temporary."""
     if a.shape[1] == 0:
         return np.zeros(a.shape[0])
-    row_max: np.ndarray = np.maximum(a.max(axis=1), -a.min(axis=1))
+    row_max: np.ndarray = np.maximum(a.max(axis=1), -a.min(axis=1)).astype(np.float64)
     return row_max
 
 
 def _split_rows(a: np.ndarray, row_max: np.ndarray, bits: int, slices: int) -> list[np.ndarray]:
-    """``a`` (R, K) float64 -> ``slices`` arrays summing to ``a`` up to the last slice's quantum;
-    ``a`` is overwritten (it holds the remainder).
+    """``a`` (R, K), any float dtype, -> ``slices`` float64 arrays summing to ``a`` up to the last
+    slice's quantum; ``a`` is not modified.
 
     Slice s of row r is a multiple of q_{r,s} = 2^(e_r - bits*(s+1)) with |slice| <= 2^bits q_{r,s},
     where 2^e_r > ``row_max[r]``. Rounding to a multiple of q adds and subtracts 1.5 * 2^52 * q,
-    which is exact in float64 round-to-nearest.
+    which is exact in float64 round-to-nearest (NumPy widens ``a`` to float64 on the fly).
     """
     _, exponent = np.frexp(row_max)
     parts = []
+    rest = a  # the part not yet in a slice; a float64 array of our own after the first slice
     for s in range(slices):
         shifter = np.ldexp(1.5, exponent - bits * (s + 1) + 52)[:, None]
-        top = np.add(a, shifter)
+        if s and s + 1 == slices:  # the last remainder is ours: round it in place
+            rest += shifter
+            rest -= shifter
+            parts.append(rest)
+            break
+        top = np.add(rest, shifter, dtype=np.float64)
         top -= shifter
         parts.append(top)
         if s + 1 < slices:
-            a -= top  # the remainder for the next slice
+            rest = np.subtract(rest, top, dtype=np.float64) if s == 0 else np.subtract(rest, top, out=rest)
     return parts
 
 
-def exact_matmul_nt(x: np.ndarray, w: np.ndarray, mantissa_bits: int) -> np.ndarray:
+def exact_matmul_blocks(x: np.ndarray, w: np.ndarray, mantissa_bits: int, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
     """``x @ w.T`` (float64) for ``x`` (M, K) and ``w`` (N, K) whose entries carry at most
-    ``mantissa_bits`` significant bits; rows holding NaN/Inf follow IEEE arithmetic."""
+    ``mantissa_bits`` significant bits, as ``(first row, block)`` over blocks of ``block_rows``
+    rows of ``x``; ``w`` is split once. Rows holding NaN/Inf follow IEEE arithmetic."""
     m, k = x.shape
     n = w.shape[0]
-    x = np.array(x, dtype=np.float64)  # copies: the split works in place
-    w = np.array(w, dtype=np.float64)
-    max_x, max_w = _row_max(x), _row_max(w)
-    # rows with NaN/Inf, or so large (> 2^900, float64 only) that the slicing would overflow
-    bad_x, bad_w = ~(max_x < 2.0**900), ~(max_w < 2.0**900)
-    if bad_x.any() or bad_w.any():
-        # A non-finite entry makes every product of its row NaN or +-Inf, and such a sum is the
-        # same in any order; compute those outputs plainly and the rest exactly. (Rows beyond
-        # 2^900 take this path too: their products overflow float64 anyway.)
-        out = exact_matmul_nt(np.where(bad_x[:, None], 0.0, x), np.where(bad_w[:, None], 0.0, w), mantissa_bits)
-        with np.errstate(invalid="ignore"):  # 0 * inf is NaN here, as IEEE says
-            out[bad_x] = x[bad_x] @ w.T
-            out[:, bad_w] = x @ w[bad_w].T
-        return out
-    if m == 0 or n == 0 or k == 0:
-        return np.zeros((m, n), dtype=np.float64)
     bits = _slice_bits(k)
     slices = -(-(mantissa_bits + _GUARD_BITS) // bits)
-    xs = _split_rows(x, max_x, bits, slices)
-    ws = [p.T for p in _split_rows(w, max_w, bits, slices)]
-    out = np.zeros((m, n), dtype=np.float64)
-    for order in reversed(range(slices)):  # weight 2^(-bits*order): smallest terms first
-        for s in range(order + 1):
-            out += xs[s] @ ws[order - s]
-    return out
+    max_w = _row_max(w)
+    bad_w = ~(max_w < 2.0**900)  # NaN/Inf, or so large (float64 only) that slicing would overflow
+    if bad_w.any():
+        w_finite = np.where(bad_w[:, None], 0.0, w)
+        ws = [p.T for p in _split_rows(w_finite, _row_max(w_finite), bits, slices)]
+    else:
+        ws = [p.T for p in _split_rows(w, max_w, bits, slices)]
+    for start in range(0, m, block_rows):
+        rows = x[start : start + block_rows]
+        max_x = _row_max(rows)
+        bad_x = ~(max_x < 2.0**900)
+        finite = np.where(bad_x[:, None], 0.0, rows) if bad_x.any() else rows
+        out = np.zeros((finite.shape[0], n), dtype=np.float64)
+        if finite.shape[0] and n and k:
+            xs = _split_rows(finite, _row_max(finite) if bad_x.any() else max_x, bits, slices)
+            for order in reversed(range(slices)):  # weight 2^(-bits*order): smallest terms first
+                for s in range(order + 1):
+                    out += xs[s] @ ws[order - s]
+        if bad_x.any() or bad_w.any():
+            # A non-finite entry makes every product of its row NaN or +-Inf, and such a sum is
+            # the same in any order: those outputs are computed plainly. (Rows beyond 2^900 take
+            # this path too: their products overflow float64 anyway.)
+            with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN here, as IEEE says
+                wide_x, wide_w = rows.astype(np.float64), w.astype(np.float64)
+                out[bad_x] = wide_x[bad_x] @ wide_w.T
+                out[:, bad_w] = wide_x @ wide_w[bad_w].T
+        yield start, out

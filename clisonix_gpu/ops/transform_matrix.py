@@ -15,7 +15,7 @@ import numpy as np
 from .. import _dispatch
 from ..errors import ShapeError
 from ._activations import ACTIVATIONS, apply_activation_, check_activation
-from ._exact_gemm import exact_matmul_nt
+from ._exact_gemm import exact_matmul_blocks
 from ._validate import dtype_name, mantissa_bits, require_float
 
 __all__ = ["transform_matrix", "ACTIVATIONS"]
@@ -81,8 +81,7 @@ def _transform_matrix_numpy(x: np.ndarray, w: np.ndarray, bias: np.ndarray | Non
         return out
     rows = x.reshape(math.prod(x.shape[:-1]), k)
     out = np.empty((rows.shape[0], n), dtype=out_dtype)
-    for start in range(0, rows.shape[0], _NUMPY_ROW_BLOCK):
-        block = exact_matmul_nt(rows[start : start + _NUMPY_ROW_BLOCK], w, bits)
+    for start, block in exact_matmul_blocks(rows, w, bits, _NUMPY_ROW_BLOCK):
         if bias is not None:
             block += bias
         # activation in the output precision, as the GPU epilogue does after its fp32 accumulation
