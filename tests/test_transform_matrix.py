@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -220,6 +222,22 @@ def test_nan_and_inf_propagate(rng, backend):
     np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
     finite = np.isfinite(ref)
     np.testing.assert_allclose(y[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_numpy_rows_across_row_blocks(rng, monkeypatch):
+    """Rows of x go through the exact GEMM in blocks while w is split once: results equal one-row
+    calls bit for bit on both sides of a block border, with non-finite rows in two blocks."""
+    monkeypatch.setattr(importlib.import_module("clisonix_gpu.ops.transform_matrix"), "_NUMPY_ROW_BLOCK", 7)
+    x, w, b = _inputs(rng, 23, 9, 4)
+    x[3, 2], x[15, 0], w[1, 4] = np.nan, np.inf, np.inf
+    full = cg.transform_matrix(x, w, b, activation="tanh")
+    for i in range(23):
+        assert np.array_equal(cg.transform_matrix(x[i : i + 1], w, b, activation="tanh")[0], full[i], equal_nan=True), i
+    ref = reference_transform_matrix(x, w, b, "tanh")
+    np.testing.assert_array_equal(np.isnan(full), np.isnan(ref))
+    finite = np.isfinite(ref)
+    np.testing.assert_allclose(full[finite], ref[finite], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
