@@ -59,6 +59,8 @@ STATUS_OK, STATUS_BAD_REQUEST, STATUS_OP_FAILED = 0, 1, 2
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int32, torch.int64, torch.bool]
 _CODE = {d: i for i, d in enumerate(DTYPES)}
 _ITEMSIZE = {d: torch.empty(0, dtype=d).element_size() for d in DTYPES}
+# NumPy dtypes of the same bytes (bfloat16, which NumPy lacks, as int16)
+_NUMPY_DTYPE = {d: np.dtype(np.int16) if d == torch.bfloat16 else torch.empty(0, dtype=d).numpy().dtype for d in DTYPES}
 
 
 class MeshError(RuntimeError):
@@ -335,9 +337,9 @@ class _Assembly:
 
     def __init__(self, header: list[int], specs: list[_TensorSpec]):
         self.first = header
-        raws = [np.empty(math.prod(shape) * _ITEMSIZE[dtype], dtype=np.uint8) for dtype, shape in specs]
-        self.tensors = [torch.from_numpy(raw).view(dtype).view(shape) for raw, (dtype, shape) in zip(raws, specs)]
-        self._bytes = _Bytes(raws)
+        arrays = [np.empty(shape, dtype=_NUMPY_DTYPE[dtype]) for dtype, shape in specs]
+        self.tensors = [torch.from_numpy(a) if dtype != torch.bfloat16 else torch.from_numpy(a).view(dtype) for a, (dtype, _) in zip(arrays, specs)]
+        self._bytes = _Bytes([a.reshape(-1).view(np.uint8) for a in arrays])
         self.total = self._bytes.total
         self.n_chunks = _n_chunks(self.total)
         self.next_chunk = 0
@@ -708,33 +710,33 @@ class Mesh:
         """Wait for the reply to ``request_id``. Whichever waiting caller is free reads the inbox and
         files every reply it finds (for awaited requests only), so replies may come back in any order
         across callers."""
-        with worker.cond:
+        cond = worker.cond
+        with cond:
             worker.awaited.add(request_id)
-        while True:
-            with worker.cond:
-                while True:
-                    if request_id in worker.replies:
-                        worker.answered += 1
-                        worker.awaited.discard(request_id)
-                        return worker.replies.pop(request_id)
-                    if not worker.alive:
-                        raise ConnectionError(f"worker {worker.rank} went down: {worker.last_error}")
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"no reply to request {request_id} from worker {worker.rank} within {self.timeout} s")
-                    if not worker.receiving:
-                        worker.receiving = True
-                        break
-                    worker.cond.wait(left)
-            reply = None
-            try:
-                reply = self._receive_one(worker, deadline)
-            finally:
-                with worker.cond:
-                    worker.receiving = False
-                    if reply is not None and reply[0] in worker.awaited:  # a reply nobody waits for is dropped
-                        worker.replies[reply[0]] = reply[1]
-                    worker.cond.notify_all()
+            while True:
+                if request_id in worker.replies:
+                    worker.answered += 1
+                    worker.awaited.discard(request_id)
+                    return worker.replies.pop(request_id)
+                if not worker.alive:
+                    raise ConnectionError(f"worker {worker.rank} went down: {worker.last_error}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no reply to request {request_id} from worker {worker.rank} within {self.timeout} s")
+                if not worker.receiving:
+                    worker.receiving = True
+                    reply = None
+                    cond.release()  # read the inbox outside the lock; the others wait or file
+                    try:
+                        reply = self._receive_one(worker, deadline)
+                    finally:
+                        cond.acquire()
+                        worker.receiving = False
+                        if reply is not None and reply[0] in worker.awaited:  # a reply nobody waits for is dropped
+                            worker.replies[reply[0]] = reply[1]
+                        cond.notify_all()
+                else:
+                    cond.wait(left)
 
     @staticmethod
     def _receive_one(worker: _Worker, deadline: float) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:
