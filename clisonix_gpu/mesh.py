@@ -147,8 +147,25 @@ def _header(request_id: int, code: int, tensors: Sequence[torch.Tensor], params:
 _TensorSpec = tuple[torch.dtype, tuple[int, ...]]
 
 
+_SPECS_SEEN: dict[tuple[int, ...], list[_TensorSpec]] = {}  # decoded specs by their header words
+
+
 def _decode_specs(header: Sequence[int], count: int, max_bytes: int) -> list[_TensorSpec]:
-    """Tensor (dtype, shape) pairs from a header (as a list); ``ValueError`` naming the first field out of range."""
+    """Tensor (dtype, shape) pairs from a header (as a list); ``ValueError`` naming the first field out of range.
+
+    Requests and replies of a service repeat a few shapes: specs that passed once are looked up.
+    """
+    key = (max_bytes, count, *header[_SPECS_AT : _SPECS_AT + MAX_TENSORS * _SPEC_WORDS])
+    specs = _SPECS_SEEN.get(key)
+    if specs is None:
+        specs = _check_specs(header, count, max_bytes)
+        if len(_SPECS_SEEN) >= 1024:
+            _SPECS_SEEN.clear()
+        _SPECS_SEEN[key] = specs
+    return specs
+
+
+def _check_specs(header: Sequence[int], count: int, max_bytes: int) -> list[_TensorSpec]:
     if not 0 <= count <= MAX_TENSORS:
         raise ValueError(f"tensor count {count} outside [0, {MAX_TENSORS}]")
     specs: list[_TensorSpec] = []
@@ -226,8 +243,8 @@ def _n_chunks(total: int) -> int:
     return max(1, -(-total // CHUNK_BYTES))
 
 
-def _fill(buffer: np.ndarray, header: np.ndarray, chunk: int, payload: _Bytes) -> np.ndarray:
-    """Write message ``chunk`` of a request or reply into ``buffer``; returns the used part."""
+def _fill(buffer: np.ndarray, header: np.ndarray, chunk: int, payload: _Bytes) -> int:
+    """Write message ``chunk`` of a request or reply into ``buffer``; returns its length in bytes."""
     size = min(CHUNK_BYTES, payload.total - chunk * CHUNK_BYTES)
     header[6], header[7] = chunk, size
     end = HEADER_BYTES + _pad8(size)
@@ -236,7 +253,7 @@ def _fill(buffer: np.ndarray, header: np.ndarray, chunk: int, payload: _Bytes) -
     if end > HEADER_BYTES + size:
         buffer[HEADER_BYTES + size : end] = 0
     buffer[end : end + TRAILER_BYTES].view(np.int64)[:] = (TRAILER_MAGIC, header[2], chunk, size)
-    return buffer[: end + TRAILER_BYTES]
+    return end + TRAILER_BYTES
 
 
 def _peer_of(group: Any, rank: int) -> int:
@@ -261,6 +278,7 @@ class _Outbox:
     def __init__(self, dst: int, group: Any):
         self._group, self._peer = group, _peer_of(group, dst)
         self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES)]
+        self._tensors = [torch.from_numpy(b) for b in self._buffers]  # the same memory, made once
         self._free = deque(range(POSTED_RECEIVES))
         self._sending: deque[tuple[int, Any]] = deque()
 
@@ -273,8 +291,8 @@ class _Outbox:
         words = np.array(header, dtype=np.int64)
         for chunk in range(_n_chunks(payload.total)):
             index = self._take(timeout)
-            message = _fill(self._buffers[index], words, chunk, payload)
-            self._sending.append((index, self._group.send([torch.from_numpy(message)], self._peer, 0)))
+            length = _fill(self._buffers[index], words, chunk, payload)
+            self._sending.append((index, self._group.send([self._tensors[index][:length]], self._peer, 0)))
 
     def flush(self, timeout: float | None) -> None:
         while self._sending:
@@ -297,6 +315,7 @@ class _Inbox:
     def __init__(self, src: int, group: Any):
         self._group, self._peer = group, _peer_of(group, src)
         self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES + 1)]
+        self._tensors = [torch.from_numpy(b) for b in self._buffers]
         self._free = deque(range(POSTED_RECEIVES + 1))
         self._posted: deque[tuple[int, Any]] = deque()
         self._held: int | None = None
@@ -305,7 +324,7 @@ class _Inbox:
 
     def _post(self) -> None:
         index = self._free.popleft()
-        self._posted.append((index, self._group.recv([torch.from_numpy(self._buffers[index])], self._peer, 0)))
+        self._posted.append((index, self._group.recv([self._tensors[index]], self._peer, 0)))
 
     def receive(self, timeout: float | None) -> tuple[list[int], np.ndarray | None]:
         # Buffers are posted again here, not right after a message arrives: one receive stays
