@@ -506,11 +506,10 @@ class _Worker:
     device: alda.Device
     inbox: _Inbox
     outbox: _Outbox
-    slots: threading.Semaphore  # requests in flight at once (back-pressure)
     send_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    cond: threading.Condition = dataclasses.field(default_factory=threading.Condition)
+    cond: threading.Condition = dataclasses.field(default_factory=lambda: threading.Condition(threading.Lock()))
     alive: bool = True
-    in_flight: int = 0
+    in_flight: int = 0  # at most Mesh.max_in_flight: callers beyond wait for a slot (back-pressure)
     peak_in_flight: int = 0
     answered: int = 0
     failures: int = 0
@@ -702,12 +701,15 @@ class Mesh:
 
     def _call(self, worker: _Worker, op_id: int, tensors: Sequence[torch.Tensor], values: list[int], payload: _Bytes) -> list[torch.Tensor]:
         deadline = time.monotonic() + self.timeout
-        if not worker.slots.acquire(timeout=self.timeout):
-            raise TimeoutError(f"worker {worker.rank} kept {self.max_in_flight} requests in flight past the deadline")
         request_id = self._request_id()
-        with worker.cond:
+        cond = worker.cond
+        with cond:
+            while worker.in_flight >= self.max_in_flight:  # back-pressure: wait for a free slot
+                if not cond.wait(deadline - time.monotonic()):
+                    raise TimeoutError(f"worker {worker.rank} kept {self.max_in_flight} requests in flight past the deadline")
             worker.in_flight += 1
-            worker.peak_in_flight = max(worker.peak_in_flight, worker.in_flight)
+            if worker.in_flight > worker.peak_in_flight:
+                worker.peak_in_flight = worker.in_flight
             worker.awaited.add(request_id)  # before the send: another caller may read the reply
         try:
             with worker.send_lock:  # every send has the deadline: a stalled worker cannot block the edge
@@ -716,11 +718,11 @@ class Mesh:
                 worker.outbox.send(_header(request_id, op_id, tensors, values), payload, deadline - time.monotonic())
             status, results = self._await_reply(worker, request_id, deadline)
         finally:
-            with worker.cond:
+            with cond:
                 worker.in_flight -= 1
                 worker.awaited.discard(request_id)
                 worker.replies.pop(request_id, None)
-            worker.slots.release()
+                cond.notify_all()
         if status != STATUS_OK:
             raise MeshError(f"worker {worker.rank}: {bytes(results[0].tolist()).decode(errors='replace')}")
         return results
@@ -848,7 +850,7 @@ def connect(
                 raise MeshError(f"rank {rank} did not greet as a worker of protocol version {VERSION}")
             kind = "cuda" if hello[_PARAMS_AT] else "cpu"
             device = alda.Device(kind, rank, max(hello[_PARAMS_AT + 1] / 1000, 1e-3))
-            members.append(_Worker(rank, group, device, inbox, _Outbox(rank, group), threading.Semaphore(max_in_flight)))
+            members.append(_Worker(rank, group, device, inbox, _Outbox(rank, group)))
     except Exception:
         for p in processes:
             p.kill()
