@@ -213,25 +213,25 @@ class _Bytes:
     def of(cls, tensors: Sequence[torch.Tensor]) -> _Bytes:
         return cls([_byte_view(t) for t in tensors])
 
-    def _spans(self, offset: int, n: int) -> Iterator[tuple[np.ndarray, int, int]]:
-        """(part, start in the part, start in the range) pieces of bytes [offset, offset + n)."""
+    def _spans(self, offset: int, n: int) -> Iterator[tuple[np.ndarray, int]]:
+        """(piece of a part, its start in the range) covering bytes [offset, offset + n)."""
         for part, start in zip(self.parts, self.starts):
             lo, hi = max(offset, start), min(offset + n, start + part.size)
             if lo < hi:
-                yield part[lo - start : hi - start], lo - start, lo - offset
+                yield part[lo - start : hi - start], lo - offset
 
     def read(self, offset: int, out: np.ndarray) -> None:
         if len(self.parts) == 1:  # the common case, without the span walk
             out[:] = self.parts[0][offset : offset + out.size]
             return
-        for piece, _, at in self._spans(offset, out.size):
+        for piece, at in self._spans(offset, out.size):
             out[at : at + piece.size] = piece
 
     def write(self, offset: int, data: np.ndarray) -> None:
         if len(self.parts) == 1:
             self.parts[0][offset : offset + data.size] = data
             return
-        for piece, _, at in self._spans(offset, data.size):
+        for piece, at in self._spans(offset, data.size):
             piece[:] = data[at : at + piece.size]
 
 

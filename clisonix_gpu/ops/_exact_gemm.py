@@ -80,6 +80,7 @@ def exact_matmul_blocks(x: np.ndarray, w: np.ndarray, mantissa_bits: int, block_
         ws = [p.T for p in _split_rows(w_finite, _row_max(w_finite), bits, slices)]
     else:
         ws = [p.T for p in _split_rows(w, max_w, bits, slices)]
+    wide_w = None  # w in float64 for the outputs that IEEE rules decide, made once if needed
     for start in range(0, m, block_rows):
         rows = x[start : start + block_rows]
         max_x = _row_max(rows)
@@ -95,8 +96,9 @@ def exact_matmul_blocks(x: np.ndarray, w: np.ndarray, mantissa_bits: int, block_
             # A non-finite entry makes every product of its row NaN or +-Inf, and such a sum is
             # the same in any order: those outputs are computed plainly. (Rows beyond 2^900 take
             # this path too: their products overflow float64 anyway.)
+            wide_w = w.astype(np.float64) if wide_w is None else wide_w
             with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf is NaN here, as IEEE says
-                wide_x, wide_w = rows.astype(np.float64), w.astype(np.float64)
+                wide_x = rows.astype(np.float64)
                 out[bad_x] = wide_x[bad_x] @ wide_w.T
                 out[:, bad_w] = wide_x @ wide_w[bad_w].T
         yield start, out
