@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -207,21 +209,24 @@ def test_torch_cpu_path_agrees_with_numpy_path(rng):
         np.testing.assert_allclose(_np(x), y, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_small_svd_through_r_matches_a_direct_svd(rng, dtype):
-    """The route a GPU batch of small wide matrices takes (QR, then an r x r SVD), checked here."""
-    from clisonix_gpu.ops.svd_compress import _svd_through_r
-
-    b = torch.from_numpy(rng.standard_normal((5, 18, 64))).to(dtype)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_small_svd_of_wide_matrices_goes_through_r(rng, dtype, kind):
+    """The projected matrices are wide: their SVD goes through a QR and an r x r SVD."""
+    module = importlib.import_module("clisonix_gpu.ops.svd_compress")
+    b = rng.standard_normal((5, 18, 64)).astype(dtype)
     b[1] *= 1e-3  # a batch member on another scale
-    w, s, vh = _svd_through_r(b)
-    _, s_ref, _ = torch.linalg.svd(b.double(), full_matrices=False)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    np.testing.assert_allclose(_np(s), _np(s_ref), rtol=tol * 10, atol=0)
-    np.testing.assert_allclose(_np(w @ torch.diag_embed(s) @ vh), _np(b), rtol=0, atol=tol * 10 * float(b.abs().max()))
+    ops = module._NumpyOps if kind == "numpy" else module._TorchCpuOps
+    w, s, vh = module._small_svd(b if kind == "numpy" else torch.from_numpy(b), ops)
+    w, s, vh = _np(w), _np(s), _np(vh)
+    s_ref = np.linalg.svd(b.astype(np.float64), compute_uv=False)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(s, s_ref, rtol=tol * 10, atol=0)
+    np.testing.assert_allclose(w @ (s[..., None] * vh), b, rtol=0, atol=tol * 10 * np.abs(b).max())
     eye = np.broadcast_to(np.eye(18), (5, 18, 18))
-    np.testing.assert_allclose(_np(vh @ vh.transpose(-1, -2)), eye, atol=tol * 10)
-    np.testing.assert_allclose(_np(w.transpose(-1, -2) @ w), eye, atol=tol * 10)
+    np.testing.assert_allclose(vh @ np.swapaxes(vh, -1, -2), eye, atol=tol * 10)
+    np.testing.assert_allclose(np.swapaxes(w, -1, -2) @ w, eye, atol=tol * 10)
+    assert np.all(np.diff(s, axis=-1) <= 0)  # descending, as a direct SVD returns them
 
 
 @pytest.mark.gpu
