@@ -1,9 +1,16 @@
-"""Triton kernel for ``svd_compress``: the first range-finder GEMM ``Y = A @ Omega`` with the
-Rademacher sketch ``Omega`` generated inside the kernel instead of read from memory.
+"""Triton kernels for ``svd_compress``.
+
+``sketch_matmul_kernel``: the first range-finder GEMM ``Y = A @ Omega`` with the Rademacher sketch
+``Omega`` generated inside the kernel instead of read from memory.
 
 Omega[i, j] = +1 if the top bit of splitmix64(seed * GOLDEN + (j << 32 | i)) is clear, else -1:
 a counter-based generator that the NumPy path computes with the same integer arithmetic, so both
 paths sketch with the same matrix bit for bit.
+
+``householder_qr_kernel``: reduced QR of a batch of small tall matrices, one program per matrix
+holding it in registers. torch's batched QR on CUDA forms Q with one cuSOLVER ``orgqr`` call per
+matrix (pytorch/pytorch#143281: ~26 ms for 1024 small matrices), and the range finder needs a
+QR after every GEMM, so a batch of small matrices would spend most of its time there.
 """
 
 import triton
@@ -70,3 +77,55 @@ def sketch_matmul_kernel(
             acc = tl.dot(a, omega, acc, input_precision="ieee")
     y_ptrs = y_ptr + batch * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_l[None, :]
     tl.store(y_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_l[None, :] < L))
+
+
+@triton.jit
+def householder_qr_kernel(
+    y_ptr,  # (B, M, L), any strides, M >= L; grid (B,)
+    q_ptr,  # (B, M, L) contiguous: orthonormal columns, y = q @ r
+    r_ptr,  # (B, L, L) contiguous: upper triangular, LAPACK's signs (r_jj = -sign(pivot) |column|)
+    M,
+    L,
+    stride_yb,
+    stride_ym,
+    stride_yl,
+    ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    batch = tl.program_id(0).to(tl.int64)
+    dtype = tl.float64 if ACC_FP64 else tl.float32
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_L)
+    inside = (rows[:, None] < M) & (cols[None, :] < L)
+    y_ptrs = y_ptr + batch * stride_yb + rows[:, None].to(tl.int64) * stride_ym + cols[None, :] * stride_yl
+    y = tl.load(y_ptrs, mask=inside, other=0.0).to(dtype)
+    reflectors = tl.zeros((BLOCK_M, BLOCK_L), dtype=dtype)  # Householder vector j in column j
+    taus = tl.zeros((BLOCK_L,), dtype=dtype)
+    for j in range(0, L):
+        x = tl.sum(tl.where(cols[None, :] == j, y, 0.0), axis=1)
+        x = tl.where(rows >= j, x, 0.0)
+        alpha = tl.sum(tl.where(rows == j, x, 0.0), axis=0)
+        scale = tl.max(tl.abs(x), axis=0)  # scaled norm: squares of float32 entries may overflow
+        scaled = x / tl.where(scale > 0, scale, 1.0)
+        norm = scale * tl.sqrt(tl.sum(scaled * scaled, axis=0))
+        beta = tl.where(alpha >= 0, -norm, norm)
+        pivot = alpha - beta  # |pivot| >= norm > 0 whenever the column has entries below row j
+        reflect = tl.max(tl.where(rows > j, tl.abs(x), 0.0), axis=0) > 0  # else H = I, as LAPACK
+        v = tl.where(rows == j, 1.0, x / tl.where(reflect, pivot, 1.0)).to(dtype)
+        tau = tl.where(reflect, (beta - alpha) / tl.where(reflect, beta, 1.0), 0.0).to(dtype)
+        w = tl.sum(v[:, None] * y, axis=0)  # apply H = I - tau v v^T to the columns
+        y = y - tau * v[:, None] * w[None, :]
+        reflectors = tl.where(cols[None, :] == j, v[:, None], reflectors)
+        taus = tl.where(cols == j, tau, taus)
+    r_ptrs = r_ptr + batch * L * L + rows[:, None].to(tl.int64) * L + cols[None, :]
+    tl.store(r_ptrs, tl.where(rows[:, None] <= cols[None, :], y, 0.0), mask=(rows[:, None] < L) & (cols[None, :] < L))
+    q = tl.where((rows[:, None] == cols[None, :]) & inside, 1.0, 0.0).to(dtype)
+    for step in range(0, L):  # q = H_0 H_1 ... H_{L-1} applied to the first L columns of I
+        j = L - 1 - step
+        v = tl.sum(tl.where(cols[None, :] == j, reflectors, 0.0), axis=1)
+        tau = tl.sum(tl.where(cols == j, taus, 0.0), axis=0)
+        w = tl.sum(v[:, None] * q, axis=0)
+        q = q - tau * v[:, None] * w[None, :]
+    q_ptrs = q_ptr + batch * M * L + rows[:, None].to(tl.int64) * L + cols[None, :]
+    tl.store(q_ptrs, q, mask=inside)

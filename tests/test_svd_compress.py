@@ -229,6 +229,50 @@ def test_small_svd_of_wide_matrices_goes_through_r(rng, dtype, kind):
     assert np.all(np.diff(s, axis=-1) <= 0)  # descending, as a direct SVD returns them
 
 
+def _triton_qr(y):
+    module = importlib.import_module("clisonix_gpu.ops.svd_compress")
+    assert module._fits_one_program(y)
+    return module._householder_qr(y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 1, 1), (2, 7, 3), (3, 64, 18), (2, 129, 7), (2, 33, 33)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_triton_batched_qr_matches_lapack(rng, dtype, shape, layout):
+    """The Triton QR of small matrices gives LAPACK's factors (same signs) for full-rank input."""
+    b, m, n = shape
+    y = torch.from_numpy(rng.standard_normal(shape)).to(dtype)
+    if layout == "transposed":  # how the small SVD hands over its projected matrices
+        y = y.transpose(-1, -2).contiguous().transpose(-1, -2)
+    before = y.clone()
+    q, r = _triton_qr(y.to(TRITON_DEVICE))
+    assert q.shape == (b, m, n) and r.shape == (b, n, n) and q.dtype == dtype
+    assert torch.equal(y, before)
+    q_ref, r_ref = np.linalg.qr(_np(y))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(_np(q), q_ref, rtol=0, atol=tol * 10)
+    np.testing.assert_allclose(_np(r), r_ref, rtol=0, atol=tol * 10 * np.abs(r_ref).max())
+    assert np.all(np.tril(_np(r), -1) == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_batched_qr_of_rank_deficient_zero_and_extreme_matrices(rng, dtype):
+    """Columns that are dependent or zero still give orthonormal q with q @ r = y."""
+    low_rank = rng.standard_normal((40, 2)) @ rng.standard_normal((2, 6))
+    zero_column = rng.standard_normal((40, 6))
+    zero_column[:, 2] = 0.0
+    huge = rng.standard_normal((40, 6)) * (1e25 if dtype == torch.float32 else 1e250)  # squares overflow
+    batch = np.stack([low_rank, zero_column, np.zeros((40, 6)), huge])
+    q, r = _triton_qr(torch.from_numpy(batch).to(dtype).to(TRITON_DEVICE))
+    q, r = _np(q), _np(r)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert np.all(np.isfinite(q)) and np.all(np.isfinite(r))
+    for i in range(4):
+        np.testing.assert_allclose(q[i].T @ q[i], np.eye(6), atol=tol * 10)
+        np.testing.assert_allclose(q[i] @ r[i], batch[i], rtol=0, atol=tol * 10 * max(np.abs(batch[i]).max(), 1.0))
+    np.testing.assert_allclose(np.abs(np.diag(r[3])), np.abs(np.diag(np.linalg.qr(huge)[1])), rtol=tol * 10)
+
+
 @pytest.mark.gpu
 def test_gpu_batch_of_small_matrices_matches_numpy_path(rng):
     a, _ = _matrix(rng, 64, 64, _decaying(64))

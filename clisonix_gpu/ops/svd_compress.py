@@ -240,7 +240,8 @@ def _small_svd(b: Any, ops: Any) -> tuple[Any, Any, Any]:
     """SVD of the projected matrices ``b`` (B, r, N). When r < N it goes through ``b^T = q R``
     and the SVD of the small (r, r) factor: ``R^T = w diag(s) z^T``, so ``b = w diag(s) (q z)^T``.
     Measured 1.3-3x faster than LAPACK's own SVD of the wide matrix in NumPy and torch on CPU,
-    and on CUDA the (r, r) size is what cuSOLVER solves as one batch (up to 32)."""
+    and on CUDA the (r, r) size is what cuSOLVER solves as one batch (up to 32), while the QR of
+    small matrices is the batched Triton kernel."""
     if b.shape[-2] >= b.shape[-1]:
         return ops.svd(b)  # type: ignore[no-any-return]
     q, r = ops.qr_factors(ops.t(b))
@@ -315,18 +316,21 @@ def _svd_compress_numpy(a: Any, **params: Any) -> _Factors:
 
 
 class _TorchOps:
-    """torch versions of the array operations; the first sketch GEMM is the fused Triton kernel."""
+    """torch versions of the array operations; the first sketch GEMM and the QR of small matrices
+    are Triton kernels."""
 
-    @staticmethod
-    def qr(y: Any) -> Any:
+    triton_qr = True
+
+    @classmethod
+    def qr(cls, y: Any) -> Any:
+        return cls.qr_factors(y)[0]
+
+    @classmethod
+    def qr_factors(cls, y: Any) -> tuple[Any, Any]:
         import torch
 
-        return torch.linalg.qr(y).Q
-
-    @staticmethod
-    def qr_factors(y: Any) -> tuple[Any, Any]:
-        import torch
-
+        if cls.triton_qr and _fits_one_program(y):
+            return _householder_qr(y)
         q, r = torch.linalg.qr(y)
         return q, r
 
@@ -400,6 +404,40 @@ class _TorchOps:
         return y
 
 
+_QR_TILE_LIMIT = 8192  # entries of the (M, L) tile one program of the QR kernel keeps in registers
+
+
+def _tile(size: int) -> int:
+    return max(16, 1 << (size - 1).bit_length())
+
+
+def _fits_one_program(y: Any) -> bool:
+    m, cols = y.shape[-2], y.shape[-1]
+    return bool(1 <= cols <= m and _tile(m) * _tile(cols) <= _QR_TILE_LIMIT)
+
+
+def _householder_qr(y: Any) -> tuple[Any, Any]:
+    """Reduced QR of ``y`` (B, M, L), M >= L, float32/float64 on the Triton device: ``q`` (B, M, L)
+    with orthonormal columns and upper-triangular ``r`` (B, L, L), one Triton program per matrix."""
+    import torch
+
+    from ..kernels.svd_compress import householder_qr_kernel
+
+    batch, m, cols = y.shape
+    q = torch.empty((batch, m, cols), dtype=y.dtype, device=y.device)
+    r = torch.empty((batch, cols, cols), dtype=y.dtype, device=y.device)
+    if batch == 0:
+        return q, r
+    block_m, block_l = _tile(m), _tile(cols)
+    with torch.cuda.device(y.device) if y.is_cuda else _null():
+        householder_qr_kernel[(batch,)](
+            y, q, r, m, cols, y.stride(0), y.stride(1), y.stride(2),
+            ACC_FP64=y.dtype == torch.float64, BLOCK_M=block_m, BLOCK_L=block_l,
+            num_warps=4 if block_m * block_l <= 2048 else 8,
+        )  # fmt: skip
+    return q, r
+
+
 def _null() -> Any:
     import contextlib
 
@@ -407,7 +445,10 @@ def _null() -> Any:
 
 
 class _TorchCpuOps(_TorchOps):
-    """torch on the CPU: the same sketch as the NumPy path, applied by torch's matmul."""
+    """torch on the CPU: the same sketch as the NumPy path, applied by torch's matmul, and
+    LAPACK's QR."""
+
+    triton_qr = False
 
     @staticmethod
     def sketch_matmul(a: Any, cols: int, seed: int) -> Any:
