@@ -147,25 +147,27 @@ def _header(request_id: int, code: int, tensors: Sequence[torch.Tensor], params:
 _TensorSpec = tuple[torch.dtype, tuple[int, ...]]
 
 
-_SPECS_SEEN: dict[tuple[int, ...], list[_TensorSpec]] = {}  # decoded specs by their header words
+_Specs = tuple[list[_TensorSpec], int]  # tensor specs and their bytes in all
+_SPECS_SEEN: dict[tuple[int, ...], _Specs] = {}  # decoded specs by their header words
 
 
-def _decode_specs(header: Sequence[int], count: int, max_bytes: int) -> list[_TensorSpec]:
-    """Tensor (dtype, shape) pairs from a header (as a list); ``ValueError`` naming the first field out of range.
+def _decode_specs(header: Sequence[int], count: int, max_bytes: int) -> _Specs:
+    """Tensor (dtype, shape) pairs from a header (as a list), and their total bytes;
+    ``ValueError`` naming the first field out of range.
 
     Requests and replies of a service repeat a few shapes: specs that passed once are looked up.
     """
     key = (max_bytes, count, *header[_SPECS_AT : _SPECS_AT + MAX_TENSORS * _SPEC_WORDS])
-    specs = _SPECS_SEEN.get(key)
-    if specs is None:
-        specs = _check_specs(header, count, max_bytes)
+    found = _SPECS_SEEN.get(key)
+    if found is None:
+        found = _check_specs(header, count, max_bytes)
         if len(_SPECS_SEEN) >= 1024:
             _SPECS_SEEN.clear()
-        _SPECS_SEEN[key] = specs
-    return specs
+        _SPECS_SEEN[key] = found
+    return found
 
 
-def _check_specs(header: Sequence[int], count: int, max_bytes: int) -> list[_TensorSpec]:
+def _check_specs(header: Sequence[int], count: int, max_bytes: int) -> _Specs:
     if not 0 <= count <= MAX_TENSORS:
         raise ValueError(f"tensor count {count} outside [0, {MAX_TENSORS}]")
     specs: list[_TensorSpec] = []
@@ -184,11 +186,13 @@ def _check_specs(header: Sequence[int], count: int, max_bytes: int) -> list[_Ten
         if total > max_bytes:
             raise ValueError(f"tensors exceed the {max_bytes}-byte request limit")
         specs.append((DTYPES[code], shape))
-    return specs
+    return specs, total
 
 
 def _byte_view(t: torch.Tensor) -> np.ndarray:
     """A tensor's bytes as a flat uint8 NumPy array; a view unless ``t`` is off the CPU or not contiguous."""
+    if t.is_cpu and t.dtype != torch.bfloat16 and not t.requires_grad and t.is_contiguous():
+        return t.numpy().reshape(-1).view(np.uint8)  # the usual case, in the fewest calls
     t = t.detach()
     if not t.is_cpu:
         t = t.cpu()
@@ -243,17 +247,34 @@ def _n_chunks(total: int) -> int:
     return max(1, -(-total // CHUNK_BYTES))
 
 
-def _fill(buffer: np.ndarray, header: np.ndarray, chunk: int, payload: _Bytes) -> int:
-    """Write message ``chunk`` of a request or reply into ``buffer``; returns its length in bytes."""
+def _fill(buffer: np.ndarray, header: Sequence[int], chunk: int, payload: _Bytes) -> int:
+    """Write message ``chunk`` of a request or reply into ``buffer`` (MESSAGE_BYTES, 8-byte
+    aligned); returns its length in bytes."""
     size = min(CHUNK_BYTES, payload.total - chunk * CHUNK_BYTES)
-    header[6], header[7] = chunk, size
-    end = HEADER_BYTES + _pad8(size)
-    buffer[:HEADER_BYTES].view(np.int64)[:] = header
+    words = buffer.view(np.int64)
+    words[:HEADER_WORDS] = header
+    words[6], words[7] = chunk, size
     payload.read(chunk * CHUNK_BYTES, buffer[HEADER_BYTES : HEADER_BYTES + size])
+    end = HEADER_BYTES + _pad8(size)
     if end > HEADER_BYTES + size:
         buffer[HEADER_BYTES + size : end] = 0
-    buffer[end : end + TRAILER_BYTES].view(np.int64)[:] = (TRAILER_MAGIC, header[2], chunk, size)
+    words[end // 8 : end // 8 + 4] = (TRAILER_MAGIC, header[2], chunk, size)
     return end + TRAILER_BYTES
+
+
+def _unpack(body: np.ndarray, specs: list[_TensorSpec], copy: bool) -> list[torch.Tensor]:
+    """The tensors of ``specs`` laid back to back in one message's ``body``: views of it where
+    ``copy`` is False and a tensor's offset suits its dtype, else copies."""
+    tensors, offset = [], 0
+    for dtype, shape in specs:
+        size = math.prod(shape) * _ITEMSIZE[dtype]
+        part = body[offset : offset + size]
+        if copy or offset % _ITEMSIZE[dtype]:
+            part = part.copy()
+        t = torch.from_numpy(part.view(_NUMPY_DTYPE[dtype]).reshape(shape))
+        tensors.append(t.view(dtype) if dtype == torch.bfloat16 else t)
+        offset += size
+    return tensors
 
 
 def _peer_of(group: Any, rank: int) -> int:
@@ -281,6 +302,7 @@ class _Outbox:
         self._tensors = [torch.from_numpy(b) for b in self._buffers]  # the same memory, made once
         self._free = deque(range(POSTED_RECEIVES))
         self._sending: deque[tuple[int, Any]] = deque()
+        self._spans: dict[tuple[int, int], torch.Tensor] = {}  # message tensors by (buffer, length)
 
     def _take(self, timeout: float | None) -> int:
         if not self._free and self._sending[0][1].is_completed():  # the usual case: no wait needed
@@ -288,11 +310,15 @@ class _Outbox:
         return self._free.popleft() if self._free else self._take_sent(timeout)
 
     def send(self, header: list[int], payload: _Bytes, timeout: float | None) -> None:
-        words = np.array(header, dtype=np.int64)
         for chunk in range(_n_chunks(payload.total)):
             index = self._take(timeout)
-            length = _fill(self._buffers[index], words, chunk, payload)
-            self._sending.append((index, self._group.send([self._tensors[index][:length]], self._peer, 0)))
+            length = _fill(self._buffers[index], header, chunk, payload)
+            span = self._spans.get((index, length))
+            if span is None:  # a service repeats a few message lengths: their views are kept
+                if len(self._spans) >= 256:
+                    self._spans.clear()
+                span = self._spans[index, length] = self._tensors[index][:length]
+            self._sending.append((index, self._group.send([span], self._peer, 0)))
 
     def flush(self, timeout: float | None) -> None:
         while self._sending:
@@ -315,6 +341,7 @@ class _Inbox:
     def __init__(self, src: int, group: Any):
         self._group, self._peer = group, _peer_of(group, src)
         self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES + 1)]
+        self._words = [b.view(np.int64) for b in self._buffers]
         self._tensors = [torch.from_numpy(b) for b in self._buffers]
         self._free = deque(range(POSTED_RECEIVES + 1))
         self._posted: deque[tuple[int, Any]] = deque()
@@ -338,16 +365,15 @@ class _Inbox:
         _wait(work, timeout)
         self._posted.popleft()
         self._held = index
-        buffer = self._buffers[index]
-        header: list[int] = buffer[:HEADER_BYTES].view(np.int64).tolist()
-        buffer[:HEADER_BYTES] = 0  # a later message that ends inside the header must not show these words
+        buffer, words = self._buffers[index], self._words[index]
+        header: list[int] = words[:HEADER_WORDS].tolist()
+        words[:HEADER_WORDS] = 0  # a later message that ends inside the header must not show these words
         size = header[7]
         if not 0 <= size <= CHUNK_BYTES:
             return header, None
-        at = HEADER_BYTES + _pad8(size)
-        trailer = buffer[at : at + TRAILER_BYTES].view(np.int64)
-        intact = trailer.tolist() == [TRAILER_MAGIC, header[2], header[6], size]
-        trailer[:] = 0  # a later, shorter message must not find this trailer still in place
+        at = (HEADER_BYTES + _pad8(size)) // 8
+        intact = words[at : at + 4].tolist() == [TRAILER_MAGIC, header[2], header[6], size]
+        words[at : at + 4] = 0  # a later, shorter message must not find this trailer still in place
         return header, buffer[HEADER_BYTES : HEADER_BYTES + size] if intact else None
 
 
@@ -399,8 +425,9 @@ def _capacity() -> tuple[int, float]:
     return 0, float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def _check_request(header: list[int], max_bytes: int) -> tuple[_Op, list[_TensorSpec]]:
-    """The op and tensor specs of a request's first chunk; ``ValueError`` naming what is wrong."""
+def _check_request(header: list[int], max_bytes: int) -> tuple[_Op, _Specs]:
+    """The op, tensor specs and payload bytes of a request's first chunk; ``ValueError`` naming
+    what is wrong."""
     op = OPS.get(header[3])
     if op is None:
         raise ValueError(f"op id {header[3]} is not in the allowlist {sorted(OPS)}")
@@ -462,9 +489,15 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
                     reject(request_id, f"chunk {chunk} without the start of its request")
                 continue
             try:
-                current_op, specs = _check_request(header, max_bytes)
+                current_op, (specs, total) = _check_request(header, max_bytes)
             except ValueError as exc:
                 reject(request_id, str(exc))
+                continue
+            if total <= CHUNK_BYTES:  # one message: the op reads its tensors in the receive buffer
+                if header[7] != total:
+                    reject(request_id, f"chunk 0 of {header[7]} bytes where chunk 0 of {total} bytes was due")
+                    continue
+                answered += _answer(outbox, current_op, header, _unpack(body, specs, copy=False), device)
                 continue
             current = _Assembly(header, specs)
         try:
@@ -473,20 +506,26 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
             reject(request_id, str(exc))
             current = None
             continue
-        if not current.complete or current_op is None:
-            continue
-        tensors = current.tensors if device == "cpu" else [t.to(device) for t in current.tensors]
-        params = {name: current.first[_PARAMS_AT + i] for i, name in enumerate(current_op.params)}
-        op_fn, current = current_op.fn, None
-        try:
-            results = op_fn(*tensors, **params)
-        except Exception as exc:  # the op's own typed errors, sent back by name and message
-            _reply_error(outbox, request_id, STATUS_OP_FAILED, f"{type(exc).__name__}: {exc}")
-            continue
-        outbox.send(_header(request_id, STATUS_OK, results), _Bytes.of(results), None)
-        answered += 1
+        if current.complete and current_op is not None:
+            answered += _answer(outbox, current_op, current.first, current.tensors, device)
+            current = None
     outbox.flush(None)
     return answered
+
+
+def _answer(outbox: _Outbox, op: _Op, header: list[int], tensors: list[torch.Tensor], device: str) -> int:
+    """Run ``op`` on a complete request (its first header and tensors) and send the reply before
+    the next receive reuses the buffers; 1 when it succeeded, 0 when the reply is the op's error."""
+    if device != "cpu":
+        tensors = [t.to(device) for t in tensors]
+    params = {name: header[_PARAMS_AT + i] for i, name in enumerate(op.params)}
+    try:
+        results = op.fn(*tensors, **params)
+    except Exception as exc:  # the op's own typed errors, sent back by name and message
+        _reply_error(outbox, header[2], STATUS_OP_FAILED, f"{type(exc).__name__}: {exc}")
+        return 0
+    outbox.send(_header(header[2], STATUS_OK, results), _Bytes.of(results), None)
+    return 1
 
 
 def _reply_error(outbox: _Outbox, request_id: int, status: int, message: str) -> None:
@@ -550,6 +589,7 @@ class Mesh:
         self.max_in_flight = max_in_flight
         self._processes = list(processes)
         self._ids = itertools.count(2)  # next() on a count is atomic under the GIL: no lock per request
+        self._encoded: dict[tuple[Any, ...], tuple[int, list[int]]] = {}
         self._local_lock = threading.Lock()
         self._local_runs = 0
         self._closed = False
@@ -581,6 +621,7 @@ class Mesh:
         live = [w for w in self._workers if w.alive]
         if not live:
             return self._run_local(op, (x, *args), params)[0]
+        args = tuple(a for a in args if a is not None)
         self._encode_request(op, (x, *args), params)
         schedule = alda.plan(len(x), [w.device for w in live])
         by_device = {w.device.name: w for w in live}
@@ -637,6 +678,23 @@ class Mesh:
         return next(self._ids)
 
     def _encode_request(self, op: str, tensors: Sequence[torch.Tensor], params: dict[str, Any]) -> tuple[int, list[int]]:
+        """(op id, parameter values) of a request; ``ValueError``/``TypeError`` for what the mesh
+        cannot carry. A service repeats a few signatures: those that passed once are looked up."""
+        try:
+            key = (op, *[(name, type(v), v) for name, v in params.items()], *[(type(t), t.dtype, t.ndim) for t in tensors])
+            found = self._encoded.get(key)
+        except (AttributeError, TypeError):  # not tensors, or parameters that cannot be a key
+            key, found = None, None
+        if found is None:
+            found = self._check_signature(op, tensors, params)
+            if key is not None:
+                if len(self._encoded) >= 1024:
+                    self._encoded.clear()
+                self._encoded[key] = found
+        return found
+
+    @staticmethod
+    def _check_signature(op: str, tensors: Sequence[torch.Tensor], params: dict[str, Any]) -> tuple[int, list[int]]:
         if op not in _OP_IDS:
             raise ValueError(f"unknown op {op!r}; the mesh serves {sorted(_OP_IDS)}")
         spec = OPS[_OP_IDS[op]]
@@ -655,6 +713,9 @@ class Mesh:
                 raise TypeError(f"tensor {i} of {op}: the mesh carries torch tensors of {DTYPES}; got {getattr(t, 'dtype', type(t))}")
             if t.ndim > MAX_NDIM:
                 raise ValueError(f"tensor {i} of {op}: at most {MAX_NDIM} dimensions; got shape {tuple(t.shape)}")
+        for name in spec.params:
+            if isinstance(values[name], bool) or not isinstance(values[name], (int, np.integer)):
+                raise TypeError(f"{op}: parameter {name} must be an int; got {values[name]!r}")
         return _OP_IDS[op], [int(values[name]) for name in spec.params]
 
     def _run(self, op: str, tensors: Sequence[Any], params: dict[str, Any], preferred: _Worker | None) -> tuple[Any, ...]:
@@ -666,7 +727,7 @@ class Mesh:
         if preferred is not None and preferred in order:
             order.remove(preferred)
             order.insert(0, preferred)
-        elif order:  # spread single requests over the workers
+        elif len(order) > 1:  # spread single requests over the workers
             start = self._request_id() % len(order)
             order = order[start:] + order[:start]
         for worker in order:
@@ -769,7 +830,12 @@ class Mesh:
             raise ConnectionError(f"malformed reply from worker {worker.rank}")
         try:
             if header[6] == 0 and worker.assembly is None:
-                worker.assembly = _Assembly(header, _decode_specs(header, header[4], _REPLY_LIMIT))
+                specs, total = _decode_specs(header, header[4], _REPLY_LIMIT)
+                if total <= CHUNK_BYTES:  # the usual reply: one message
+                    if header[7] != total:
+                        raise ValueError(f"reply {header[2]} has {header[7]} bytes where {total} were due")
+                    return header[2], (header[3], _unpack(body, specs, copy=True))
+                worker.assembly = _Assembly(header, specs)
             elif worker.assembly is None or header[2] != worker.assembly.request_id:
                 raise ValueError(f"chunk {header[6]} of reply {header[2]} out of order")
             worker.assembly.add(header, body)

@@ -63,7 +63,7 @@ def _message(request_id, tensors, op_id=7, chunk=0, params=()):
     """One hand-made message (NumPy uint8) of a request for ``op_id`` carrying ``tensors``."""
     header = mesh_module._header(request_id, op_id, tensors, params)
     buffer = np.empty(mesh_module.MESSAGE_BYTES, dtype=np.uint8)
-    return buffer[: mesh_module._fill(buffer, np.array(header, dtype=np.int64), chunk, mesh_module._Bytes.of(tensors))]
+    return buffer[: mesh_module._fill(buffer, header, chunk, mesh_module._Bytes.of(tensors))]
 
 
 def _send_raw(worker, message):
