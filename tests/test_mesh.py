@@ -172,6 +172,12 @@ def test_op_errors_come_back_typed_and_named(two_workers, rng):
         two_workers.offload("identity", torch.ones(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="at most 6 dimensions"):
         two_workers.offload("identity", torch.ones((1,) * 7))
+    codes = cg.pack_bits(_t(rng, 5, 16))
+    for k in (2.5, 2.0, "2", True):  # never truncated or coerced on the way to the worker
+        with pytest.raises(TypeError, match="must be an int"):
+            two_workers.offload("hamming_topk", codes, codes, k=k)
+    distances, _ = two_workers.offload("hamming_topk", codes, codes, k=np.int64(2))
+    assert distances.shape == (5, 2)
     assert all(s["alive"] for s in two_workers.status() if s["rank"] != 0)
 
 
