@@ -1,0 +1,125 @@
+"""Every Triton kernel compiles for an H100/H200 (sm_90) down to a cubin, with the constexpr
+choices its launcher makes on CUDA, on machines without a GPU too.
+
+The interpreter runs the kernels' arithmetic but never the GPU compiler: the ``tl.dot`` branches
+(``INTERPRETER_DOT=False``), hardware popcount and type rules of the compiled path are checked
+here. Compilation runs in a child process without ``TRITON_INTERPRET``, once for all cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# On a GPU the other tests compile and run every kernel; this check is for machines without one.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device compiles and runs the kernels in the other tests")
+
+_ARCH = 90  # sm_90: the H100/H200 the GPU checks run on
+_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
+
+
+def _pointers(names, dtype):
+    return {name: f"*{dtype}" for name in names}
+
+
+def _ints(names, kind="i32"):
+    return {name: kind for name in names}
+
+
+def _cases():
+    """(case id, kernel module, kernel name, signature, constexprs, options) for every compiled variant."""
+    cases = []
+    tm_args = {**_pointers(["x_ptr", "w_ptr", "bias_ptr", "out_ptr"], "{dt}"),
+               **_ints(["M", "N", "K", "stride_xb", "stride_xm", "stride_wb", "stride_wn", "stride_ob", "stride_om"])}  # fmt: skip
+    block_k = {"fp16": 64, "bf16": 64, "fp32": 32, "fp64": 16}  # ops/transform_matrix.py's _BLOCK_K
+    for dt, activation, precision, tile in [
+        ("fp32", "", "ieee", (128, 256, 8, 3)),
+        ("fp32", "relu", "tf32", (64, 64, 4, 4)),
+        ("fp16", "gelu", "ieee", (128, 128, 8, 4)),
+        ("bf16", "silu", "ieee", (16, 64, 4, 4)),
+        ("bf16", "gelu_tanh", "ieee", (128, 256, 8, 3)),
+        ("fp64", "tanh", "ieee", (64, 64, 4, 4)),
+        ("fp32", "leaky_relu", "ieee", (32, 64, 4, 4)),
+        ("fp16", "sigmoid", "ieee", (64, 256, 4, 4)),
+    ]:
+        bm, bn, warps, stages = tile
+        signature = {k: v.format(dt=dt) for k, v in tm_args.items()}
+        constexprs = {"HAS_BIAS": activation != "", "ACTIVATION": activation, "DOT_PRECISION": precision, "INTERPRETER_DOT": False,
+                      "ACC_FP64": dt == "fp64", "BLOCK_K": block_k[dt], "BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}  # fmt: skip
+        cases.append((f"transform_matrix-{dt}-{activation or 'none'}-{bm}x{bn}", "transform_matrix", "transform_matrix_kernel",
+                      signature, constexprs, {"num_warps": warps, "num_stages": stages}))  # fmt: skip
+    for dt, rule in [("fp32", "positive"), ("bf16", "nonnegative"), ("u8", "nonzero"), ("i64", "positive")]:
+        signature = {"x_ptr": f"*{dt}", "out_ptr": "*u8", **_ints(["R", "n", "W", "stride_xr", "stride_or"])}
+        cases.append((f"pack_bits-{dt}-{rule}", "binary", "pack_bits_kernel", signature,
+                      {"RULE": rule, "BLOCK_R": 16, "BLOCK_W": 16}, {"num_warps": 4}))  # fmt: skip
+    cases.append(("unpack_bits", "binary", "unpack_bits_kernel", {"bits_ptr": "*u8", "out_ptr": "*u8", **_ints(["R", "n", "stride_br", "stride_or"])},
+                  {"BLOCK_R": 16, "BLOCK_C": 64}, {"num_warps": 4}))  # fmt: skip
+    for signed in (True, False):
+        signature = {**_pointers(["a_ptr", "b_ptr", "out_ptr"], "i32"), **_ints(["M", "N", "words", "n_bits", "stride_am", "stride_bn", "stride_om"])}
+        cases.append((f"popcount_gemm-{'signed' if signed else 'hamming'}", "binary", "popcount_gemm_kernel", signature,
+                      {"SIGNED_DOT": signed, "HW_POPC": True, "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_W": 8}, {"num_warps": 4}))  # fmt: skip
+    for dt, tile in [("fp32", (128, 32, 4, 4)), ("fp32", (128, 64, 8, 3)), ("fp64", (64, 32, 4, 4))]:
+        bm, bk, warps, stages = tile
+        signature = {
+            **_pointers(["a_ptr", "y_ptr"], dt),
+            **_ints(["M", "N", "L", "stride_ab", "stride_am", "stride_yb", "stride_ym"]),
+            "seed_mix": "i64",
+        }
+        cases.append((f"sketch_matmul-{dt}-{bm}x{bk}", "svd_compress", "sketch_matmul_kernel", signature,
+                      {"INTERPRETER_DOT": False, "ACC_FP64": dt == "fp64", "BLOCK_L": 64, "BLOCK_M": bm, "BLOCK_K": bk},
+                      {"num_warps": warps, "num_stages": stages}))  # fmt: skip
+    for dt, (bm, bl) in [("fp32", (64, 32)), ("fp32", (256, 32)), ("fp64", (128, 64)), ("fp32", (16, 16))]:
+        signature = {**_pointers(["y_ptr", "q_ptr", "r_ptr"], dt), **_ints(["M", "L", "stride_yb", "stride_ym", "stride_yl"])}
+        cases.append((f"householder_qr-{dt}-{bm}x{bl}", "svd_compress", "householder_qr_kernel", signature,
+                      {"ACC_FP64": dt == "fp64", "BLOCK_M": bm, "BLOCK_L": bl}, {"num_warps": 4 if bm * bl <= 2048 else 8}))  # fmt: skip
+    return cases
+
+
+def _compile_all() -> None:
+    """Child process: compile every case, print {case id: error text or shared-memory bytes}."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results = {}
+    for case_id, module, name, signature, constexprs, options in _cases():
+        kernel = getattr(importlib.import_module(f"clisonix_gpu.kernels.{module}"), name)
+        while not isinstance(kernel, triton.runtime.JITFunction):
+            kernel = kernel.fn  # the JITFunction under @triton.autotune
+        try:
+            sig = {**signature, **{k: "constexpr" for k in constexprs}}
+            compiled = triton.compile(
+                ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", _ARCH, 32), options=options
+            )
+            results[case_id] = {"cubin": len(compiled.asm["cubin"]), "shared": compiled.metadata.shared}
+        except Exception as exc:  # reported per case by the test
+            results[case_id] = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default the kernels were written for
+    here = Path(__file__).parent
+    proc = subprocess.run(
+        [sys.executable, "-c", "import test_triton_compile as t; t._compile_all()"],
+        cwd=here, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case_id", [case[0] for case in _cases()])
+def test_kernel_compiles_for_sm90(compiled, case_id):
+    result = compiled[case_id]
+    assert "error" not in result, result.get("error")
+    assert result["cubin"] > 0 and result["shared"] <= _SHARED_LIMIT
