@@ -30,15 +30,17 @@ def rademacher(rows, cols, seed_mix):
 
 
 def _configs():
+    # BLOCK_K comes from the host, not the tuner: a row's sum over k then runs in the same steps
+    # whichever tile wins, so one seed gives the same bits in every process.
     if INTERPRETER:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 32}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bk, w, s in [(128, 32, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4)]
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bm, w, s in [(128, 8, 3), (64, 8, 4), (64, 4, 4), (32, 4, 4)]  # (64, 8) and (32, 4) do not spill (ptxas -v, sm_90)
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "BLOCK_L"])
+@triton.autotune(configs=_configs(), key=["M", "N", "BLOCK_L", "BLOCK_K"])
 @triton.jit(do_not_specialize=["seed_mix"])
 def sketch_matmul_kernel(
     a_ptr,  # (B, M, N), unit stride along N

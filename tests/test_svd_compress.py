@@ -273,6 +273,17 @@ def test_triton_batched_qr_of_rank_deficient_zero_and_extreme_matrices(rng, dtyp
     np.testing.assert_allclose(np.abs(np.diag(r[3])), np.abs(np.diag(np.linalg.qr(huge)[1])), rtol=tol * 10)
 
 
+def test_qr_routing_by_tile_size(rng):
+    """Tiles over 32 KiB (they would spill registers) and wide matrices go to torch's QR."""
+    module = importlib.import_module("clisonix_gpu.ops.svd_compress")
+    fits = module._fits_one_program
+    assert fits(torch.empty(3, 64, 64)) and fits(torch.empty(3, 256, 32)) and fits(torch.empty(3, 64, 64, dtype=torch.float64))
+    assert not fits(torch.empty(3, 256, 33)) and not fits(torch.empty(3, 128, 64, dtype=torch.float64)) and not fits(torch.empty(3, 4, 5))
+    y = torch.from_numpy(rng.standard_normal((2, 300, 40))).to(TRITON_DEVICE)
+    q, r = module._TorchOps.qr_factors(y)
+    np.testing.assert_allclose(_np(q @ r), _np(y), atol=1e-12 * float(y.abs().max()))
+
+
 @pytest.mark.gpu
 def test_gpu_batch_of_small_matrices_matches_numpy_path(rng):
     a, _ = _matrix(rng, 64, 64, _decaying(64))

@@ -64,7 +64,7 @@ def _cases():
         signature = {**_pointers(["a_ptr", "b_ptr", "out_ptr"], "i32"), **_ints(["M", "N", "words", "n_bits", "stride_am", "stride_bn", "stride_om"])}
         cases.append((f"popcount_gemm-{'signed' if signed else 'hamming'}", "binary", "popcount_gemm_kernel", signature,
                       {"SIGNED_DOT": signed, "HW_POPC": True, "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_W": 8}, {"num_warps": 4}))  # fmt: skip
-    for dt, tile in [("fp32", (128, 32, 4, 4)), ("fp32", (128, 64, 8, 3)), ("fp64", (64, 32, 4, 4))]:
+    for dt, tile in [("fp32", (128, 32, 8, 3)), ("fp32", (32, 32, 4, 4)), ("fp64", (64, 32, 4, 4))]:
         bm, bk, warps, stages = tile
         signature = {
             **_pointers(["a_ptr", "y_ptr"], dt),
@@ -74,10 +74,11 @@ def _cases():
         cases.append((f"sketch_matmul-{dt}-{bm}x{bk}", "svd_compress", "sketch_matmul_kernel", signature,
                       {"INTERPRETER_DOT": False, "ACC_FP64": dt == "fp64", "BLOCK_L": 64, "BLOCK_M": bm, "BLOCK_K": bk},
                       {"num_warps": warps, "num_stages": stages}))  # fmt: skip
-    for dt, (bm, bl) in [("fp32", (64, 32)), ("fp32", (256, 32)), ("fp64", (128, 64)), ("fp32", (16, 16))]:
+    for dt, (bm, bl) in [("fp32", (64, 32)), ("fp32", (256, 32)), ("fp64", (64, 64)), ("fp32", (16, 16))]:
         signature = {**_pointers(["y_ptr", "q_ptr", "r_ptr"], dt), **_ints(["M", "L", "stride_yb", "stride_ym", "stride_yl"])}
+        tile_bytes = bm * bl * (8 if dt == "fp64" else 4)  # the launcher's num_warps rule
         cases.append((f"householder_qr-{dt}-{bm}x{bl}", "svd_compress", "householder_qr_kernel", signature,
-                      {"ACC_FP64": dt == "fp64", "BLOCK_M": bm, "BLOCK_L": bl}, {"num_warps": 4 if bm * bl <= 2048 else 8}))  # fmt: skip
+                      {"ACC_FP64": dt == "fp64", "BLOCK_M": bm, "BLOCK_L": bl}, {"num_warps": 4 if tile_bytes <= 8192 else 8}))  # fmt: skip
     return cases
 
 

@@ -400,11 +400,13 @@ class _TorchOps:
             sketch_matmul_kernel[grid](
                 a, y, m, n, cols, a.stride(0), a.stride(1), y.stride(0), y.stride(1), mix,
                 INTERPRETER_DOT=_dispatch.interpreter_enabled(), ACC_FP64=a.dtype == torch.float64, BLOCK_L=block_l,
+                BLOCK_K=_SKETCH_BLOCK_K,
             )  # fmt: skip
         return y
 
 
-_QR_TILE_LIMIT = 8192  # entries of the (M, L) tile one program of the QR kernel keeps in registers
+_SKETCH_BLOCK_K = 32  # the sketch GEMM's reduction step, fixed for reproducible bits
+_QR_TILE_BYTES = 32 << 10  # the (M, L) tile of the QR kernel: in registers without spills up to this (ptxas -v, sm_90)
 
 
 def _tile(size: int) -> int:
@@ -413,7 +415,7 @@ def _tile(size: int) -> int:
 
 def _fits_one_program(y: Any) -> bool:
     m, cols = y.shape[-2], y.shape[-1]
-    return bool(1 <= cols <= m and _tile(m) * _tile(cols) <= _QR_TILE_LIMIT)
+    return bool(1 <= cols <= m and _tile(m) * _tile(cols) * y.element_size() <= _QR_TILE_BYTES)
 
 
 def _householder_qr(y: Any) -> tuple[Any, Any]:
@@ -433,7 +435,7 @@ def _householder_qr(y: Any) -> tuple[Any, Any]:
         householder_qr_kernel[(batch,)](
             y, q, r, m, cols, y.stride(0), y.stride(1), y.stride(2),
             ACC_FP64=y.dtype == torch.float64, BLOCK_M=block_m, BLOCK_L=block_l,
-            num_warps=4 if block_m * block_l <= 2048 else 8,
+            num_warps=4 if block_m * block_l * y.element_size() <= 8192 else 8,
         )  # fmt: skip
     return q, r
 
