@@ -127,7 +127,9 @@ _SPEC_WORDS = 2 + MAX_NDIM
 HEADER_BYTES = HEADER_WORDS * 8
 TRAILER_MAGIC = 0x434C5354  # "CLST"
 TRAILER_BYTES = 32
-CHUNK_BYTES = 1 << 20
+# A request up to 4 MiB (a 1024^2 float32 image) is one message each way. Posted buffers stay
+# virtual memory until messages fill them, so small messages touch only their first pages.
+CHUNK_BYTES = 4 << 20
 MESSAGE_BYTES = HEADER_BYTES + CHUNK_BYTES + TRAILER_BYTES  # every posted receive fits any message
 POSTED_RECEIVES = 2  # per peer, kept posted ahead of the messages they will hold
 _REPLY_LIMIT = 1 << 40  # replies come from the mesh's own workers; the bound only rejects garbage
