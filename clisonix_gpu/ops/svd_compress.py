@@ -389,7 +389,7 @@ class _TorchOps:
         batch, m, n = a.shape
         a = a if a.stride(-1) == 1 else a.contiguous()
         y = torch.empty((batch, m, cols), dtype=a.dtype, device=a.device)
-        block_l = min(64, max(16, 1 << (cols - 1).bit_length()))
+        block_l = min(64, _tile(cols))
         mix = seed_mix(seed)
         mix = mix - (1 << 64) if mix >= 1 << 63 else mix  # the same 64 bits, as a signed argument
 
@@ -410,6 +410,7 @@ _QR_TILE_BYTES = 32 << 10  # the (M, L) tile of the QR kernel: in registers with
 
 
 def _tile(size: int) -> int:
+    """A kernel block covering ``size``: the next power of two, at least 16."""
     return max(16, 1 << (size - 1).bit_length())
 
 
