@@ -8,6 +8,7 @@ here. Compilation runs in a child process without ``TRITON_INTERPRET``, once for
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -37,7 +38,9 @@ def _cases():
     cases = []
     tm_args = {**_pointers(["x_ptr", "w_ptr", "bias_ptr", "out_ptr"], "{dt}"),
                **_ints(["M", "N", "K", "stride_xb", "stride_xm", "stride_wb", "stride_wn", "stride_ob", "stride_om"])}  # fmt: skip
-    block_k = {"fp16": 64, "bf16": 64, "fp32": 32, "fp64": 16}  # ops/transform_matrix.py's _BLOCK_K
+    names = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
+    block_k = {dt: importlib.import_module("clisonix_gpu.ops.transform_matrix")._BLOCK_K[name] for dt, name in names.items()}
+    svd = importlib.import_module("clisonix_gpu.ops.svd_compress")
     for dt, activation, precision, tile in [
         ("fp32", "", "ieee", (128, 256, 8, 3)),
         ("fp32", "relu", "tf32", (64, 64, 4, 4)),
@@ -64,8 +67,9 @@ def _cases():
         signature = {**_pointers(["a_ptr", "b_ptr", "out_ptr"], "i32"), **_ints(["M", "N", "words", "n_bits", "stride_am", "stride_bn", "stride_om"])}
         cases.append((f"popcount_gemm-{'signed' if signed else 'hamming'}", "binary", "popcount_gemm_kernel", signature,
                       {"SIGNED_DOT": signed, "HW_POPC": True, "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_W": 8}, {"num_warps": 4}))  # fmt: skip
-    for dt, tile in [("fp32", (128, 32, 8, 3)), ("fp32", (32, 32, 4, 4)), ("fp64", (64, 32, 4, 4))]:
-        bm, bk, warps, stages = tile
+    for dt, tile in [("fp32", (128, 8, 3)), ("fp32", (32, 4, 4)), ("fp64", (64, 4, 4))]:
+        bm, warps, stages = tile
+        bk = svd._SKETCH_BLOCK_K
         signature = {
             **_pointers(["a_ptr", "y_ptr"], dt),
             **_ints(["M", "N", "L", "stride_ab", "stride_am", "stride_yb", "stride_ym"]),
@@ -76,16 +80,14 @@ def _cases():
                       {"num_warps": warps, "num_stages": stages}))  # fmt: skip
     for dt, (bm, bl) in [("fp32", (64, 32)), ("fp32", (256, 32)), ("fp64", (64, 64)), ("fp32", (16, 16))]:
         signature = {**_pointers(["y_ptr", "q_ptr", "r_ptr"], dt), **_ints(["M", "L", "stride_yb", "stride_ym", "stride_yl"])}
-        tile_bytes = bm * bl * (8 if dt == "fp64" else 4)  # the launcher's num_warps rule
+        warps = svd._qr_warps(bm * bl * (8 if dt == "fp64" else 4))
         cases.append((f"householder_qr-{dt}-{bm}x{bl}", "svd_compress", "householder_qr_kernel", signature,
-                      {"ACC_FP64": dt == "fp64", "BLOCK_M": bm, "BLOCK_L": bl}, {"num_warps": 4 if tile_bytes <= 8192 else 8}))  # fmt: skip
+                      {"ACC_FP64": dt == "fp64", "BLOCK_M": bm, "BLOCK_L": bl}, {"num_warps": warps}))  # fmt: skip
     return cases
 
 
 def _compile_all() -> None:
     """Child process: compile every case, print {case id: error text or shared-memory bytes}."""
-    import importlib
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
