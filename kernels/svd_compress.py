@@ -76,7 +76,7 @@ def sketch_matmul_kernel(
         if INTERPRETER_DOT:  # see transform_matrix: keep the interpreter off NumPy's BLAS
             acc += tl.sum(a[:, :, None] * omega[None, :, :], axis=1)
         else:
-            acc = tl.dot(a, omega, acc, input_precision="ieee")
+            acc = tl.dot(a, omega, acc, input_precision="ieee", out_dtype=acc.dtype)
     y_ptrs = y_ptr + batch * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_l[None, :]
     tl.store(y_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_l[None, :] < L))
 

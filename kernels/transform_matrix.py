@@ -87,7 +87,7 @@ def transform_matrix_kernel(
             # accumulator's precision keeps both the numbers and the batch invariance.
             acc += tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
         else:
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
