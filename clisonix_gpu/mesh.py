@@ -273,10 +273,15 @@ def _unpack(body: np.ndarray, specs: list[_TensorSpec], copy: bool) -> list[torc
         part = body[offset : offset + size]
         if copy or offset % _ITEMSIZE[dtype]:
             part = part.copy()
-        t = torch.from_numpy(part.view(_NUMPY_DTYPE[dtype]).reshape(shape))
-        tensors.append(t.view(dtype) if dtype == torch.bfloat16 else t)
+        tensors.append(_tensor_of(part.view(_NUMPY_DTYPE[dtype]).reshape(shape), dtype))
         offset += size
     return tensors
+
+
+def _tensor_of(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``array`` (of ``_NUMPY_DTYPE[dtype]``) as a tensor of ``dtype``, sharing its memory."""
+    t = torch.from_numpy(array)
+    return t.view(dtype) if dtype == torch.bfloat16 else t
 
 
 def _peer_of(group: Any, rank: int) -> int:
@@ -385,7 +390,7 @@ class _Assembly:
     def __init__(self, header: list[int], specs: list[_TensorSpec]):
         self.first = header
         arrays = [np.empty(shape, dtype=_NUMPY_DTYPE[dtype]) for dtype, shape in specs]
-        self.tensors = [torch.from_numpy(a) if dtype != torch.bfloat16 else torch.from_numpy(a).view(dtype) for a, (dtype, _) in zip(arrays, specs)]
+        self.tensors = [_tensor_of(a, dtype) for a, (dtype, _) in zip(arrays, specs)]
         self._bytes = _Bytes([a.reshape(-1).view(np.uint8) for a in arrays])
         self.total = self._bytes.total
         self.n_chunks = _n_chunks(self.total)
