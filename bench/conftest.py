@@ -153,9 +153,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", str(env["device"])).strip("-").lower()
-    stems = [RESULTS_DIR / f"latest-{DEVICE}"]
-    if not TINY and not os.environ.get("CLISONIX_BENCH_OUT"):
-        stems.append(RESULTS_DIR / f"{env['date'][:10]}-{slug}")  # a dated copy, to commit
+    if TINY or os.environ.get("CLISONIX_BENCH_OUT"):
+        stems = [RESULTS_DIR / f"latest-{DEVICE}"]  # a run of one's own, overwritten by the next
+    else:
+        stems = [RESULTS_DIR / f"{env['date'][:10]}-{slug}"]  # the record to commit; the README reads the newest
     for stem in stems:
         stem.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows, "raw": [r.__dict__ for r in RESULTS]}, indent=2) + "\n")
         stem.with_suffix(".md").write_text(text)

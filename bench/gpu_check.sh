@@ -23,9 +23,8 @@ timeout 150 python3 -m clisonix_gpu.cli bench --quick --device cuda --out "$OUT"
 # svd_compress on the GPU with and without its batched Triton QR (torch.linalg.qr instead):
 # tells whether the kernel pays where torch's batched QR forms Q matrix by matrix.
 timeout 60 python3 - <<'PY' 2>&1 | tee "$OUT/svd_qr_ablation.log"
-import importlib
 import torch, triton.testing, clisonix_gpu as cg
-ops = importlib.import_module("clisonix_gpu.ops.svd_compress")._TorchOps
+from clisonix_gpu.ops.svd_compress import _TorchOps as ops
 for batch, m, n, k in [(1024, 64, 64, 8), (4096, 32, 32, 4), (64, 256, 128, 16), (1, 8192, 8192, 64)]:
     a = torch.randn(batch, m, n, device="cuda")
     times = {}

@@ -12,18 +12,43 @@ from types import ModuleType
 
 from . import alda, ops
 from ._dispatch import BackendStatus, backends, current_backend, use_backend
-from .algebra import BinaryAlgebra
 from .errors import BackendUnavailable, ShapeError
-from .ops import *  # noqa: F403 - the LIAM ops are the package's top-level API
+from .ops.activations import ACTIVATIONS
+from .ops.binary import (
+    RadiusResult,
+    binarize,
+    binary_matmul,
+    hamming_distance,
+    hamming_radius,
+    hamming_topk,
+    pack_bits,
+    unpack_bits,
+)
+from .ops.svd_compress import LowRank, svd_compress
+from .ops.transform_matrix import transform_matrix
+from .opset import BinaryAlgebra, OpSet
 
 __version__ = "0.1.0"
 
 __all__ = [
-    *ops.__all__,
+    "ACTIVATIONS",
     "BackendStatus",
     "BackendUnavailable",
     "BinaryAlgebra",
+    "LowRank",
+    "OpSet",
+    "RadiusResult",
     "ShapeError",
+    "binarize",
+    "binary_matmul",
+    "hamming_distance",
+    "hamming_radius",
+    "hamming_topk",
+    "ops",
+    "pack_bits",
+    "svd_compress",
+    "transform_matrix",
+    "unpack_bits",
     "__version__",
     "alda",
     "backends",

@@ -66,10 +66,21 @@ def plot(rows: list[dict[str, object]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def newest_results(results: Path) -> list[Path]:
+    """The newest dated result file (``<date>-<device>.json``) per device kind in ``results``,
+    CUDA first; a folder of one's own run (``latest-<kind>.json``) counts too."""
+    newest: dict[str, tuple[str, Path]] = {}
+    for path in results.glob("*.json"):
+        env = json.loads(path.read_text())["environment"]
+        if not env.get("tiny"):
+            newest[env["device_kind"]] = max(newest.get(env["device_kind"], ("", path)), (env["date"], path))
+    return [newest[kind][1] for kind in ("cuda", "cpu") if kind in newest]
+
+
 def update_readme(readme: Path, results: Path) -> list[Path]:
-    """Replace the README block between the performance markers with the latest result tables
-    (``results/latest-cpu.json``, ``results/latest-cuda.json``); returns the files used."""
-    used = [p for p in (results / "latest-cuda.json", results / "latest-cpu.json") if p.exists()]
+    """Replace the README block between the performance markers with the newest result tables
+    of :func:`newest_results`; returns the files used."""
+    used = newest_results(results)
     parts = []
     for path in used:
         data = json.loads(path.read_text())

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, cast
 import numpy as np
 
 from .errors import BackendUnavailable
+from .kernels._common import interpreter_enabled
 
 BACKEND_NAMES = ("numpy", "triton", "cupy")
 _CHOICES = ("auto",) + BACKEND_NAMES
@@ -120,11 +121,6 @@ def common_kind(names: tuple[str, ...], arrays: tuple[Any, ...]) -> str:
 
 
 # ----------------------------------------------------------------------------- backend status
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

@@ -12,21 +12,13 @@ from typing import Any
 
 import numpy as np
 
+from .ops.utils import cdiv
+
 
 def _torch_activation(name: str | None) -> Callable[[Any], Any]:
-    import torch
-    import torch.nn.functional as F
+    from .ops.activations import TABLE
 
-    return {
-        None: lambda t: t,
-        "relu": F.relu,
-        "leaky_relu": F.leaky_relu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-        "silu": F.silu,
-        "sigmoid": torch.sigmoid,
-        "tanh": torch.tanh,
-    }[name]
+    return TABLE[name].torch
 
 
 def reference_transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = None) -> np.ndarray:
@@ -59,7 +51,7 @@ def transform_matrix_error_bound(x: Any, w: Any, bias: Any = None) -> np.ndarray
 
 
 def _numpy_linear(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, activation: str | None) -> np.ndarray:
-    from .ops._activations import apply_activation_
+    from .ops.activations import apply_activation_
 
     y = x @ w.T
     if bias is not None:
@@ -102,7 +94,7 @@ TRANSFORM_MATRIX_PEERS: dict[str, dict[str, Callable[..., Any]]] = {
 
 
 def _numpy_popcount_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    width = -(-a.shape[1] // 8) * 8
+    width = cdiv(a.shape[1], 8) * 8
     aw = np.zeros((a.shape[0], width), np.uint8)
     bw = np.zeros((b.shape[0], width), np.uint8)
     aw[:, : a.shape[1]], bw[:, : b.shape[1]] = a, b

@@ -40,7 +40,10 @@ import torch
 import torch.distributed as dist
 
 from . import alda
-from .ops import ACTIVATIONS, binary_matmul, hamming_distance, hamming_topk, pack_bits, svd_compress, transform_matrix
+from .ops.activations import ACTIVATIONS
+from .ops.binary import binary_matmul, hamming_distance, hamming_topk, pack_bits
+from .ops.svd_compress import svd_compress
+from .ops.transform_matrix import transform_matrix
 
 __all__ = ["Mesh", "MeshError", "OPS", "connect", "serve"]
 

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from . import torch as ops
-from .ops import svd_compress
-from .ops._activations import check_activation
+from . import torch as torch_ops
+from .ops.activations import check_activation
+from .ops.svd_compress import svd_compress
+from .ops.utils import cdiv
 
 __all__ = ["BinaryLinear", "CompressionReport", "LIAMLinear", "LayerReport", "LowRankLinear", "compress"]
 
@@ -64,7 +65,7 @@ class LIAMLinear(nn.Linear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.transform_matrix(x, self.weight, self.bias, self.activation)
+        return torch_ops.transform_matrix(x, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation}"
@@ -137,7 +138,7 @@ class LowRankLinear(nn.Module):
         return self.second @ self.first
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.transform_matrix(ops.transform_matrix(x, self.first), self.second, self.bias, self.activation)
+        return torch_ops.transform_matrix(torch_ops.transform_matrix(x, self.first), self.second, self.bias, self.activation)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}, activation={self.activation}"
@@ -182,7 +183,7 @@ class BinaryLinear(nn.Module):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight_bits", torch.zeros(out_features, -(-in_features // 8), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_bits", torch.zeros(out_features, cdiv(in_features, 8), dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype)) if trainable else None
@@ -209,7 +210,7 @@ class BinaryLinear(nn.Module):
         source = self.weight if weight is None else weight
         if source is None:
             raise ValueError("nothing to pack: pass a weight, or build the layer with trainable=True")
-        bits, scale = ops.binarize(source.detach())
+        bits, scale = torch_ops.binarize(source.detach())
         self.weight_bits.copy_(bits)
         self.weight_scale.copy_(scale)
 
@@ -226,8 +227,8 @@ class BinaryLinear(nn.Module):
             xb = _sign_ste(rows) * rows.abs().mean(dim=1, keepdim=True)
             y = torch.nn.functional.linear(xb, w, self.bias)
         else:
-            bits, scale = ops.binarize(rows)
-            dots = ops.binary_matmul(bits, self.weight_bits, self.in_features)
+            bits, scale = torch_ops.binarize(rows)
+            dots = torch_ops.binary_matmul(bits, self.weight_bits, self.in_features)
             y = dots.to(x.dtype) * scale[:, None] * self.weight_scale
             if self.bias is not None:
                 y = y + self.bias

@@ -12,7 +12,6 @@ Not declared here: ``hamming_radius`` (its output size depends on the data) and
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -21,14 +20,14 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import _dispatch
+from .ops import binary as _binary
+from .ops import svd_compress as _svd
+from .ops import transform_matrix as _tm
+from .ops.activations import TABLE as _ACTIVATIONS
+from .ops.utils import cdiv
 
 if TYPE_CHECKING:
     from torch._library.custom_ops import CustomOpDef
-
-# The op modules share their names with the functions that clisonix_gpu.ops re-exports.
-_binary = importlib.import_module("clisonix_gpu.ops.binary")
-_svd = importlib.import_module("clisonix_gpu.ops.svd_compress")
-_tm = importlib.import_module("clisonix_gpu.ops.transform_matrix")
 
 __all__ = [
     "binarize",
@@ -84,36 +83,10 @@ def _transform_matrix_op(x: Tensor, w: Tensor, bias: Tensor | None, activation: 
     if x.device.type != "cuda" and _dispatch.select_backend("torch-cpu") != "triton":
         return cast(Tensor, _transform_matrix_cpu(x, w, bias, activation))
     _tm.validate(x, w, bias, activation or None)
-    return cast(Tensor, _tm._transform_matrix_triton(x, w, bias, activation=activation or None, wrap=wrap_triton))
+    return cast(Tensor, _tm.launch_transform_matrix(x, w, bias, activation or None, wrap=wrap_triton))
 
 
 _transform_matrix_op.register_fake(_transform_matrix_shape)
-
-
-def _activation_grad(z: Tensor, activation: str) -> Tensor:
-    """d activation(z) / dz, elementwise, in z's dtype."""
-    if not activation:
-        return torch.ones_like(z)
-    if activation == "relu":
-        return (z > 0).to(z.dtype)
-    if activation == "leaky_relu":
-        return torch.where(z > 0, 1.0, 0.01).to(z.dtype)
-    if activation == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
-        return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
-    if activation == "gelu_tanh":
-        c = 0.7978845608028654
-        inner = c * (z + 0.044715 * z**3)
-        t = torch.tanh(inner)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z)
-    if activation == "silu":
-        sig = torch.sigmoid(z)
-        return sig * (1.0 + z * (1.0 - sig))
-    if activation == "sigmoid":
-        sig = torch.sigmoid(z)
-        return sig * (1.0 - sig)
-    t = torch.tanh(z)  # tanh
-    return 1.0 - t * t
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -130,7 +103,7 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Ten
         z = torch.matmul(x, w.transpose(-1, -2))
         if bias is not None:
             z = z + bias
-        grad = grad * _activation_grad(z, ctx.activation)
+        grad = grad * _ACTIVATIONS[ctx.activation].grad(z)
     grad_x = torch.matmul(grad, w) if ctx.needs_input_grad[0] else None
     grad_w = grad_b = None
     if ctx.needs_input_grad[1]:
@@ -167,10 +140,6 @@ def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activatio
 # Device-agnostic implementations: the dispatch table picks the Triton kernels for CUDA tensors.
 
 
-def _width(n: int) -> int:
-    return -(-n // 8)
-
-
 @_custom_op("clisonix::pack_bits")
 def pack_bits(x: Tensor) -> Tensor:
     """:func:`clisonix_gpu.pack_bits` as a torch op.
@@ -185,7 +154,7 @@ def pack_bits(x: Tensor) -> Tensor:
 
 @pack_bits.register_fake
 def _(x: Tensor) -> Tensor:
-    return x.new_empty(tuple(x.shape[:-1]) + (_width(x.shape[-1]),), dtype=torch.uint8)
+    return x.new_empty(tuple(x.shape[:-1]) + (cdiv(x.shape[-1], 8),), dtype=torch.uint8)
 
 
 @_custom_op("clisonix::unpack_bits")
@@ -222,7 +191,7 @@ def binarize(x: Tensor) -> tuple[Tensor, Tensor]:
 @binarize.register_fake
 def _(x: Tensor) -> tuple[Tensor, Tensor]:
     lead = tuple(x.shape[:-1])
-    return x.new_empty(lead + (_width(x.shape[-1]),), dtype=torch.uint8), x.new_empty(lead)
+    return x.new_empty(lead + (cdiv(x.shape[-1], 8),), dtype=torch.uint8), x.new_empty(lead)
 
 
 def _binarize_setup(ctx: Any, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:

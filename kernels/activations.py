@@ -9,7 +9,14 @@ in ``1 - exp(-2|x|)``.
 import triton
 import triton.language as tl
 
-LEAKY_RELU_SLOPE = tl.constexpr(0.01)  # torch.nn.functional.leaky_relu's default
+from . import activation_table as table
+
+# Triton kernels read module-level constants only as constexprs (tensor * constexpr: the
+# interpreter cannot take a constexpr on the left).
+LEAKY_RELU_SLOPE = tl.constexpr(table.LEAKY_RELU_SLOPE)
+SQRT_HALF = tl.constexpr(table.SQRT_HALF)
+SQRT_2_OVER_PI = tl.constexpr(table.SQRT_2_OVER_PI)
+GELU_TANH_CUBIC = tl.constexpr(table.GELU_TANH_CUBIC)
 
 
 @triton.jit
@@ -36,15 +43,15 @@ def _sigmoid(x):
 
 @triton.jit
 def apply_activation(x, ACTIVATION: tl.constexpr):
-    """``ACTIVATION``: ``""`` (identity), relu, leaky_relu, gelu, gelu_tanh, silu, sigmoid or tanh."""
+    """``ACTIVATION``: ``""`` (identity) or a name of ``activation_table.ACTIVATIONS``."""
     if ACTIVATION == "relu":
         x = tl.where(x < 0, 0.0, x)
     elif ACTIVATION == "leaky_relu":
         x = tl.where(x < 0, x * LEAKY_RELU_SLOPE, x)
     elif ACTIVATION == "gelu":
-        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        x = 0.5 * x * (1.0 + tl.math.erf(x * SQRT_HALF))
     elif ACTIVATION == "gelu_tanh":
-        x = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+        x = 0.5 * x * (1.0 + _tanh((x + x * GELU_TANH_CUBIC * x * x) * SQRT_2_OVER_PI))
     elif ACTIVATION == "silu":
         x = x * _sigmoid(x)
     elif ACTIVATION == "sigmoid":

@@ -9,9 +9,9 @@ interpreter has no libdevice, so it counts with the SWAR bit trick instead.
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER
+from ._common import interpreter_enabled
 
-if not INTERPRETER:
+if not interpreter_enabled():
     from triton.language.extra import libdevice
 else:  # never reached in a traced kernel: HW_POPC is False under the interpreter
     libdevice = None

@@ -16,7 +16,7 @@ QR after every GEMM, so a batch of small matrices would spend most of its time t
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER
+from ._common import interpreter_enabled
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def rademacher(rows, cols, seed_mix):
 def _configs():
     # BLOCK_K comes from the host, not the tuner: a row's sum over k then runs in the same steps
     # whichever tile wins, so one seed gives the same bits in every process.
-    if INTERPRETER:
+    if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 32}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)

@@ -8,12 +8,12 @@ row's result therefore never depends on M or on which rows share its tile.
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER, autotune_kwargs
+from ._common import autotune_kwargs, interpreter_enabled
 from .activations import apply_activation
 
 
 def _configs():
-    if INTERPRETER:  # every config would be run by the slow interpreter while tuning
+    if interpreter_enabled():  # every config would be run by the slow interpreter while tuning
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)

@@ -8,7 +8,8 @@ import torch
 from conftest import TRITON_DEVICE
 
 import clisonix_gpu as cg
-from clisonix_gpu.ops import binary as binary_module
+from clisonix_gpu.ops.binary import _numpy as binary_numpy
+from clisonix_gpu.ops.binary import _search as binary_search
 
 BACKENDS = ["numpy", "triton"]
 LENGTHS = [1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 127, 129, 1003]
@@ -135,7 +136,7 @@ def _ref_topk(a, b, n, k):
 def blocks(request, monkeypatch):
     """Run searches in one block, or in tiny blocks that exercise the merge across blocks."""
     if request.param:
-        monkeypatch.setattr(binary_module, "_BLOCK_ENTRIES", 7)
+        monkeypatch.setattr(binary_search, "BLOCK_ENTRIES", 7)
     return request.param
 
 
@@ -286,6 +287,6 @@ def test_cupy_backend_matches_numpy(rng, k):
 
 
 def test_numpy_path_without_bitwise_count(rng, monkeypatch):
-    monkeypatch.setattr(binary_module, "_popcount", None)  # NumPy < 2.0 counts bytes by table
+    monkeypatch.setattr(binary_numpy, "_popcount", None)  # NumPy < 2.0 counts bytes by table
     a, b = _random_codes(rng, 5, 99), _random_codes(rng, 8, 99)
     assert np.array_equal(cg.hamming_distance(a, b), _ref_distances(a, b, 99))

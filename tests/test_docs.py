@@ -60,7 +60,7 @@ def test_every_public_name_has_a_running_example(qualname):
     [
         "clisonix_gpu",
         "clisonix_gpu._dispatch",
-        "clisonix_gpu.algebra",
+        "clisonix_gpu.opset",
         "clisonix_gpu.alda",
         "clisonix_gpu.ops.binary",
         "clisonix_gpu.ops.transform_matrix",

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 from conftest import TRITON_DEVICE
 
 import clisonix_gpu as cg
+from clisonix_gpu.ops import svd_compress as svd_module
 
 
 def _matrix(rng, m, n, spectrum, noise=0.0):
@@ -213,7 +212,7 @@ def test_torch_cpu_path_agrees_with_numpy_path(rng):
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 def test_small_svd_of_wide_matrices_goes_through_r(rng, dtype, kind):
     """The projected matrices are wide: their SVD goes through a QR and an r x r SVD."""
-    module = importlib.import_module("clisonix_gpu.ops.svd_compress")
+    module = svd_module
     b = rng.standard_normal((5, 18, 64)).astype(dtype)
     b[1] *= 1e-3  # a batch member on another scale
     ops = module._NumpyOps if kind == "numpy" else module._TorchCpuOps
@@ -230,7 +229,7 @@ def test_small_svd_of_wide_matrices_goes_through_r(rng, dtype, kind):
 
 
 def _triton_qr(y):
-    module = importlib.import_module("clisonix_gpu.ops.svd_compress")
+    module = svd_module
     assert module._fits_one_program(y)
     return module._householder_qr(y)
 
@@ -280,7 +279,7 @@ def test_triton_batched_qr_of_rank_deficient_zero_and_extreme_matrices(rng, dtyp
 
 def test_qr_routing_by_tile_size(rng):
     """Tiles over 32 KiB (they would spill registers) and wide matrices go to torch's QR."""
-    module = importlib.import_module("clisonix_gpu.ops.svd_compress")
+    module = svd_module
     fits = module._fits_one_program
     assert fits(torch.empty(3, 64, 64)) and fits(torch.empty(3, 256, 32)) and fits(torch.empty(3, 64, 64, dtype=torch.float64))
     assert not fits(torch.empty(3, 256, 33)) and not fits(torch.empty(3, 128, 64, dtype=torch.float64)) and not fits(torch.empty(3, 4, 5))

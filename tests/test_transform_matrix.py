@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +11,7 @@ from hypothesis import strategies as st
 
 import clisonix_gpu as cg
 from clisonix_gpu.baselines import reference_transform_matrix, transform_matrix_error_bound
+from clisonix_gpu.ops import transform_matrix as transform_matrix_module
 
 ACTS = cg.ACTIVATIONS
 # relative tolerance against |x| @ |w|.T + |bias| (pre-activation) and |reference| (output rounding)
@@ -228,7 +227,7 @@ def test_nan_and_inf_propagate(rng, backend):
 def test_numpy_rows_across_row_blocks(rng, monkeypatch):
     """Rows of x go through the exact GEMM in blocks while w is split once: results equal one-row
     calls bit for bit on both sides of a block border, with non-finite rows in two blocks."""
-    monkeypatch.setattr(importlib.import_module("clisonix_gpu.ops.transform_matrix"), "_NUMPY_ROW_BLOCK", 7)
+    monkeypatch.setattr(transform_matrix_module, "_NUMPY_ROW_BLOCK", 7)
     x, w, b = _inputs(rng, 23, 9, 4)
     x[3, 2], x[15, 0], w[1, 4] = np.nan, np.inf, np.inf
     full = cg.transform_matrix(x, w, b, activation="tanh")

@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from clisonix_gpu.ops import svd_compress as svd_module
+from clisonix_gpu.ops import transform_matrix as transform_matrix_module
+
 # On a GPU the other tests compile and run every kernel; this check is for machines without one.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device compiles and runs the kernels in the other tests")
 
@@ -42,8 +45,8 @@ def _cases():
     tm_args = {**_pointers(["x_ptr", "w_ptr", "bias_ptr", "out_ptr"], "{dt}"),
                **_ints(["M", "N", "K", "stride_xb", "stride_xm", "stride_wb", "stride_wn", "stride_ob", "stride_om"])}  # fmt: skip
     names = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
-    block_k = {dt: importlib.import_module("clisonix_gpu.ops.transform_matrix")._BLOCK_K[name] for dt, name in names.items()}
-    svd = importlib.import_module("clisonix_gpu.ops.svd_compress")
+    block_k = {dt: transform_matrix_module.BLOCK_K[name] for dt, name in names.items()}
+    svd = svd_module
     for dt, activation, precision, tile in [
         ("fp32", "", "ieee", (128, 256, 8, 3)),
         ("fp32", "relu", "tf32", (64, 64, 4, 4)),

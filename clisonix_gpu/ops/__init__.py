@@ -1,8 +1,13 @@
-"""LIAM ops: one module of host code per op family (validate, pick a backend, call its kernel)."""
+"""The ops' host code: one module per op family, named as its kernel, test, benchmark and docs page.
 
-from .binary import *  # noqa: F403 - every binary-algebra name is public
-from .binary import __all__ as _binary_names
-from .svd_compress import LowRank, svd_compress
-from .transform_matrix import ACTIVATIONS, transform_matrix
+- ``transform_matrix``: validate, then one implementation per backend (``launch_transform_matrix``
+  is the Triton launcher that ``clisonix_gpu.torch`` wraps for tracing);
+- ``svd_compress``: the randomized range finder on every backend;
+- ``binary``: the public binary-algebra ops; ``binary._numpy``, ``._triton``, ``._cupy`` implement
+  them, ``binary._search`` holds the search loop they share;
+- ``activations``: each activation's NumPy forward, torch forward and gradient;
+- ``utils``: launch helpers (``cdiv``, device context, interpreter switch, compile options).
 
-__all__ = ["ACTIVATIONS", "LowRank", *_binary_names, "svd_compress", "transform_matrix"]
+The functions themselves are exported at the package's top level (``clisonix_gpu.transform_matrix``);
+``clisonix_gpu.ops.transform_matrix`` is always the module.
+"""

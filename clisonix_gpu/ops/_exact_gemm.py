@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from .utils import cdiv
+
 _FLOAT64_MANTISSA = 53
 # Bits kept beyond the input's own mantissa, so entries smaller than their row's largest keep
 # their own precision too.
@@ -72,7 +74,7 @@ def exact_matmul_blocks(x: np.ndarray, w: np.ndarray, mantissa_bits: int, block_
     m, k = x.shape
     n = w.shape[0]
     bits = _slice_bits(k)
-    slices = -(-(mantissa_bits + _GUARD_BITS) // bits)
+    slices = cdiv(mantissa_bits + _GUARD_BITS, bits)
     max_w = _row_max(w)
     bad_w = ~(max_w < 2.0**900)  # NaN/Inf, or so large (float64 only) that slicing would overflow
     if bad_w.any():

@@ -16,6 +16,7 @@ import numpy as np
 from .. import _dispatch
 from ..errors import ShapeError
 from ._validate import dtype_name, require_float, require_int
+from .utils import cdiv, interpreter_enabled, launch
 
 __all__ = ["LowRank", "svd_compress", "rademacher_sketch"]
 
@@ -394,14 +395,10 @@ class _TorchOps:
         mix = mix - (1 << 64) if mix >= 1 << 63 else mix  # the same 64 bits, as a signed argument
 
         def grid(meta: dict[str, int]) -> tuple[int, int, int]:
-            return (-(-m // meta["BLOCK_M"]), -(-cols // block_l), batch)
+            return (cdiv(m, meta["BLOCK_M"]), cdiv(cols, block_l), batch)
 
-        with torch.cuda.device(a.device) if a.is_cuda else _null():
-            sketch_matmul_kernel[grid](
-                a, y, m, n, cols, a.stride(0), a.stride(1), y.stride(0), y.stride(1), mix,
-                INTERPRETER_DOT=_dispatch.interpreter_enabled(), ACC_FP64=a.dtype == torch.float64, BLOCK_L=block_l,
-                BLOCK_K=_SKETCH_BLOCK_K,
-            )  # fmt: skip
+        launch(sketch_matmul_kernel, grid, a, y, m, n, cols, a.stride(0), a.stride(1), y.stride(0), y.stride(1), mix, on=a,
+               INTERPRETER_DOT=interpreter_enabled(), ACC_FP64=a.dtype == torch.float64, BLOCK_L=block_l, BLOCK_K=_SKETCH_BLOCK_K)  # fmt: skip
         return y
 
 
@@ -432,24 +429,15 @@ def _householder_qr(y: Any) -> tuple[Any, Any]:
     if batch == 0:
         return q, r
     block_m, block_l = _tile(m), _tile(cols)
-    with torch.cuda.device(y.device) if y.is_cuda else _null():
-        householder_qr_kernel[(batch,)](
-            y, q, r, m, cols, y.stride(0), y.stride(1), y.stride(2),
-            ACC_FP64=y.dtype == torch.float64, BLOCK_M=block_m, BLOCK_L=block_l,
-            num_warps=_qr_warps(block_m * block_l * y.element_size()),
-        )  # fmt: skip
+    launch(householder_qr_kernel, (batch,), y, q, r, m, cols, y.stride(0), y.stride(1), y.stride(2), on=y,
+           ACC_FP64=y.dtype == torch.float64, BLOCK_M=block_m, BLOCK_L=block_l,
+           num_warps=_qr_warps(block_m * block_l * y.element_size()))  # fmt: skip
     return q, r
 
 
 def _qr_warps(tile_bytes: int) -> int:
     """Warps of one QR program: 8 above 8 KiB of tile keeps it in registers (ptxas -v, sm_90)."""
     return 4 if tile_bytes <= 8192 else 8
-
-
-def _null() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 class _TorchCpuOps(_TorchOps):

@@ -6,7 +6,6 @@ Host side of the op: validation, then one implementation per backend behind the 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -14,11 +13,12 @@ import numpy as np
 
 from .. import _dispatch
 from ..errors import ShapeError
-from ._activations import ACTIVATIONS, apply_activation_, check_activation
 from ._exact_gemm import exact_matmul_blocks
 from ._validate import dtype_name, mantissa_bits, require_float
+from .activations import ACTIVATIONS, apply_activation_, check_activation
+from .utils import cdiv, interpreter_enabled, launch
 
-__all__ = ["transform_matrix", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "launch_transform_matrix", "transform_matrix", "validate"]
 
 # Rows of x handled by one exact GEMM on the NumPy path: bounds the float64 temporaries.
 _NUMPY_ROW_BLOCK = 4096
@@ -92,13 +92,18 @@ def _transform_matrix_numpy(x: np.ndarray, w: np.ndarray, bias: np.ndarray | Non
 
 # ----------------------------------------------------------------------------- Triton backend
 
-_BLOCK_K = {"float16": 64, "bfloat16": 64, "float32": 32, "float64": 16}
+# The reduction step over K per dtype: fixed by the host (never tuned), so a row's sum runs in the
+# same steps whichever tile the autotuner picks and whichever rows share it.
+BLOCK_K = {"float16": 64, "bfloat16": 64, "float32": 32, "float64": 16}
 
 
-@_dispatch.register("transform_matrix", "triton")
-def _transform_matrix_triton(x: Any, w: Any, bias: Any, *, activation: str | None, wrap: Any = None) -> Any:
-    """Launch the Triton kernel on torch tensors. ``wrap`` (e.g. ``torch.library.wrap_triton``)
-    wraps the kernel before launch so a tracer can see it; the default launches it directly."""
+def launch_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, *, wrap: Any = None) -> Any:
+    """Run the Triton kernel on torch tensors that passed :func:`validate`; returns (..., N).
+
+    ``wrap`` (``torch.library.wrap_triton`` in ``clisonix_gpu.torch``) wraps the kernel before the
+    launch so a tracer sees it; the default launches it directly. Inputs need unit stride along
+    K only (others are copied); fp32 operands use tf32 where ``torch.backends.cuda.matmul.allow_tf32``.
+    """
     import torch
 
     from ..kernels.transform_matrix import transform_matrix_kernel
@@ -106,7 +111,6 @@ def _transform_matrix_triton(x: Any, w: Any, bias: Any, *, activation: str | Non
     k, n = w.shape[-1], w.shape[-2]
     lead = x.shape[:-1]
     x3, w3 = (x, w) if w.ndim == 3 else (x.reshape(1, math.prod(lead), k), w.unsqueeze(0))
-    # the kernel needs unit stride along K only; other strides are passed through
     x3 = x3 if x3.stride(-1) == 1 else x3.contiguous()
     w3 = w3 if w3.stride(-1) == 1 else w3.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -118,29 +122,17 @@ def _transform_matrix_triton(x: Any, w: Any, bias: Any, *, activation: str | Non
     precision = "tf32" if name == "float32" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
     def grid(meta: dict[str, int]) -> tuple[int, int]:
-        return (-(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"]), batches)
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), batches)
 
-    # launch on the tensors' own GPU, not the current one
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
-        (wrap(transform_matrix_kernel) if wrap else transform_matrix_kernel)[grid](
-            x3,
-            w3,
-            x3 if bias is None else bias,
-            out,
-            m,
-            n,
-            k,
-            x3.stride(0),
-            x3.stride(1),
-            w3.stride(0) if w.ndim == 3 else 0,
-            w3.stride(1),
-            out.stride(0),
-            out.stride(1),
-            HAS_BIAS=bias is not None,
-            ACTIVATION=activation or "",
-            DOT_PRECISION=precision,
-            INTERPRETER_DOT=_dispatch.interpreter_enabled(),
-            ACC_FP64=name == "float64",
-            BLOCK_K=_BLOCK_K[name],
-        )
+    launch(transform_matrix_kernel, grid,
+           x3, w3, x3 if bias is None else bias, out, m, n, k,
+           x3.stride(0), x3.stride(1), w3.stride(0) if w.ndim == 3 else 0, w3.stride(1), out.stride(0), out.stride(1),
+           on=x, wrap=wrap,
+           HAS_BIAS=bias is not None, ACTIVATION=activation or "", DOT_PRECISION=precision,
+           INTERPRETER_DOT=interpreter_enabled(), ACC_FP64=name == "float64", BLOCK_K=BLOCK_K[name])  # fmt: skip
     return out.reshape(lead + (n,))
+
+
+@_dispatch.register("transform_matrix", "triton")
+def _transform_matrix_triton(x: Any, w: Any, bias: Any, *, activation: str | None) -> Any:
+    return launch_transform_matrix(x, w, bias, activation)

@@ -1,0 +1,120 @@
+"""The activations of ``transform_matrix`` on the host, each with its gradient beside it.
+
+Names and constants come from ``kernels/activation_table.py``, which the Triton epilogue
+(``kernels/activations.py``) reads too. Per activation, :data:`TABLE` holds:
+
+- ``numpy_``: the NumPy path's forward, applied in place in the output's precision (NaN
+  propagates as in torch);
+- ``torch``: torch's own function (the float64 reference and the benchmark peer use it);
+- ``grad``: d activation(z) / dz elementwise on a torch tensor, for the backward of the torch op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+from scipy import special
+
+from ..kernels.activation_table import ACTIVATIONS, GELU_TANH_CUBIC, INV_SQRT_2PI, LEAKY_RELU_SLOPE, SQRT_2_OVER_PI, SQRT_HALF
+
+__all__ = ["ACTIVATIONS", "LEAKY_RELU_SLOPE", "TABLE", "Activation", "apply_activation_", "check_activation"]
+
+
+class Activation(NamedTuple):
+    """One activation's host implementations (see the module docstring)."""
+
+    numpy_: Callable[[np.ndarray], Any]
+    torch: Callable[[Any], Any]
+    grad: Callable[[Any], Any]
+
+
+def _functional() -> Any:
+    # torch is imported on first use: ``import clisonix_gpu`` stays light for NumPy users
+    import torch.nn.functional
+
+    return torch.nn.functional
+
+
+def _relu_numpy_(y: np.ndarray) -> None:
+    y[y < 0] = 0
+
+
+def _leaky_relu_numpy_(y: np.ndarray) -> None:
+    np.multiply(y, LEAKY_RELU_SLOPE, out=y, where=y < 0)
+
+
+def _leaky_relu_grad(z: Any) -> Any:
+    grad = z.new_full(z.shape, LEAKY_RELU_SLOPE)
+    return grad.masked_fill_(z > 0, 1.0)
+
+
+def _gelu_numpy_(y: np.ndarray) -> None:
+    y *= 0.5 * (1.0 + special.erf(y * SQRT_HALF))
+
+
+def _gelu_grad(z: Any) -> Any:
+    return 0.5 * (1.0 + (z * SQRT_HALF).erf()) + z * (-0.5 * z * z).exp() * INV_SQRT_2PI
+
+
+def _gelu_tanh_numpy_(y: np.ndarray) -> None:
+    y *= 0.5 * (1.0 + np.tanh(SQRT_2_OVER_PI * (y + GELU_TANH_CUBIC * y**3)))
+
+
+def _gelu_tanh_grad(z: Any) -> Any:
+    t = (SQRT_2_OVER_PI * (z + GELU_TANH_CUBIC * z**3)).tanh()
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * GELU_TANH_CUBIC * z * z)
+
+
+def _silu_numpy_(y: np.ndarray) -> None:
+    y *= special.expit(y)
+
+
+def _silu_grad(z: Any) -> Any:
+    sig = z.sigmoid()
+    return sig * (1.0 + z * (1.0 - sig))
+
+
+def _sigmoid_numpy_(y: np.ndarray) -> None:
+    special.expit(y, out=y)
+
+
+def _sigmoid_grad(z: Any) -> Any:
+    sig = z.sigmoid()
+    return sig * (1.0 - sig)
+
+
+def _tanh_numpy_(y: np.ndarray) -> None:
+    np.tanh(y, out=y)
+
+
+def _tanh_grad(z: Any) -> Any:
+    t = z.tanh()
+    return 1.0 - t * t
+
+
+TABLE: dict[str | None, Activation] = {
+    None: Activation(lambda y: None, lambda z: z, lambda z: z.new_ones(z.shape)),
+    "relu": Activation(_relu_numpy_, lambda z: _functional().relu(z), lambda z: (z > 0).to(z.dtype)),
+    "leaky_relu": Activation(_leaky_relu_numpy_, lambda z: _functional().leaky_relu(z, LEAKY_RELU_SLOPE), _leaky_relu_grad),
+    "gelu": Activation(_gelu_numpy_, lambda z: _functional().gelu(z), _gelu_grad),
+    "gelu_tanh": Activation(_gelu_tanh_numpy_, lambda z: _functional().gelu(z, approximate="tanh"), _gelu_tanh_grad),
+    "silu": Activation(_silu_numpy_, lambda z: _functional().silu(z), _silu_grad),
+    "sigmoid": Activation(_sigmoid_numpy_, lambda z: z.sigmoid(), _sigmoid_grad),
+    "tanh": Activation(_tanh_numpy_, lambda z: z.tanh(), _tanh_grad),
+}
+if tuple(TABLE) != ACTIVATIONS:  # a name added to the shared table needs its host implementations here
+    raise ImportError(f"activation table out of step: host has {tuple(TABLE)}, kernels/activation_table.py has {ACTIVATIONS}")
+
+
+def check_activation(activation: object) -> None:
+    """``ValueError`` listing the valid names unless ``activation`` is one of :data:`ACTIVATIONS`."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def apply_activation_(y: np.ndarray, activation: str | None) -> np.ndarray:
+    """Apply ``activation`` to ``y`` in place and return it."""
+    TABLE[activation].numpy_(y)
+    return y
