@@ -37,7 +37,7 @@ def test_ops_do_not_import_torch_library_alda_or_mesh():
     for path in ops_dir.rglob("*.py"):
         text = path.read_text()
         for forbidden in ("torch.library", "alda", "mesh", "cli"):
-            assert f"import {forbidden}" not in text and not re.search(rf"from \.+{forbidden}\b", text), (path, forbidden)
+            assert not re.search(rf"^\s*(import {forbidden}\b|from \S*\b{forbidden}\b)", text, re.M), (path, forbidden)
 
 
 def test_typed_marker_ships():
