@@ -71,10 +71,12 @@ def test_gradients_on_triton_path_match_torch(rng, activation):
 
 
 def test_torch_compile_fullgraph_matches_eager(rng):
+    # Every layer is one of ours: a torch layer in between (e.g. nn.Tanh) is compiled by Inductor,
+    # whose kernels may differ from eager torch in the last bit, which is not what this test checks.
+    torch.manual_seed(int(rng.integers(2**31)))
     model = torch.nn.Sequential(
         cg.nn.LIAMLinear(16, 32, activation="gelu"),
-        cg.nn.LowRankLinear.from_linear(torch.nn.Linear(32, 24), k=8),
-        torch.nn.Tanh(),
+        cg.nn.LowRankLinear.from_linear(torch.nn.Linear(32, 24), k=8, activation="tanh"),
         cg.nn.BinaryLinear.from_linear(torch.nn.Linear(24, 5)),
     ).eval()
     x = torch.from_numpy(rng.standard_normal((7, 16)).astype(np.float32))
