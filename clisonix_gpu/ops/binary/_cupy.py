@@ -10,7 +10,7 @@ import numpy as np
 
 from ... import _dispatch
 from ..utils import cdiv, launch_cuda
-from ._search import ArrayOps, radius_from_blocks, search_blocks, topk_from_blocks
+from ._search import ArrayOps, radius_from_blocks, topk_from_blocks, word_blocks
 
 _CUDA_CHUNK = 1024  # CHUNK in kernels/binary.cu: the per-block top-k selects from this many codes
 
@@ -87,9 +87,7 @@ def _popcount_gemm_cupy(a: Any, b: Any, *, signed_bits: int | None) -> Any:
 
 
 def _blocks(q: Any, db: Any) -> Any:
-    qw, dw = _uint64_words(q), _uint64_words(db)
-    return search_blocks(q.shape[0], db.shape[0], lambda start, stop: dw[start:stop],
-                         lambda start, stop, words: _popcount_gemm_u64(qw[start:stop], words, None))  # fmt: skip
+    return word_blocks(_uint64_words(q), _uint64_words(db), _popcount_gemm_u64)
 
 
 @_dispatch.register("hamming_topk", "cupy")

@@ -41,6 +41,13 @@ def search_blocks(
             yield qs, ds, distances(qs, min(qs + q_step, n_queries), prepared)
 
 
+def word_blocks(q_words: Any, db_words: Any, popcount_gemm: Callable[[Any, Any, None], Any]) -> Iterator[tuple[int, int, Any]]:
+    """:func:`search_blocks` over rows of packed words: a database block is a slice of ``db_words``
+    and ``popcount_gemm(q_rows, db_rows, None)`` gives its int32 Hamming distances."""
+    return search_blocks(q_words.shape[0], db_words.shape[0], lambda start, stop: db_words[start:stop],
+                         lambda start, stop, db_rows: popcount_gemm(q_words[start:stop], db_rows, None))  # fmt: skip
+
+
 class ArrayOps:
     """The array operations of the shared search, for a NumPy-like module (``numpy``, ``cupy``)."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ... import _dispatch
 from ..utils import cdiv, launch
-from ._search import TorchArrayOps, radius_from_blocks, search_blocks, topk_from_blocks
+from ._search import TorchArrayOps, radius_from_blocks, topk_from_blocks, word_blocks
 
 
 def _unit_stride_rows(t: Any) -> Any:
@@ -97,9 +97,7 @@ def _popcount_gemm_triton(a: Any, b: Any, *, signed_bits: int | None) -> Any:
 
 
 def _blocks(q: Any, db: Any) -> Any:
-    qw, dw = _int32_words(q), _int32_words(db)
-    return search_blocks(q.shape[0], db.shape[0], lambda start, stop: dw[start:stop],
-                         lambda start, stop, words: _popcount_gemm_words(qw[start:stop], words, None))  # fmt: skip
+    return word_blocks(_int32_words(q), _int32_words(db), _popcount_gemm_words)
 
 
 @_dispatch.register("hamming_topk", "triton")
