@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import TRITON_DEVICE
 
 import clisonix_gpu as cg
 import clisonix_gpu.torch as cgt
@@ -71,7 +72,8 @@ class Op:
     params: Callable[[], dict[str, Any]] = dict
     reference: Callable[..., Any] | None = None
     view: Callable[[Any], Any] = lambda result: result
-    torch_inputs: bool = False  # arrays are passed as CPU torch tensors
+    torch_inputs: bool = False  # arrays are passed as torch tensors on ``device``
+    device: str = "cpu"
     kinds: tuple[str, ...] | None = None  # only these kinds of bad array (default: all that apply)
     overrides: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
 
@@ -179,7 +181,7 @@ def _host(result: Any) -> Any:
     if isinstance(result, cg.LowRank):
         return _host(result.reconstruct())
     if isinstance(result, torch.Tensor):
-        return result if result.device.type == "meta" else result.detach().numpy()
+        return result if result.device.type == "meta" else result.detach().cpu().numpy()
     return np.asarray(result)
 
 
@@ -234,7 +236,7 @@ RADIUS = dict(arrays=(Q, DB), params=lambda: {"r": 3}, reference=_radius)
 Y = Arg("y", _floats(4, 3), "float")
 BATCHED_Y_KINDS = ("other array type", "strided view", "NaN")  # the rest as for 2-D factors
 INTEGER_Y = {("y", "int32 dtype"): VALID, ("y", "bool dtype"): VALID}  # reconstruct() @ y promotes, as NumPy does
-SVD_NAN = {(("a", kind)): Raises(ValueError, "a", before_kernels=False) for kind in ("NaN", "Inf")}  # found in the norm pass
+SVD_NAN = {("a", kind): Raises(ValueError, "a", before_kernels=False) for kind in ("NaN", "Inf")}  # found in the norm pass
 
 
 def _svd_k(a: Any, k: int) -> Any:
@@ -272,7 +274,7 @@ OPS = (
     Op("LowRank.matmul batched", lambda y: _BATCHED_FACTORS.matmul(y), (Y,), reference=_factor_product(_BATCHED_FACTORS), kinds=BATCHED_Y_KINDS),
 )
 
-# The Triton path on the interpreter: a few kinds per op (its checks are the ones above).
+# The Triton path (CUDA, or the interpreter on CPU): a few kinds per op (its checks are the ones above).
 TRITON_KINDS = ("None", "sparse tensor", "int32 dtype", "NaN", "Fortran order", "strided view", "empty")
 
 
@@ -285,12 +287,12 @@ def _on_triton(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 OPS += tuple(
-    Op(f"triton.{op.name}", _on_triton(op.fn), op.arrays, op.params, op.reference, torch_inputs=True, kinds=TRITON_KINDS)
+    Op(f"triton.{op.name}", _on_triton(op.fn), op.arrays, op.params, op.reference, torch_inputs=True, device=TRITON_DEVICE, kinds=TRITON_KINDS)
     for op in OPS
     if op.name in ("transform_matrix", "pack_bits", "binary_matmul", "hamming_topk")
 )
 
-# Scalar parameters: (op name, parameter, value, what must happen).
+# Scalar parameters: (op name, the parameters that replace the valid ones, what must happen).
 BAD_PARAMS = [
     ("transform_matrix", {"activation": 3}, Raises(TypeError, "activation")),
     ("transform_matrix", {"activation": "swish"}, Raises(ValueError, "activation")),
@@ -406,19 +408,19 @@ PENDING_ELSEWHERE = {
 # ----------------------------------------------------------------------------- kinds of bad arrays
 
 
-def _torch(v: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(v))
+def _torch(v: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    return torch.from_numpy(np.array(v)).to(device)
 
 
-def _fortran(v: np.ndarray, as_torch: bool) -> Any:
-    if not as_torch:
+def _fortran(v: np.ndarray, device: str | None) -> Any:
+    if device is None:
         return np.asfortranarray(v)
-    return _torch(np.ascontiguousarray(np.swapaxes(v, -1, -2))).transpose(-1, -2)
+    return _torch(np.ascontiguousarray(np.swapaxes(v, -1, -2)), device).transpose(-1, -2)
 
 
-def _strided(v: np.ndarray, as_torch: bool) -> Any:
+def _strided(v: np.ndarray, device: str | None) -> Any:
     wide = np.repeat(v, 2, axis=-1)
-    return (_torch(wide) if as_torch else wide)[..., ::2]
+    return (wide if device is None else _torch(wide, device))[..., ::2]
 
 
 def _read_only(v: np.ndarray) -> np.ndarray:
@@ -433,9 +435,14 @@ def _with(v: np.ndarray, value: float) -> np.ndarray:
     return v
 
 
-def _kinds(arg: Arg, v: np.ndarray, as_torch: bool) -> Iterator[tuple[str, Callable[[], tuple[Any, np.ndarray]]]]:
-    """(kind, () -> (spoilt input, what the reference sees)) for every kind that applies to ``arg``."""
-    to = _torch if as_torch else np.array
+def _kinds(arg: Arg, v: np.ndarray, device: str | None) -> Iterator[tuple[str, Callable[[], tuple[Any, np.ndarray]]]]:
+    """(kind, () -> (spoilt input, what the reference sees)) for every kind that applies to ``arg``;
+    ``device``: where the op's torch inputs live, None for NumPy inputs."""
+    as_torch = device is not None
+
+    def to(a: np.ndarray) -> Any:
+        return a if device is None else _torch(a, device)
+
     yield "None", lambda: (None, None)
     yield "list", lambda: (v.tolist(), v)
     if not as_torch:
@@ -447,8 +454,8 @@ def _kinds(arg: Arg, v: np.ndarray, as_torch: bool) -> Iterator[tuple[str, Calla
         if v.ndim == 2:
             yield "np.matrix", lambda: (np.asmatrix(v), v)
     yield "other array type", lambda: (v.copy() if as_torch else _torch(v), v)
-    yield "meta tensor", lambda: (_torch(v).to("meta"), v)
-    yield "sparse tensor", lambda: (_torch(v).to_sparse(), v)
+    yield "meta tensor", lambda: (_torch(v, "meta"), v)
+    yield "sparse tensor", lambda: (_torch(v, device or "cpu").to_sparse(), v)
     yield "0-d", lambda: (to(v.reshape(-1)[:1].reshape(())), v)
     for shape in arg.wrong_ndim:
         yield f"{len(shape)}-D", lambda shape=shape: (to(np.zeros(shape, v.dtype)), v)
@@ -459,8 +466,8 @@ def _kinds(arg: Arg, v: np.ndarray, as_torch: bool) -> Iterator[tuple[str, Calla
         yield "NaN", lambda: (to(_with(v, np.nan)), _with(v, np.nan))
         yield "Inf", lambda: (to(_with(v, np.inf)), _with(v, np.inf))
     if v.ndim >= 2:
-        yield "Fortran order", lambda: (_fortran(v, as_torch), v)
-    yield "strided view", lambda: (_strided(v, as_torch), v)
+        yield "Fortran order", lambda: (_fortran(v, device), v)
+    yield "strided view", lambda: (_strided(v, device), v)
 
 
 def _expected(op: Op, arg: Arg, kind: str) -> Any:
@@ -491,8 +498,12 @@ def _inputs(op: Op, rng: np.random.Generator, replaced: dict[str, Any] | None = 
     return values
 
 
+def _device(op: Op) -> str | None:
+    return op.device if op.torch_inputs else None
+
+
 def _convert(op: Op, values: dict[str, Any]) -> dict[str, Any]:
-    return {n: _torch(v) if op.torch_inputs and isinstance(v, np.ndarray) else v for n, v in values.items()}
+    return {n: _torch(v, op.device) if op.torch_inputs and isinstance(v, np.ndarray) else v for n, v in values.items()}
 
 
 def _label(params: dict[str, Any]) -> str:
@@ -504,13 +515,13 @@ def _cases() -> Iterator[Case]:
     for op in OPS:
         for arg in op.arrays:
             example = arg.make(np.random.default_rng(0))
-            for kind, _ in _kinds(arg, example, op.torch_inputs):
+            for kind, _ in _kinds(arg, example, _device(op)):
                 if op.kinds is not None and kind not in op.kinds:
                     continue
 
                 def arrays(rng: np.random.Generator, op: Op = op, arg: Arg = arg, kind: str = kind) -> tuple[dict[str, Any], dict[str, Any]]:
                     values = _inputs(op, rng)
-                    spoilt, seen = dict(_kinds(arg, values[arg.name], op.torch_inputs))[kind]()
+                    spoilt, seen = dict(_kinds(arg, values[arg.name], _device(op)))[kind]()
                     inputs = _convert(op, values)
                     inputs[arg.name] = spoilt
                     return inputs, {**values, arg.name: seen}
