@@ -37,11 +37,12 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet -d build/site
 
+# Results go under build/ (ignored): the committed records change only with `clisonix-gpu bench --publish`.
 demo: $(STAMP)
-	$(VENV)/bin/clisonix-gpu demo --out bench/results
+	$(VENV)/bin/clisonix-gpu demo --out build/demo
 
 bench: $(STAMP)
-	$(VENV)/bin/clisonix-gpu bench
+	$(VENV)/bin/clisonix-gpu bench --out build/bench
 
 info: $(STAMP)
 	$(VENV)/bin/clisonix-gpu info

@@ -1,5 +1,7 @@
 """Benchmark session: ``--quick``, a progress bar, device ceilings on GPU, and at the end the ratio
-table on stdout plus JSON, Markdown and a PNG plot under the results folder."""
+table on stdout plus ``<date>-<device>.{json,md,png}`` in the results folder: ``CLISONIX_BENCH_OUT``
+(``clisonix-gpu bench`` sets it from ``--out``, or to the checkout's ``bench/results`` with
+``--publish``), else ``clisonix-gpu-bench/`` in the current directory."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import DEVICE, RESULTS, TINY
 
-from clisonix_gpu._bench_report import markdown, plot
+from clisonix_gpu._bench_report import markdown, plot, terminal_table
 
-RESULTS_DIR = Path(os.environ.get("CLISONIX_BENCH_OUT") or Path(__file__).parent / "results")
+RESULTS_DIR = Path(os.environ.get("CLISONIX_BENCH_OUT") or "clisonix-gpu-bench")
+CHECKOUT = Path(__file__).resolve().parent.parent  # the source checkout, when the suite runs from one
 _progress = None
 CEILINGS: dict[str, float] = {}
 
@@ -80,10 +83,12 @@ def _environment() -> dict[str, object]:
     import numpy
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = ""
+    if (CHECKOUT / ".git").exists():  # an installed suite has no commit of its own
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=CHECKOUT).stdout.strip()
+        except OSError:
+            pass
     device = torch.cuda.get_device_name(0) if DEVICE == "cuda" else f"CPU x{os.cpu_count()} ({platform.machine()})"
     try:
         import triton
@@ -144,21 +149,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     env = _environment()
     rows = _rows()
     text = f"# Benchmarks\n\n{markdown(env, rows)}"
-    try:
-        from rich.console import Console
-        from rich.markdown import Markdown
-
-        Console(width=180).print(Markdown(text))
-    except ImportError:
-        print(text)
+    print("\n" + terminal_table(env, rows))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", str(env["device"])).strip("-").lower()
-    if TINY or os.environ.get("CLISONIX_BENCH_OUT"):
-        stems = [RESULTS_DIR / f"latest-{DEVICE}"]  # a run of one's own, overwritten by the next
-    else:
-        stems = [RESULTS_DIR / f"{env['date'][:10]}-{slug}"]  # the record to commit; the README reads the newest
-    for stem in stems:
-        stem.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows, "raw": [r.__dict__ for r in RESULTS]}, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(text)
-        plot(rows, stem.with_suffix(".png"), f"{env['device']}, {env['date']}")
-    print(f"results written to {', '.join(str(s) + '.{json,md,png}' for s in stems)}", file=sys.__stderr__)
+    stem = RESULTS_DIR / f"{env['date'][:10]}-{slug}{'-tiny' if TINY else ''}"  # one file set per day and device
+    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows, "raw": [r.__dict__ for r in RESULTS]}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    plot(rows, stem.with_suffix(".png"), f"{env['device']}, {env['date']}")
+    print(f"results written to {stem.resolve()}.{{json,md,png}}", file=sys.__stderr__)

@@ -1,10 +1,11 @@
-"""Rendering benchmark results (rows of bench/conftest.py) as Markdown and a PNG plot; also
-rewrites the README's performance section from the committed result files."""
+"""Rendering benchmark results (rows of bench/conftest.py) as a terminal table, Markdown and a PNG
+plot; also rewrites the README's performance section from the committed result files."""
 
 from __future__ import annotations
 
 import json
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,27 @@ def markdown(env: dict[str, Any], rows: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def terminal_table(env: dict[str, Any], rows: list[dict[str, object]], width: int = 100) -> str:
+    """The results as plain text no wider than ``width``: a line per case, then one indented line
+    per peer (fastest first) with both times, the speedup and both errors."""
+    numbers = f"{'ours ms':>9} {'peer ms':>9} {'speedup':>8} {'our err':>8} {'peer err':>8}"
+    label = width - len(numbers) - 3
+    header = f"{env['device']}; {env['date']}; commit {env['commit'] or 'none'}; speedup = peer time / our time (> 1: we are faster)"
+    lines = [*textwrap.wrap(header, width), "", f"{'case / peer (fastest first)':<{label + 2}} {numbers}"]
+    case = None
+    for r in rows:
+        if r["case"] != case:
+            case = r["case"]
+            lines.append(_clip(str(case), width))
+        figures = f"{r['ours_ms']:>9.3f} {r['peer_ms']:>9.3f} {r['speedup']:>7.2f}x {r['ours_rel_error']:>8.1e} {r['peer_rel_error']:>8.1e}"
+        lines.append(f"  {_clip(str(r['peer']), label):<{label}} {figures}")
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def plot(rows: list[dict[str, object]], path: Path, title: str) -> None:
     try:
         import matplotlib
@@ -67,8 +89,8 @@ def plot(rows: list[dict[str, object]], path: Path, title: str) -> None:
 
 
 def newest_results(results: Path) -> list[Path]:
-    """The newest dated result file (``<date>-<device>.json``) per device kind in ``results``,
-    CUDA first; a folder of one's own run (``latest-<kind>.json``) counts too."""
+    """The newest result file (``<date>-<device>.json``, toy ``--tiny`` runs left out) per device
+    kind in ``results``, CUDA first."""
     newest: dict[str, tuple[str, Path]] = {}
     for path in results.glob("*.json"):
         env = json.loads(path.read_text())["environment"]
@@ -88,7 +110,7 @@ def update_readme(readme: Path, results: Path) -> list[Path]:
         best = [r for r in data["rows"] if r["best_peer"]]
         parts.append(f"### {env['device']}\n\n{markdown(env, best)}")
     if not parts:
-        parts.append("No results yet: run `make bench`.\n")
+        parts.append("No results yet: run `clisonix-gpu bench --publish` in a source checkout.\n")
     text = readme.read_text()
     block = PERF_BEGIN + "\n" + "\n".join(parts) + PERF_END
     if PERF_BEGIN in text:

@@ -78,23 +78,38 @@ def register(op: str, backend: str, *, takes_cpu_tensors: bool = False) -> Calla
 # ----------------------------------------------------------------------------- array kinds
 
 
-def array_kind(a: Any) -> str:
-    """``"numpy"``, ``"torch-cpu"``, ``"torch-cuda"`` or ``"cupy"``; ``TypeError`` for anything else."""
+def array_kind(a: Any, name: str = "array") -> str:
+    """``"numpy"``, ``"torch-cpu"``, ``"torch-cuda"`` or ``"cupy"``.
+
+    ``TypeError`` naming ``name`` for anything else: ``None``, lists and scalars, ``np.matrix`` and
+    masked arrays (whose ``*`` and mask NumPy's kernels would not honour), and torch tensors that
+    hold no plain data (sparse or other non-strided layouts, the meta device, devices other than
+    CPU and CUDA).
+    """
     if isinstance(a, np.ndarray):
+        if isinstance(a, np.matrix):
+            raise TypeError(f"{name} is a numpy.matrix; pass np.asarray({name}) (a plain ndarray)")
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"{name} is a masked array, whose mask the ops cannot honour; pass {name}.filled(value) or np.asarray({name})")
         return "numpy"
     module = type(a).__module__
     if module.startswith("torch"):
         import torch
 
         if isinstance(a, torch.Tensor):
+            if a.layout != torch.strided:
+                raise TypeError(f"{name} is a tensor of layout {a.layout}; pass a dense tensor ({name}.to_dense())")
+            if a.device.type not in ("cpu", "cuda"):
+                raise TypeError(f"{name} is on the {a.device.type} device; the ops take CPU or CUDA tensors holding data")
             return "torch-cuda" if a.device.type == "cuda" else "torch-cpu"
     if module.startswith("cupy"):
         return "cupy"
-    raise TypeError(f"expected a numpy.ndarray, torch.Tensor or cupy.ndarray, got {type(a).__module__}.{type(a).__name__}")
+    got = "None" if a is None else f"{module}.{type(a).__qualname__}"
+    raise TypeError(f"{name} must be a numpy.ndarray, torch.Tensor or cupy.ndarray; got {got}")
 
 
 def _device_of(a: Any) -> str:
-    kind = array_kind(a)
+    kind = array_kind(a)  # already checked by common_kind
     if kind == "numpy":
         return "cpu"
     if kind == "cupy":
@@ -102,13 +117,18 @@ def _device_of(a: Any) -> str:
     return str(a.device)
 
 
-def common_kind(names: tuple[str, ...], arrays: tuple[Any, ...]) -> str:
-    """The one array kind shared by all ``arrays`` (``None`` entries skipped).
+def common_kind(names: tuple[str, ...], arrays: tuple[Any, ...], optional: tuple[str, ...] = ()) -> str:
+    """The one array kind shared by all ``arrays``, each checked by :func:`array_kind` under its name.
 
-    Raises ``TypeError`` when array types are mixed or tensors sit on different devices.
+    ``None`` is allowed (and skipped) only for the arguments named in ``optional``. Raises
+    ``TypeError`` naming the argument for a missing or unsupported array, and when array types
+    are mixed or tensors sit on different devices.
     """
+    for n, a in zip(names, arrays):
+        if a is None and n not in optional:
+            raise TypeError(f"{n} must be a numpy.ndarray, torch.Tensor or cupy.ndarray; got None")
     present = [(n, a) for n, a in zip(names, arrays) if a is not None]
-    kinds = {n: array_kind(a) for n, a in present}
+    kinds = {n: array_kind(a, n) for n, a in present}
     family = {k.split("-")[0] for k in kinds.values()}
     if len(family) > 1:
         listing = ", ".join(f"{n}: {k}" for n, k in kinds.items())
@@ -298,7 +318,7 @@ def call(op: str, names: tuple[str, ...], arrays: tuple[Any, ...], **params: Any
 
     ``names`` label the arrays in error messages; ``None`` arrays are passed through untouched.
     """
-    kind = common_kind(names, arrays)
+    kind = common_kind(names, arrays, optional=names)  # the op's own checks ran before
     backend = select_backend(kind)
     impl = _IMPLEMENTATIONS.get((op, backend))
     if impl is None and backend == "cupy":

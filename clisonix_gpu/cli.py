@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import subprocess
@@ -51,16 +52,29 @@ def info() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="clisonix-gpu", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clisonix-gpu", description="GPU compute kernels: versions and backends, benchmarks, a demo, mesh workers.")
+    parser.add_argument("--version", action="version", version=f"clisonix-gpu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and usable backends")
-    bench = sub.add_parser("bench", help="benchmarks against each op's best peer; table, JSON, Markdown and PNG")
+    bench = sub.add_parser(
+        "bench",
+        help="time every op against its best peer; a table, and JSON, Markdown and PNG files",
+        description="Time every op against its best peer in the same run. Needs the bench extra: pip install 'clisonix-gpu[bench]'.",
+    )
     bench.add_argument("--ops", default=",".join(BENCH_OPS), help=f"comma-separated, from {', '.join(BENCH_OPS)}")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
     bench.add_argument("--tiny", action="store_true", help="toy shapes: checks the harness, not the speed")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
-    bench.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
-    bench.add_argument("--update-readme", action="store_true", help="rewrite README's performance section from bench/results and exit")
+    where = bench.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None, help=f"results folder (default: ./{DEFAULT_BENCH_OUT})")
+    where.add_argument(
+        "--publish",
+        action="store_true",
+        help="source checkout only: write the reference results to bench/results and refresh README's performance section",
+    )
+    where.add_argument(
+        "--update-readme", action="store_true", help="source checkout only: refresh README's performance section from bench/results and exit"
+    )
     bench.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
     sub.add_parser("worker", help="serve as a mesh worker (ranks >= 1; RANK, WORLD_SIZE, MASTER_ADDR/PORT from torchrun)")
     demo = sub.add_parser("demo", help="train, compress and binarize small classifiers on scikit-learn datasets")
@@ -82,19 +96,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 BENCH_OPS = ("transform_matrix", "svd_compress", "binary", "alda", "mesh")
+DEFAULT_BENCH_OUT = "clisonix-gpu-bench"
+
+
+def _bench_suite() -> Path:
+    """The folder of the benchmark suite (the subpackage ``clisonix_gpu.bench``)."""
+    spec = importlib.util.find_spec("clisonix_gpu.bench")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("clisonix_gpu.bench is missing from this installation; reinstall clisonix-gpu")
+    return Path(spec.origin).parent
+
+
+def _source_checkout(suite: Path) -> Path | None:
+    """The source checkout the suite runs from (an editable install), or None for an installed package."""
+    root = suite.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "README.md").is_file() and (suite / "results").is_dir() else None
 
 
 def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    root = Path(__file__).resolve().parent.parent
-    bench_dir = root / "bench"
-    if not bench_dir.is_dir():
-        parser.error(f"the benchmark suite lives in a source checkout; {bench_dir} does not exist")
-    if args.update_readme:
-        from ._bench_report import update_readme
+    from ._bench_report import update_readme
 
-        used = update_readme(root / "README.md", args.out or bench_dir / "results")
-        print(f"README performance section rewritten from {', '.join(map(str, used)) or 'no results'}")
-        return 0
+    suite = _bench_suite()
+    publish_to = None
+    if args.publish or args.update_readme:
+        checkout = _source_checkout(suite)
+        if checkout is None:
+            flag = "--publish" if args.publish else "--update-readme"
+            parser.error(f"{flag} writes the project's reference results, which live in a source checkout (git clone, then pip install -e .)")
+        publish_to = checkout / "bench" / "results"
+        if args.update_readme:
+            used = update_readme(checkout / "README.md", publish_to)
+            print(f"README performance section rewritten from {', '.join(map(str, used)) or 'no results'}")
+            return 0
+    if args.publish and args.tiny:
+        parser.error("--publish takes a full or --quick run: toy shapes (--tiny) are no reference")
+    missing = [name for name in ("pytest", "pytest_benchmark") if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"the benchmarks need the bench extra ({', '.join(missing)} missing): pip install 'clisonix-gpu[bench]'")
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(BENCH_OPS))
     if unknown:
@@ -104,16 +142,19 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda, but torch sees no CUDA device")
+    out = publish_to or args.out or Path(DEFAULT_BENCH_OUT)
     env = dict(os.environ)
-    env.update({k: v for k, v in {
-        "CLISONIX_BENCH_DEVICE": args.device or "",
-        "CLISONIX_BENCH_OUT": str(args.out) if args.out else "",
-        "CLISONIX_BENCH_TINY": "1" if args.tiny else "0",
-    }.items()})  # fmt: skip
-    files = [str(bench_dir / f"bench_{op}.py") for op in ops]
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "--benchmark-quiet", f"--rootdir={root}"]
+    env.update(
+        {"CLISONIX_BENCH_DEVICE": args.device or "", "CLISONIX_BENCH_OUT": str(out.resolve()), "CLISONIX_BENCH_TINY": "1" if args.tiny else "0"}
+    )
+    files = [str(suite / f"bench_{op}.py") for op in ops]
+    cmd = [sys.executable, "-m", "pytest", *files, "-c", str(suite / "pytest.ini"), f"--rootdir={suite}", "-q", "--benchmark-quiet"]
     cmd += (["--quick"] if args.quick else []) + args.pytest_args
-    return subprocess.call(cmd, env=env, cwd=root)
+    status = subprocess.call(cmd, env=env)
+    if status == 0 and publish_to is not None:
+        used = update_readme(publish_to.parent.parent / "README.md", publish_to)
+        print(f"published to {out}; README performance section rewritten from {', '.join(map(str, used))}")
+    return status
 
 
 if __name__ == "__main__":

@@ -15,15 +15,22 @@ import dataclasses
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import torch as torch_ops
+from .ops._validate import require_int, require_number
 from .ops.activations import check_activation
 from .ops.svd_compress import svd_compress
 from .ops.utils import cdiv
 
 __all__ = ["BinaryLinear", "CompressionReport", "LIAMLinear", "LayerReport", "LowRankLinear", "compress"]
+
+
+def _check_features(in_features: object, out_features: object) -> tuple[int, int]:
+    """The layer sizes as ints: ``TypeError`` / ``ValueError`` naming the argument otherwise."""
+    return require_int("in_features", in_features, 0), require_int("out_features", out_features, 0)
 
 
 class LIAMLinear(nn.Linear):
@@ -49,6 +56,7 @@ class LIAMLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
+        in_features, out_features = _check_features(in_features, out_features)
         check_activation(activation)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
@@ -100,6 +108,8 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        in_features, out_features = _check_features(in_features, out_features)
+        rank = require_int("rank", rank)
         check_activation(activation)
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(
@@ -182,7 +192,7 @@ class BinaryLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features = _check_features(in_features, out_features)
         self.register_buffer("weight_bits", torch.zeros(out_features, cdiv(in_features, 8), dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
@@ -324,7 +334,9 @@ def compress(
     replaces them by :class:`BinaryLinear` instead (``trainable=True`` keeps latent weights for
     straight-through fine-tuning). A model with no eligible layer is left as it
     is and the report says so (``report.changed == 0``). Raises ``ValueError`` for k < 1, tol
-    outside (0, 1), or a wrong combination of k, tol and binary.
+    outside (0, 1), or a wrong combination of k, tol and binary; ``TypeError`` (naming the
+    argument) when ``model`` is not a module or k, tol, min_params, binary or trainable has the
+    wrong type.
 
     Example:
 
@@ -336,13 +348,19 @@ def compress(
     >>> model(torch.randn(2, 256)).shape
     torch.Size([2, 10])
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    for flag, value in (("binary", binary), ("trainable", trainable)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{flag} must be a bool; got {type(value).__name__}")
+    min_params = require_int("min_params", min_params, 0)
     if binary and (k is not None or tol is not None):
         raise ValueError("binary=True takes neither k nor tol")
     if not binary and (k is None) == (tol is None):
         raise ValueError(f"give exactly one of k or tol (or binary=True); got k={k}, tol={tol}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"k = {k!r} is out of range: expected an int >= 1")
-    if tol is not None and not 0 < tol < 1:
+    if k is not None:
+        k = require_int("k", k, 1)
+    if tol is not None and not 0 < require_number("tol", tol) < 1:
         raise ValueError(f"tol = {tol!r} is out of range: expected 0 < tol < 1")
     reports = []
     for name, parent, child_name, linear in list(_linears(model)):

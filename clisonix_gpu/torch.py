@@ -58,6 +58,15 @@ def _custom_op(name: str) -> Callable[[Callable[..., Any]], CustomOpDef]:
     return declare
 
 
+def _one_device(**tensors: Tensor | None) -> None:
+    """``TypeError`` naming the tensors unless they share one device. Fake kernels need it: torch
+    sends any call with a meta tensor among CPU ones to them, which would hand back an
+    uninitialised CPU tensor."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise TypeError("all tensors must be on one device; got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
 # ----------------------------------------------------------------------------- transform_matrix
 
 
@@ -68,6 +77,7 @@ def _transform_matrix_cpu(x: Tensor, w: Tensor, bias: Tensor | None, activation:
 
 
 def _transform_matrix_shape(x: Tensor, w: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    _one_device(x=x, w=w, bias=bias)
     _tm.validate(x, w, bias, activation or None)
     return x.new_empty(tuple(x.shape[:-1]) + (w.shape[-2],))
 
@@ -133,6 +143,9 @@ def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activatio
     >>> x.grad.shape
     torch.Size([5, 8])
     """
+    for name, t in (("x", x), ("w", w), ("bias", bias)):
+        if not isinstance(t, Tensor) and not (name == "bias" and t is None):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     return cast(Tensor, _transform_matrix_op(x, w, bias, activation or ""))
 
 
@@ -224,6 +237,7 @@ def binary_matmul(a: Tensor, b: Tensor, n: int) -> Tensor:
 
 @binary_matmul.register_fake
 def _(a: Tensor, b: Tensor, n: int) -> Tensor:
+    _one_device(a=a, b=b)
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
@@ -242,6 +256,7 @@ def hamming_distance(a: Tensor, b: Tensor) -> Tensor:
 
 @hamming_distance.register_fake
 def _(a: Tensor, b: Tensor) -> Tensor:
+    _one_device(a=a, b=b)
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
@@ -262,6 +277,7 @@ def hamming_topk(q: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 @hamming_topk.register_fake
 def _(q: Tensor, db: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    _one_device(q=q, db=db)
     return q.new_empty((q.shape[0], k), dtype=torch.int32), q.new_empty((q.shape[0], k), dtype=torch.int64)
 
 

@@ -6,7 +6,11 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ShapeError
+
 FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+INTEGER_DTYPE_NAMES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+REAL_DTYPE_NAMES = ("bool",) + INTEGER_DTYPE_NAMES + FLOAT_DTYPE_NAMES
 
 
 def dtype_name(a: Any) -> str:
@@ -18,6 +22,26 @@ def require_float(name: str, a: Any) -> None:
     """``TypeError`` unless ``a`` holds real floating-point numbers."""
     if dtype_name(a) not in FLOAT_DTYPE_NAMES:
         raise TypeError(f"{name} has dtype {dtype_name(a)}; expected one of {FLOAT_DTYPE_NAMES}")
+
+
+def require_real(name: str, a: Any) -> None:
+    """``TypeError`` unless ``a`` holds bool, integer or real floating-point values (not complex,
+    str, object, datetime or float8)."""
+    if dtype_name(a) not in REAL_DTYPE_NAMES:
+        raise TypeError(f"{name} has dtype {dtype_name(a)}; expected bool, an integer or a float dtype")
+
+
+def require_ndim(name: str, a: Any, low: int) -> None:
+    """``ShapeError`` unless ``a`` has at least ``low`` dimensions."""
+    if a.ndim < low:
+        raise ShapeError(f"{name} must have at least {low} dimension{'s' * (low > 1)}; got shape {tuple(a.shape)}")
+
+
+def require_number(name: str, value: Any) -> float:
+    """``value`` as a float; ``TypeError`` unless it is a real number (bools and strings are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    return float(value)
 
 
 def require_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:

@@ -109,7 +109,10 @@ if tuple(TABLE) != ACTIVATIONS:  # a name added to the shared table needs its ho
 
 
 def check_activation(activation: object) -> None:
-    """``ValueError`` listing the valid names unless ``activation`` is one of :data:`ACTIVATIONS`."""
+    """``TypeError`` unless ``activation`` is a str or None; ``ValueError`` listing the valid names
+    unless it is one of :data:`ACTIVATIONS`."""
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation must be a str or None; got {type(activation).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 

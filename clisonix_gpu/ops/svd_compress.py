@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _dispatch
 from ..errors import ShapeError
-from ._validate import dtype_name, require_float, require_int
+from ._validate import dtype_name, require_float, require_int, require_number
 from .utils import cdiv, interpreter_enabled, launch
 
 __all__ = ["LowRank", "svd_compress", "rademacher_sketch"]
@@ -124,7 +124,8 @@ def svd_compress(a: Any, k: int | None = None, *, tol: float | None = None, over
     sketch, so one seed gives the same factors on every backend to float tolerance and bit-identical
     factors on one backend. Signs: the largest-|.| entry of each column of ``u`` is positive.
     float16/bfloat16 are computed in float32. Raises ``ShapeError`` (fewer than 2 dimensions),
-    ``TypeError`` (integer/complex dtype), ``ValueError`` (k/tol out of range, both or neither
+    ``TypeError`` (``a`` not an array, integer/complex dtype; k, tol, oversample, power_iters or
+    seed of the wrong type), ``ValueError`` (k/tol out of range, both or neither
     given, NaN/Inf in ``a``).
 
     Example:
@@ -141,10 +142,10 @@ def svd_compress(a: Any, k: int | None = None, *, tol: float | None = None, over
     >>> cg.svd_compress(rng.standard_normal((3, 8, 6)), k=2).s.shape  # a batch of three matrices
     (3, 2)
     """
-    _dispatch.array_kind(a)
+    _dispatch.array_kind(a, "a")
     require_float("a", a)
     if a.ndim < 2:
-        raise ShapeError(f"svd_compress needs a matrix (M, N) or a batch (..., M, N); got shape {tuple(a.shape)}")
+        raise ShapeError(f"a must be a matrix (M, N) or a batch (..., M, N); got shape {tuple(a.shape)}")
     m, n = a.shape[-2], a.shape[-1]
     limit = min(m, n)
     if (k is None) == (tol is None):
@@ -154,7 +155,7 @@ def svd_compress(a: Any, k: int | None = None, *, tol: float | None = None, over
         if not 1 <= k <= limit:
             raise ValueError(f"k = {k} is out of range for a {m}x{n} matrix: expected 1 <= k <= {limit}")
     else:
-        if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 < tol < 1:
+        if not 0 < require_number("tol", tol) < 1:
             raise ValueError(f"tol = {tol!r} is out of range: expected 0 < tol < 1")
         if limit == 0:
             raise ValueError(f"tol mode needs a non-empty matrix; got {m}x{n}")

@@ -53,14 +53,15 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
     ``activation``: None, "relu", "leaky_relu" (slope 0.01), "gelu", "gelu_tanh", "silu",
     "sigmoid" or "tanh". Row i of the result depends only on row i of ``x``, bit for bit.
 
-    Raises ``ShapeError`` (shapes named), ``TypeError`` (dtype, mixed array types or devices),
-    ``ValueError`` (unknown activation), ``BackendUnavailable``.
+    Raises ``ShapeError`` (shapes named), ``TypeError`` (``x``/``w`` missing or not an array,
+    dtype, mixed array types or devices, activation not a str), ``ValueError`` (unknown
+    activation), ``BackendUnavailable``.
 
     >>> import numpy as np
     >>> cg.transform_matrix(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), activation="relu").shape
     (2, 4)
     """
-    _dispatch.common_kind(("x", "w", "bias"), (x, w, bias))
+    _dispatch.common_kind(("x", "w", "bias"), (x, w, bias), optional=("bias",))
     validate(x, w, bias, activation)
     out = _dispatch.call("transform_matrix", ("x", "w", "bias"), (x, w, bias), activation=activation)
     return _dispatch.cast_like(out, x)

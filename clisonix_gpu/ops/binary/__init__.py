@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from ... import _dispatch
 from ...errors import ShapeError
-from .._validate import dtype_name, require_float, require_int
+from .._validate import dtype_name, require_float, require_int, require_ndim, require_real
 
 __all__ = [
     "RadiusResult",
@@ -57,8 +57,8 @@ def _require_packed(name: str, a: Any, ndim: int | None = 2) -> None:
         raise TypeError(f"{name} must be packed bits of dtype uint8 (see pack_bits); got {dtype_name(a)}")
     if ndim is not None and a.ndim != ndim:
         raise ShapeError(f"{name} must be {ndim}-D (rows, bytes) packed bits; got shape {tuple(a.shape)}")
-    if ndim is None and a.ndim < 1:
-        raise ShapeError(f"{name} must have at least one dimension (bytes); got shape {tuple(a.shape)}")
+    if ndim is None:
+        require_ndim(name, a, 1)
 
 
 def _require_same_width(a_name: str, a: Any, b_name: str, b: Any) -> None:
@@ -87,18 +87,16 @@ def pack_bits(x: Any) -> Any:
 
     A bit is set where ``x > 0`` for floating ``x`` and where ``x != 0`` for bool/integer ``x``,
     so the result equals ``np.packbits(x > 0 if float else x, axis=-1, bitorder="little")``.
-    Raises ``TypeError`` for complex input, ``ShapeError`` for 0-d input.
+    Raises ``TypeError`` (not an array; complex, str, object or datetime dtype), ``ShapeError``
+    (0-d input).
 
     >>> cg.pack_bits(np.array([1, 0, 1, 1, 0, 0, 0, 0, 1])).tolist()
     [13, 1]
     """
-    _dispatch.array_kind(x)
-    name = dtype_name(x)
-    if name.startswith("complex"):
-        raise TypeError(f"pack_bits takes bool, integer or real floating input; got {name}")
-    if x.ndim < 1:
-        raise ShapeError(f"pack_bits needs at least one dimension; got shape {tuple(x.shape)}")
-    rule = "positive" if "float" in name else "nonzero"
+    _dispatch.array_kind(x, "x")
+    require_real("x", x)
+    require_ndim("x", x, 1)
+    rule = "positive" if "float" in dtype_name(x) else "nonzero"
     return _dispatch.call("pack_bits", ("x",), (x,), rule=rule)
 
 
@@ -113,7 +111,7 @@ def unpack_bits(bits: Any, n: int) -> Any:
     >>> cg.unpack_bits(bits, 9).tolist()
     [1, 0, 1, 1, 0, 0, 0, 0, 1]
     """
-    _dispatch.array_kind(bits)
+    _dispatch.array_kind(bits, "bits")
     _require_packed("bits", bits, ndim=None)
     n = _require_bit_count(n, bits.shape[-1])
     return _dispatch.call("unpack_bits", ("bits",), (bits,), n=n)
@@ -132,10 +130,9 @@ def binarize(x: Any) -> tuple[Any, Any]:
     >>> bits.tolist(), scale.tolist()
     ([[5]], [1.3333333730697632])
     """
-    _dispatch.array_kind(x)
+    _dispatch.array_kind(x, "x")
     require_float("x", x)
-    if x.ndim < 1:
-        raise ShapeError(f"binarize needs at least one dimension; got shape {tuple(x.shape)}")
+    require_ndim("x", x, 1)
     bits = _dispatch.call("pack_bits", ("x",), (x,), rule="nonnegative")
     scale = _dispatch.call("mean_abs", ("x",), (x,))
     return bits, _dispatch.cast_like(scale, x)
