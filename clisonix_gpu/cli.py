@@ -66,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         "worker", help="serve as a mesh worker (ranks >= 1), or run the edge's program on rank 0 (--edge)",
         description=WORKER_DESCRIPTION, epilog=WORKER_ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    worker.add_argument("--edge", nargs=argparse.REMAINDER, default=[], metavar="PROGRAM", help="on rank 0: the Python file (then its arguments) that calls mesh.connect()")
+    worker.add_argument(
+        "--edge",
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="PROGRAM",
+        help="on rank 0: the Python file (then its arguments) that calls mesh.connect()",
+    )
     demo = sub.add_parser("demo", help="train, compress and binarize small classifiers on scikit-learn datasets")
     demo.add_argument("--out", type=Path, default=None, help="folder for demo.md and demo.png")
     args = parser.parse_args(argv)

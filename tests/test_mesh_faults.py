@@ -69,12 +69,12 @@ def _slow_op_seconds(m, x, w):
 def test_a_burst_longer_than_the_deadline_keeps_healthy_workers_up():
     """16 requests on 2 workers: each takes well under the deadline, but the last in each
     worker's queue waits far longer than it. The deadline measures a request's own work."""
-    x, w = torch.randn(1500, 700), torch.randn(700, 700)
+    x, w = torch.randn(1200, 700), torch.randn(700, 700)
     with mesh_module.connect(workers=2, timeout=30) as m:
         m.offload("transform_matrix", x, w)  # warm both
         m.offload("transform_matrix", x, w)
         one = max(_slow_op_seconds(m, x, w) for _ in range(2))
-        m.timeout = max(4 * one, 0.3)
+        m.timeout = max(4 * one, 0.1)
         futures = [m.submit("transform_matrix", x, w) for _ in range(16)]
         results = [f.result(timeout=120) for f in futures]
         status = m.status()
@@ -113,14 +113,22 @@ def test_stalled_workers_come_back_and_dead_ones_fail_over(rng):
         m.close()
 
 
-def test_a_worker_killed_mid_transfer_is_noticed_within_a_second():
-    """A 12 MiB request (three chunks each way) to a worker that is killed while it travels:
-    the request is answered by another worker within a second or so, not at the 30 s deadline."""
-    big = torch.randn(3 << 20)
-    with mesh_module.connect(workers=3, timeout=30) as m:
-        for trial, delay in enumerate((0.0, 0.01)):
-            target = m._workers[trial]
-            victim = m._processes[trial]
+def test_load_spreads_over_four_workers_and_a_worker_killed_mid_transfer_is_noticed_within_a_second():
+    """Four workers share single requests evenly. Then a 12 MiB request (three chunks each way)
+    goes to a worker that is killed while it travels: another worker answers it within a second
+    or so, not at the 30 s deadline."""
+    with mesh_module.connect(workers=4, timeout=30) as m:
+        x = torch.arange(8.0)
+        for _ in range(100):
+            m.offload("identity", x)
+        assert _answered(m) == [25, 25, 25, 25]
+        for f in [m.submit("identity", x) for _ in range(100)]:
+            f.result(timeout=30)
+        counts = [a - 25 for a in _answered(m)]
+        assert sum(counts) == 100 and min(counts) >= 12, counts
+        big = torch.randn(3 << 20)
+        for trial, delay in enumerate((0.0, 0.005, 0.02)):
+            target, victim = m._workers[trial], m._processes[trial]
             killer = threading.Timer(delay, victim.kill)
             start = time.monotonic()
             killer.start()
@@ -129,31 +137,21 @@ def test_a_worker_killed_mid_transfer_is_noticed_within_a_second():
             killer.join()
             assert torch.equal(echo, big) and elapsed < 2.5, (trial, elapsed)
             assert _wait_until(lambda: target.state == "dead", 1.0)
-        assert m.status()[2]["state"] == "up"
+        assert m.status()[3]["state"] == "up"
 
 
 def test_local_fallback_has_the_same_deadline():
-    a = torch.randn(1500, 1500, dtype=torch.float64)
+    a = torch.randn(1000, 1000, dtype=torch.float64)  # about 2 s here when the machine is quiet
     with mesh_module.connect(workers=1, timeout=0.5) as m:
         m._processes[0].kill()
         assert _wait_until(lambda: m.status()[0]["state"] == "dead", 1.0)
         start = time.monotonic()
         with pytest.raises(mesh_module.MeshError, match="past the 0.5 s deadline"):
-            m.offload("svd_compress", a, k=500, power_iters=64)
+            m.offload("svd_compress", a, k=200, power_iters=10)
         assert time.monotonic() - start < 1.5
-
-
-def test_thousand_requests_with_a_worker_killed_midway():
-    with mesh_module.connect(workers=2, timeout=10) as m:
-        answers = []
-        for i in range(1000):
-            if i == 500:
-                m._processes[0].kill()
-            answers.append(m.offload("identity", torch.full((4,), float(i))))
-        assert [int(a[0]) for a in answers] == list(range(1000))  # none lost, none duplicated, in order
-        status = {s["rank"]: s for s in m.status()}
-        assert status[1]["state"] == "dead" and status[2]["alive"]
-        assert status[1]["answered"] + status[2]["answered"] + status[0]["answered"] == 1000
+    for thread in threading.enumerate():  # the computation cannot be interrupted: let it end before the next test
+        if thread.name == "mesh-local":
+            thread.join(timeout=60)
 
 
 def test_a_worker_killed_with_requests_in_flight_loses_none_of_them():
@@ -172,15 +170,3 @@ def test_a_worker_killed_with_requests_in_flight_loses_none_of_them():
         assert not status[1]["alive"] and status[2]["alive"]
         assert status[1]["answered"] + status[2]["answered"] + status[0]["answered"] == 400
         assert status[2]["peak_in_flight"] <= 4
-
-
-def test_load_spreads_over_four_workers():
-    with mesh_module.connect(workers=4, timeout=20) as m:
-        x = torch.arange(8.0)
-        for _ in range(100):
-            m.offload("identity", x)
-        assert _answered(m) == [25, 25, 25, 25]
-        for f in [m.submit("identity", x) for _ in range(100)]:
-            f.result(timeout=30)
-        counts = [a - 25 for a in _answered(m)]
-        assert sum(counts) == 100 and min(counts) >= 12, counts

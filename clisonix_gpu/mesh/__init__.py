@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from .allowlist import OPS
 from .edge import Mesh, MeshError
-from .launch import connect, worker_main
+from .launch import connect
+from .launch import worker_main as worker_main  # the entry of `clisonix-gpu worker`
 from .worker import serve
 
 __all__ = ["Mesh", "MeshError", "OPS", "connect", "serve"]

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
+from torch._C._distributed_c10d import TCPStore
+from torch.distributed.rendezvous import rendezvous
 
 from .. import alda
 from . import wire
@@ -116,7 +118,7 @@ def _listening_store(addr: str, port: int, world_size: int, timeout: float) -> t
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
         listener.listen(256)
-        store = dist.TCPStore(
+        store = TCPStore(
             host, listener.getsockname()[1], world_size, True, datetime.timedelta(seconds=timeout), wait_for_workers=False,
             master_listen_fd=listener.fileno(),
         )  # fmt: skip
@@ -168,7 +170,7 @@ def connect(
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
         if workers is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's agent holds the store
-            store, _, _ = next(dist.rendezvous("env://", rank=0, world_size=world, timeout=datetime.timedelta(seconds=max(timeout, 60))))
+            store, _, _ = next(rendezvous("env://", rank=0, world_size=world, timeout=datetime.timedelta(seconds=max(timeout, 60))))
         else:
             port = master_port if workers is not None else int(os.environ.get("MASTER_PORT", "0"))
             store, listener = _listening_store(addr, port or 0, world, max(timeout, 60))
@@ -272,7 +274,7 @@ def _serve_from_environment(rank: int, world: int, addr: str) -> int:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     wait_s = float(os.environ.get("CLISONIX_MESH_CONNECT_TIMEOUT") or 600)
     try:
-        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=wait_s)))
+        store, _, _ = next(rendezvous("env://", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=wait_s)))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
     except (RuntimeError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
