@@ -76,7 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         "--update-readme", action="store_true", help="source checkout only: refresh README's performance section from bench/results and exit"
     )
     bench.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
-    sub.add_parser("worker", help="serve as a mesh worker (ranks >= 1; RANK, WORLD_SIZE, MASTER_ADDR/PORT from torchrun)")
+    worker = sub.add_parser(
+        "worker", help="serve as a mesh worker (ranks >= 1), or run the edge's program on rank 0 (--edge)",
+        description=WORKER_DESCRIPTION, epilog=WORKER_ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    worker.add_argument(
+        "--edge",
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="PROGRAM",
+        help="on rank 0: the Python file (then its arguments) that calls mesh.connect()",
+    )
     demo = sub.add_parser("demo", help="train, compress and binarize small classifiers on scikit-learn datasets")
     demo.add_argument("--out", type=Path, default=None, help="folder for demo.md and demo.png")
     args = parser.parse_args(argv)
@@ -86,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         from .mesh import worker_main
 
-        return worker_main()
+        return worker_main(args.edge)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -94,6 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     return _bench(parser, args)
 
+
+WORKER_DESCRIPTION = """\
+Ranks >= 1 serve mesh requests from rank 0 (the edge). Under torchrun, one command starts the edge
+and its workers, and a worker that dies leaves the edge and the other workers running:
+
+  torchrun --nproc-per-node 3 --no-python clisonix-gpu worker --edge app.py [ARGS...]
+
+Rank 0 runs app.py, whose mesh.connect() joins the two workers."""
+WORKER_ENVIRONMENT = """\
+environment (torchrun sets the first four):
+  RANK         this process's rank: 1..WORLD_SIZE-1 serve; rank 0 runs the --edge program
+  WORLD_SIZE   number of ranks, the edge included (at least 2)
+  MASTER_ADDR  address of the rendezvous store (default 127.0.0.1)
+  MASTER_PORT  its port
+  CLISONIX_MESH_CONNECT_TIMEOUT  seconds to wait for the mesh before giving up (default 600)
+  GLOO_SOCKET_IFNAME  network interface for Gloo (lo when MASTER_ADDR is loopback)"""
 
 BENCH_OPS = ("transform_matrix", "svd_compress", "binary", "alda", "mesh")
 DEFAULT_BENCH_OUT = "clisonix-gpu-bench"

@@ -1,0 +1,503 @@
+"""The edge (rank 0): sends requests to workers, spreads them, watches the workers' health.
+
+Each worker has a reader thread that receives its replies, hands each to the caller waiting for
+it and drops the rest (late replies of requests that were given up). A worker is in one of three
+states:
+
+* ``up``: it gets requests. The least busy live worker takes a request (ties rotate).
+* ``stalled``: it missed a deadline. A deadline measures the worker: a request's clock starts
+  when it is sent or when the worker last answered anything, whichever is later, so time a request
+  spends queued behind others (at the edge or at the worker) does not count. A stalled worker is
+  sent a health check; its answer comes after every late reply, and re-admits the worker.
+* ``dead``: its connection ended or its process is gone (checked every ``HEALTH_INTERVAL``
+  seconds where the edge can see the process). It is never used again.
+
+Requests of a worker that leaves ``up`` go to the next live worker, then run locally
+(``fallback="local"``, under the same deadline) or raise :class:`MeshError`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import alda
+from ..ops.utils import cdiv
+from . import allowlist, wire
+from .transport import Inbox, Outbox
+from .worker import process_namespace
+
+UP, STALLED, DEAD = "up", "stalled", "dead"
+HEALTH_INTERVAL = 0.1  # seconds between checks of the workers' processes and health checks of stalled ones
+_REPLY_LIMIT = 1 << 40  # replies come from the mesh's own workers; the bound only rejects garbage
+
+
+class MeshError(RuntimeError):
+    """A request failed on a worker (message from the worker), no worker could answer it, or the
+    mesh is closed.
+
+    Example:
+
+    >>> from clisonix_gpu import mesh
+    >>> codes = torch.full((3, 4), 0b1011, dtype=torch.uint8)
+    >>> with mesh.connect(workers=1, timeout=30) as m:
+    ...     try:
+    ...         m.offload("hamming_topk", codes, codes, k=9)  # k above len(db): the op's own ValueError
+    ...     except mesh.MeshError as exc:
+    ...         print(exc)  # doctest: +ELLIPSIS
+    worker 1: ValueError: ...
+    """
+
+
+MeshError.__module__ = "clisonix_gpu.mesh"  # where users import it from (tracebacks show this)
+
+
+class _WorkerGone(Exception):
+    """A worker left ``up`` while a request waited for it (its state says why)."""
+
+
+@dataclasses.dataclass(eq=False)
+class WorkerLink:
+    """The edge's state for one worker. ``cond`` guards every field from ``state`` on."""
+
+    rank: int
+    group: Any
+    device: alda.Device
+    host: str
+    pid: int
+    namespace: str  # the worker's pid space (see worker.process_namespace)
+    inbox: Inbox
+    outbox: Outbox
+    process: subprocess.Popen[bytes] | None = None  # when the edge started it
+    send_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    cond: threading.Condition = dataclasses.field(default_factory=lambda: threading.Condition(threading.Lock()))
+    state: str = UP
+    in_flight: int = 0  # at most Mesh.max_in_flight: callers beyond wait for a slot (back-pressure)
+    peak_in_flight: int = 0
+    answered: int = 0
+    failures: int = 0  # times it left ``up``
+    readmissions: int = 0
+    late_replies: int = 0  # replies that came after their request was given up: dropped
+    last_error: str = ""
+    progress_at: float = 0.0  # when a message from it last arrived
+    ping_id: int | None = None  # the health check on its way, if any
+    awaited: set[int] = dataclasses.field(default_factory=set)  # request ids whose callers wait
+    replies: dict[int, tuple[int, list[torch.Tensor]]] = dataclasses.field(default_factory=dict)
+    assembly: wire.Assembly | None = None  # a reply whose chunks are arriving (reader thread only)
+
+    @property
+    def alive(self) -> bool:
+        return self.state == UP
+
+
+class Mesh:
+    """The edge's handle on the workers. Use :func:`connect` to make one; close it when done.
+
+    Example:
+
+    >>> from clisonix_gpu import mesh
+    >>> m = mesh.connect(workers=1, timeout=30)
+    >>> futures = [m.submit("identity", torch.full((3,), float(i))) for i in range(4)]  # pipelined
+    >>> [f.result()[0].item() for f in futures]
+    [0.0, 1.0, 2.0, 3.0]
+    >>> m.offload("transform_matrix", torch.ones(2, 3), torch.ones(4, 5))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    clisonix_gpu.mesh.MeshError: worker 1: ShapeError: ...
+    >>> [(s["rank"], s["state"], s["answered"]) for s in m.status()]
+    [(1, 'up', 5), (0, 'up', 0)]
+    >>> m.close()
+    >>> m.offload("identity", torch.ones(2))
+    Traceback (most recent call last):
+    ...
+    clisonix_gpu.mesh.MeshError: the mesh is closed
+    """
+
+    def __init__(self, workers: list[WorkerLink], *, timeout: float, fallback: str, max_in_flight: int = 4):
+        if fallback not in ("local", "raise"):
+            raise ValueError(f"fallback must be 'local' or 'raise'; got {fallback!r}")
+        self._workers = workers
+        self.timeout = timeout
+        self.fallback = fallback
+        self.max_in_flight = max_in_flight
+        self._processes = [w.process for w in workers if w.process is not None]
+        self._ids = itertools.count(2)  # next() on a count is atomic under the GIL: no lock per request
+        self._turn = itertools.count()  # rotates ties between equally busy workers
+        self._encoded: dict[tuple[Any, ...], tuple[int, list[int]]] = {}
+        self._local_lock = threading.Lock()
+        self._local_runs = 0
+        self._closed = False
+        self._namespace = process_namespace()
+        self._stop = threading.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, max_in_flight * max(len(workers), 1)), thread_name_prefix="mesh")
+        now = time.monotonic()
+        self._readers = []
+        for w in workers:
+            w.progress_at = now
+            reader = threading.Thread(target=self._read, args=(w,), name=f"mesh-reader-{w.rank}", daemon=True)
+            reader.start()
+            self._readers.append(reader)
+        self._watcher = threading.Thread(target=self._watch, name="mesh-health", daemon=True)
+        self._watcher.start()
+
+    # -- public API
+
+    def offload(self, op: str, *tensors: torch.Tensor, **params: Any) -> Any:
+        """Run ``op`` (a name from :data:`OPS`) on a live worker; the result comes back on the
+        device of the first tensor. Failover: a worker that dies or misses the deadline leaves
+        the rotation and the request goes to the next live one, then runs locally
+        (``fallback="local"``, with the same deadline) or raises :class:`MeshError` (``"raise"``).
+        Errors of the op itself are raised as :class:`MeshError` with the worker's message; a bad
+        op name or parameters raise ``ValueError``/``TypeError`` before anything is sent; a closed
+        mesh raises :class:`MeshError`."""
+        results = self._run(op, tensors, params, preferred=None)
+        return results[0] if len(results) == 1 else results
+
+    def submit(self, op: str, *tensors: torch.Tensor, **params: Any) -> concurrent.futures.Future[Any]:
+        """:meth:`offload` without waiting: a future of its result. Up to ``max_in_flight``
+        requests per worker are on the wire at once; more wait their turn (back-pressure).
+        A bad op name or parameters, or a closed mesh, raise here, before anything is queued."""
+        self._check_open()
+        self._encode_request(op, tuple(t for t in tensors if t is not None), params)
+        return self._executor.submit(self.offload, op, *tensors, **params)
+
+    def map(self, op: str, x: torch.Tensor, *args: torch.Tensor, **params: Any) -> Any:
+        """``op(x, *args, **params)`` with ``x`` split on axis 0 across live workers by an ALDA
+        plan weighted by their capacity; each worker's share goes as up to ``max_in_flight``
+        pipelined requests, and the pieces reassemble in order."""
+        self._check_open()
+        live = [w for w in self._workers if w.state == UP]
+        if not live:
+            return self._run_local(op, (x, *args), params)[0]
+        args = tuple(a for a in args if a is not None)
+        self._encode_request(op, (x, *args), params)
+        schedule = alda.plan(len(x), [w.device for w in live])
+        by_device = {w.device.name: w for w in live}
+        pieces = []
+        for shard in schedule:
+            step = max(1, cdiv(shard.size, self.max_in_flight), 256)
+            pieces += [(start, min(start + step, shard.stop), by_device[shard.device.name]) for start in range(shard.start, shard.stop, step)]
+        pieces = pieces or [(0, 0, live[0])]
+        futures = [self._executor.submit(self._run, op, (x[a:b], *args), params, worker) for a, b, worker in pieces]
+        return torch.cat([f.result()[0] for f in futures], dim=0)
+
+    def status(self) -> list[dict[str, Any]]:
+        """One entry per worker: rank, host and pid (find the process behind a row), device,
+        weight, state (``up``, ``stalled`` or ``dead``), alive (state is up), requests in flight
+        now and at most, answered, failures, readmissions, late replies dropped, last error; then
+        rank 0 itself, whose ``answered`` counts the requests it ran locally."""
+        return [
+            {"rank": w.rank, "host": w.host, "pid": w.pid, "device": w.device.name, "weight": w.device.weight, "state": w.state,
+             "alive": w.state == UP, "in_flight": w.in_flight, "peak_in_flight": w.peak_in_flight, "answered": w.answered,
+             "failures": w.failures, "readmissions": w.readmissions, "late_replies": w.late_replies, "last_error": w.last_error}
+            for w in self._workers
+        ] + [{"rank": 0, "host": socket.gethostname(), "pid": os.getpid(), "device": "local", "state": UP, "alive": True,
+              "answered": self._local_runs}]  # fmt: skip
+
+    def close(self) -> None:
+        """Tell workers to stop, wait for processes this mesh started, leave torch.distributed.
+        Later calls of :meth:`offload`, :meth:`submit` and :meth:`map` raise :class:`MeshError`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        self._stop.set()
+        self._watcher.join()
+        told = set()
+        for w in self._workers:
+            if w.state == DEAD:
+                continue
+            until = time.monotonic() + min(self.timeout, 5.0)
+            give_up = lambda: TimeoutError("shutdown not delivered") if time.monotonic() > until else None
+            try:
+                if w.send_lock.acquire(timeout=max(until - time.monotonic(), 0)):
+                    try:
+                        w.outbox.send(wire.header(0, wire.SHUTDOWN, ()), wire.Payload([]), give_up)
+                        w.outbox.flush(give_up)
+                    finally:
+                        w.send_lock.release()
+                    if w.state == UP:
+                        told.add(w.rank)
+            except Exception:
+                pass
+        for w in self._workers:
+            if w.process is not None:
+                try:
+                    w.process.wait(timeout=30 if w.rank in told else 0.1)  # a stalled worker may never read the shutdown
+                except subprocess.TimeoutExpired:
+                    w.process.kill()
+                    w.process.wait()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        for w in self._workers:
+            w.outbox.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MeshError("the mesh is closed")
+
+    def _encode_request(self, op: str, tensors: Sequence[torch.Tensor], params: dict[str, Any]) -> tuple[int, list[int]]:
+        """(op id, parameter values) of a request, checked by the allowlist. A service repeats a
+        few signatures: those that passed once are looked up."""
+        try:
+            key = (op, *[(name, type(v), v) for name, v in params.items()], *[(type(t), t.dtype, t.ndim) for t in tensors])
+            found = self._encoded.get(key)
+        except (AttributeError, TypeError):  # not tensors, or parameters that cannot be a key
+            key, found = None, None
+        if found is None:
+            found = allowlist.encode_request(op, tensors, params)
+            if key is not None:
+                if len(self._encoded) >= 1024:
+                    self._encoded.clear()
+                self._encoded[key] = found
+        return found
+
+    def _pick(self, preferred: WorkerLink | None, tried: set[int]) -> WorkerLink | None:
+        """The worker for the next try: ``preferred`` while it is up, else the least busy live
+        worker not tried yet (ties rotate, so single requests spread evenly)."""
+        live = [w for w in self._workers if w.state == UP and w.rank not in tried]
+        if not live:
+            return None
+        if preferred is not None and preferred in live:
+            return preferred
+        turn = next(self._turn) % len(live)
+        order = live[turn:] + live[:turn]
+        return min(order, key=lambda w: w.in_flight)  # min keeps the first of equals
+
+    def _run(self, op: str, tensors: Sequence[Any], params: dict[str, Any], preferred: WorkerLink | None) -> tuple[Any, ...]:
+        self._check_open()
+        tensors = tuple(t for t in tensors if t is not None)
+        op_id, values = self._encode_request(op, tensors, params)
+        home = tensors[0].device
+        payload = wire.Payload.of(tensors)  # once, before any worker is tried: a failure here is the caller's
+        tried: set[int] = set()
+        while (worker := self._pick(preferred, tried)) is not None:
+            tried.add(worker.rank)
+            try:
+                results = self._call(worker, op_id, tensors, values, payload)
+            except _WorkerGone:  # its state says why; the next worker tries
+                continue
+            except MeshError:  # the op's own error, from a worker that is fine
+                raise
+            except Exception as exc:  # the connection failed under a send
+                self._set_state(worker, DEAD, f"{type(exc).__name__}: {exc}")
+                continue
+            return tuple(results) if home.type == "cpu" else tuple(t.to(home) for t in results)
+        self._check_open()
+        if self.fallback == "raise":
+            raise MeshError(f"no live worker could run {op}; workers: {self.status()}")
+        return self._run_local(op, tensors, params)
+
+    def _run_local(self, op: str, tensors: Sequence[Any], params: dict[str, Any]) -> tuple[Any, ...]:
+        """Run the op here, under the mesh's deadline: past it, ``MeshError`` (the computation
+        cannot be interrupted and finishes in the background)."""
+        op_id, values = self._encode_request(op, tensors, params)
+        spec = allowlist.OPS[op_id]
+        outcome: dict[str, Any] = {}
+
+        def compute() -> None:
+            try:
+                outcome["result"] = tuple(spec.fn(*tensors, **dict(zip(spec.param_names, values))))
+            except BaseException as exc:  # handed to the caller below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=compute, name="mesh-local", daemon=True)
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            raise MeshError(f"{op} ran locally (no live worker) past the {self.timeout} s deadline")
+        if "error" in outcome:
+            raise outcome["error"]
+        with self._local_lock:
+            self._local_runs += 1
+        result: tuple[Any, ...] = outcome["result"]
+        return result
+
+    def _call(self, worker: WorkerLink, op_id: int, tensors: Sequence[torch.Tensor], values: list[int], payload: wire.Payload) -> list[torch.Tensor]:
+        request_id = next(self._ids)
+        cond = worker.cond
+        with cond:
+            while worker.state == UP and worker.in_flight >= self.max_in_flight:
+                cond.wait()  # back-pressure: the edge's own queue, not the worker's time (no deadline)
+            if worker.state != UP:
+                raise _WorkerGone
+            worker.in_flight += 1
+            worker.peak_in_flight = max(worker.peak_in_flight, worker.in_flight)
+            worker.awaited.add(request_id)  # before the send: the reply may come at once
+        try:
+            sent_at = time.monotonic()
+            self._send(worker, wire.header(request_id, op_id, tensors, values), payload, sent_at)
+            with cond:
+                while request_id not in worker.replies:
+                    if worker.state != UP:
+                        raise _WorkerGone
+                    left = max(worker.progress_at, sent_at) + self.timeout - time.monotonic()
+                    if left <= 0:
+                        self._set_state_locked(worker, STALLED, f"no reply to request {request_id} within {self.timeout} s of work")
+                        raise _WorkerGone
+                    cond.wait(left)
+                status, results = worker.replies.pop(request_id)
+                worker.answered += 1
+        finally:
+            with cond:
+                worker.in_flight -= 1
+                worker.awaited.discard(request_id)
+                worker.replies.pop(request_id, None)
+                cond.notify_all()
+        if status != wire.STATUS_OK:
+            raise MeshError(f"worker {worker.rank}: {bytes(results[0].tolist()).decode(errors='replace')}")
+        return results
+
+    def _send(self, worker: WorkerLink, words: list[int], payload: wire.Payload, sent_at: float) -> None:
+        """Send under the worker's deadline: waits for the send lock or a buffer end when the
+        worker leaves ``up`` or makes no progress for ``timeout`` seconds."""
+
+        def give_up() -> BaseException | None:
+            if worker.state != UP:
+                return _WorkerGone()
+            if time.monotonic() > max(worker.progress_at, sent_at) + self.timeout:
+                self._set_state(worker, STALLED, f"a send to it made no progress within {self.timeout} s")
+                return _WorkerGone()
+            return None
+
+        while not worker.send_lock.acquire(timeout=0.05):
+            reason = give_up()
+            if reason is not None:
+                raise reason
+        try:
+            worker.outbox.send(words, payload, give_up)
+        finally:
+            worker.send_lock.release()
+
+    def _set_state(self, worker: WorkerLink, state: str, reason: str) -> None:
+        with worker.cond:
+            self._set_state_locked(worker, state, reason)
+
+    @staticmethod
+    def _set_state_locked(worker: WorkerLink, state: str, reason: str) -> None:
+        """Move a worker down (``stalled`` or ``dead``; dead is final); callers waiting on it fail over."""
+        if worker.state == DEAD or worker.state == state:
+            return
+        if worker.state == UP:
+            worker.failures += 1
+        worker.state = state
+        worker.last_error = reason
+        worker.cond.notify_all()
+
+    # -- the reader threads and the health watcher
+
+    def _read(self, worker: WorkerLink) -> None:
+        """Receive the worker's replies for as long as its connection lasts."""
+        while True:
+            try:
+                reply = self._receive_one(worker)
+            except Exception as exc:
+                if not self._closed:
+                    self._set_state(worker, DEAD, f"connection lost: {type(exc).__name__}: {exc}")
+                else:
+                    with worker.cond:
+                        worker.state = DEAD
+                return
+            with worker.cond:
+                worker.progress_at = time.monotonic()
+                if reply is None:
+                    continue
+                request_id, answer = reply
+                if request_id == worker.ping_id:
+                    worker.ping_id = None
+                    if worker.state == STALLED:
+                        worker.state = UP
+                        worker.readmissions += 1
+                elif request_id in worker.awaited:
+                    worker.replies[request_id] = answer
+                else:
+                    worker.late_replies += 1
+                worker.cond.notify_all()
+
+    @staticmethod
+    def _receive_one(worker: WorkerLink) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:
+        """Read one message of ``worker``: ``(request id, (status, tensors))`` when it completes a
+        reply, else None; ``ConnectionError`` when the worker is out of step."""
+        words, body = worker.inbox.receive()
+        if words[wire.MAGIC_AT] != wire.MAGIC or words[wire.VERSION_AT] != wire.VERSION or body is None:
+            raise ConnectionError(f"malformed reply from worker {worker.rank}")
+        try:
+            if words[wire.CHUNK_AT] == 0 and worker.assembly is None:
+                specs, total = wire.decode_specs(words, _REPLY_LIMIT)
+                if total <= wire.CHUNK_BYTES:  # the usual reply: one message
+                    if words[wire.CHUNK_SIZE_AT] != total:
+                        raise ValueError(f"reply {words[wire.REQUEST_ID_AT]} has {words[wire.CHUNK_SIZE_AT]} bytes where {total} were due")
+                    return words[wire.REQUEST_ID_AT], (words[wire.CODE_AT], wire.unpack(body, specs, copy=True))
+                worker.assembly = wire.Assembly(words, specs)
+            elif worker.assembly is None or words[wire.REQUEST_ID_AT] != worker.assembly.request_id:
+                raise ValueError(f"chunk {words[wire.CHUNK_AT]} of reply {words[wire.REQUEST_ID_AT]} out of order")
+            worker.assembly.add(words, body)
+        except ValueError as exc:
+            raise ConnectionError(f"worker {worker.rank} is out of step: {exc}") from exc
+        done = worker.assembly
+        if not done.complete:
+            return None
+        worker.assembly = None
+        return done.request_id, (done.first[wire.CODE_AT], done.tensors)
+
+    def _watch(self) -> None:
+        """Every HEALTH_INTERVAL: a worker whose process is gone is dead; a stalled one gets a
+        health check (one at a time; its answer re-admits the worker)."""
+        while not self._stop.wait(HEALTH_INTERVAL):
+            for w in self._workers:
+                if w.state == DEAD:
+                    continue
+                gone = self._process_gone(w)
+                if gone:
+                    self._set_state(w, DEAD, gone)
+                elif w.state == STALLED and w.ping_id is None:
+                    self._ping(w)
+
+    def _process_gone(self, worker: WorkerLink) -> str | None:
+        """Why the worker's process no longer runs, where this process can see it; else None."""
+        if worker.process is not None:
+            code = worker.process.poll()
+            return None if code is None else f"process {worker.pid} exited with code {code}"
+        if not worker.namespace or worker.namespace != self._namespace:
+            return None  # another host or container: its connection tells
+        try:
+            with open(f"/proc/{worker.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return f"process {worker.pid} is gone"
+        return f"process {worker.pid} is a zombie" if state == "Z" else None
+
+    def _ping(self, worker: WorkerLink) -> None:
+        if not worker.send_lock.acquire(blocking=False):
+            return  # a sender is busy with it: try at the next round
+        try:
+            request_id = next(self._ids)
+            with worker.cond:
+                worker.ping_id = request_id
+            worker.outbox.send(wire.header(request_id, wire.PING, ()), wire.Payload([]), lambda: TimeoutError("no free buffer"))
+        except Exception:
+            with worker.cond:
+                worker.ping_id = None  # not sent (the worker holds both buffers): try again later
+        finally:
+            worker.send_lock.release()

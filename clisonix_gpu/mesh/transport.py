@@ -1,0 +1,192 @@
+"""Moving messages between two ranks with torch.distributed point-to-point calls.
+
+Each worker talks to the edge through a process group of its own, so one worker's failure cannot
+poison the others. Every peer keeps receives posted ahead of time into buffers that fit any
+message, so a sender never waits for the receiver to post.
+
+No wait here ever runs into a Gloo timeout: a Gloo wait that times out closes the connection
+for good (the peer then fails with "Connection closed by peer"), which would turn a slow worker
+into a lost one, and a Gloo send or receive shows as complete only to a wait (``is_completed``
+stays False until then). So receives block until a message or the connection's end (the edge
+reads in a thread per worker), and the edge's sends are waited for by a thread of their own while
+a sender that needs a buffer waits on a condition with its deadline.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import wire
+
+POSTED_RECEIVES = 2  # per peer, kept posted ahead of the messages they will hold
+MESSAGE_BYTES = wire.message_bytes()
+# A worker may wait long for its next request, and an edge's reader for a reply: receives block
+# under this timeout, which no live mesh reaches (deadlines are the edge's, see edge.py).
+GROUP_TIMEOUT = datetime.timedelta(days=7)
+
+GiveUp = Callable[[], "BaseException | None"]  # an exception to raise when a wait should end, else None
+
+
+def groups(world_size: int) -> dict[int, Any]:
+    """One process group per worker: {worker rank: group of (0, worker)}; every rank calls this."""
+    return {w: dist.new_group([0, w], timeout=GROUP_TIMEOUT) for w in range(1, world_size)}
+
+
+def _peer_of(group: Any, rank: int) -> int:
+    """``rank``'s rank inside ``group``: messages go through the process group's own send/recv,
+    which skips a per-call layer of checks in torch.distributed that costs as much as the
+    transfer of a small message."""
+    return dist.get_group_rank(group, rank)
+
+
+class Outbox:
+    """Messages to one peer, built in ``POSTED_RECEIVES`` reusable buffers. ``send`` returns once
+    the last message is on its way; a buffer is waited for only when it is needed again, so a
+    request or reply costs no wait of its own.
+
+    With ``deadlines=True`` (the edge), a thread of the outbox waits for each send to complete
+    and frees its buffer, and a sender that needs a buffer waits for one with ``give_up`` in
+    charge; otherwise (a worker) the sender itself waits, without a deadline.
+    """
+
+    def __init__(self, dst: int, group: Any, *, deadlines: bool = False):
+        self._group, self._peer = group, _peer_of(group, dst)
+        self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES)]
+        self._tensors = [torch.from_numpy(b) for b in self._buffers]  # the same memory, made once
+        self._free = deque(range(POSTED_RECEIVES))
+        self._sending: deque[tuple[int, Any]] = deque()  # sends not known to be complete, oldest first
+        self._spans: dict[tuple[int, int], torch.Tensor] = {}  # message tensors by (buffer, length)
+        self._cond: threading.Condition | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        if deadlines:
+            self._cond = threading.Condition()
+            threading.Thread(target=self._complete_sends, name=f"mesh-sends-{dst}", daemon=True).start()
+
+    def _take(self, give_up: GiveUp | None) -> int:
+        if self._cond is None:
+            if self._free:
+                return self._free.popleft()
+            index, work = self._sending.popleft()
+            work.wait()
+            return index
+        with self._cond:
+            while not self._free:
+                if self._error is not None:
+                    raise self._error
+                reason = give_up() if give_up is not None else None
+                if reason is not None:
+                    raise reason
+                self._cond.wait(0.05)
+            return self._free.popleft()
+
+    def send(self, words: list[int], payload: wire.Payload, give_up: GiveUp | None = None) -> None:
+        """Send a request or reply. With ``give_up``, a wait for a buffer ends with the exception
+        it returns; chunks already sent stay sent (the receiver then sees a request cut short)."""
+        for chunk in range(wire.n_chunks(payload.total)):
+            index = self._take(give_up)
+            length = wire.fill(self._buffers[index], words, chunk, payload)
+            span = self._spans.get((index, length))
+            if span is None:  # a service repeats a few message lengths: their views are kept
+                if len(self._spans) >= 256:
+                    self._spans.clear()
+                span = self._spans[index, length] = self._tensors[index][:length]
+            work = self._group.send([span], self._peer, 0)
+            if self._cond is None:
+                self._sending.append((index, work))
+            else:
+                with self._cond:
+                    self._sending.append((index, work))
+                    self._cond.notify_all()
+
+    def _complete_sends(self) -> None:
+        """The deadline mode's thread: wait for each send in turn (Gloo sends complete only
+        through a wait) and free its buffer; a failed send fails every later wait for a buffer."""
+        assert self._cond is not None
+        while True:
+            with self._cond:
+                while not self._sending and not self._closed:
+                    self._cond.wait()
+                if not self._sending:
+                    return
+                index, work = self._sending[0]
+            try:
+                work.wait()
+            except Exception as exc:
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._sending.popleft()
+                self._free.append(index)
+                self._cond.notify_all()
+
+    def flush(self, give_up: GiveUp | None = None) -> None:
+        """Wait until every message sent is delivered."""
+        if self._cond is None:
+            while self._sending:
+                index, work = self._sending.popleft()
+                work.wait()
+                self._free.append(index)
+            return
+        with self._cond:
+            while self._sending:
+                if self._error is not None:
+                    raise self._error
+                reason = give_up() if give_up is not None else None
+                if reason is not None:
+                    raise reason
+                self._cond.wait(0.05)
+
+    def close(self) -> None:
+        """End the deadline mode's thread once its sends are complete."""
+        if self._cond is not None:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+
+
+class Inbox:
+    """Messages from one peer, through ``POSTED_RECEIVES`` receives posted ahead of time.
+
+    ``receive`` blocks until a message arrives (or the connection ends: then torch.distributed's
+    error) and returns ``(header words, chunk bytes)``; the bytes are a view into a buffer that
+    stays valid until the next call, and ``None`` when the message was shorter than its header says.
+    """
+
+    def __init__(self, src: int, group: Any):
+        self._group, self._peer = group, _peer_of(group, src)
+        self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES + 1)]
+        self._tensors = [torch.from_numpy(b) for b in self._buffers]
+        self._free = deque(range(POSTED_RECEIVES + 1))
+        self._posted: deque[tuple[int, Any]] = deque()
+        self._held: int | None = None
+        while len(self._posted) < POSTED_RECEIVES:
+            self._post()
+
+    def _post(self) -> None:
+        index = self._free.popleft()
+        self._posted.append((index, self._group.recv([self._tensors[index]], self._peer, 0)))
+
+    def receive(self) -> tuple[list[int], np.ndarray | None]:
+        # Buffers are posted again here, not right after a message arrives: one receive stays
+        # posted meanwhile, and posting is then off the path from a message to its answer.
+        if self._held is not None:
+            self._free.append(self._held)
+            self._held = None
+        while len(self._posted) < POSTED_RECEIVES:
+            self._post()
+        index, work = self._posted[0]
+        work.wait()
+        self._posted.popleft()
+        self._held = index
+        return wire.parse(self._buffers[index])
