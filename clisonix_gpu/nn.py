@@ -376,10 +376,7 @@ class CompressionReport:
             for r in self.layers
         ]  # fmt: skip
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = [
-            "  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:-1], widths[1:-1])] + [row[-1]])
-            for row in rows
-        ]
+        lines = ["  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:-1], widths[1:-1])] + [row[-1]]) for row in rows]
         smaller = f" ({self.bytes_before / self.bytes_after:.1f}x smaller)" if self.changed and self.bytes_after else ""
         bits = f", 1-bit weights {self.sign_bits_after}" if self.sign_bits_after else ""
         lines.append(
@@ -392,7 +389,7 @@ class CompressionReport:
 _REPLACEABLE = (nn.Linear, LIAMLinear)  # exact types: a subclass may read its weight elsewhere
 
 
-def _linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module | None, str, nn.Module]]:
+def _linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module | None, str, nn.Linear | LowRankLinear | BinaryLinear]]:
     """Every linear layer of ``model`` (nn.Linear and its subclasses, and our layers) as
     ``(qualified name, parent, attribute name, layer)``; the parent is None for the model itself."""
     kinds = (nn.Linear, LowRankLinear, BinaryLinear)
@@ -478,10 +475,12 @@ def compress(
     reports = []
     for name, parent, child_name, linear in list(_linear_layers(model)):
         before = model_size(linear)
-        shape = (int(linear.out_features), int(linear.in_features))
+        shape = (linear.out_features, linear.in_features)
 
         def unchanged(reason: str, rank: int | None = None) -> LayerReport:
-            return LayerReport(name, shape, f"skipped: {reason}", rank, before.params, before.params, before.nbytes, before.nbytes, None, before.sign_bits)
+            return LayerReport(
+                name, shape, f"skipped: {reason}", rank, before.params, before.params, before.nbytes, before.nbytes, None, before.sign_bits
+            )
 
         reason = _skip_reason(linear, parent, k, binary, min_params)
         if reason is not None:
