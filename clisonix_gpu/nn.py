@@ -460,7 +460,7 @@ def compress(
     >>> type(model[0]).__name__, model[0].activation, type(model[1]).__name__  # the last layer is too small to gain
     ('LowRankLinear', 'tanh', 'Linear')
     >>> [layer.action for layer in report.layers]
-    ['low-rank', 'skipped: rank saves nothing']
+    ['low-rank', 'skipped: k > min(in, out) = 10']
     >>> model(torch.randn(2, 256)).shape
     torch.Size([2, 10])
     """
