@@ -284,3 +284,14 @@ def test_svd_compress_k_is_not_differentiable_and_says_so(rng):
     u, s, vh = ct.svd_compress_k(a, 3)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         s.sum().backward()
+
+
+def test_top_level_op_under_vmap_and_fake_tensors(rng):
+    x, w, b = _leaves(rng, "")
+    per_row = torch.vmap(lambda row: cg.transform_matrix(row, w, b, "relu"))(x[:, None, :])
+    torch.testing.assert_close(per_row[:, 0], F.relu(F.linear(x, w, b)))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = cg.transform_matrix(torch.empty(5, 3), torch.empty(4, 3), None, "gelu")
+    assert type(fake).__name__ == "FakeTensor" and fake.shape == (5, 4)

@@ -55,8 +55,8 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
     "sigmoid" or "tanh". Row i of the result depends only on row i of ``x``, bit for bit.
 
     On torch tensors it is differentiable and traceable: when autograd records (an input requires
-    grad), under ``torch.compile`` / ``torch.export`` / ``torch.jit.trace``, and for tensor
-    subclasses (fake tensors), the call goes through the torch op
+    grad), under ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` / ``torch.vmap``, and
+    for tensor subclasses (fake tensors), the call goes through the torch op
     :func:`clisonix_gpu.torch.transform_matrix` (same results, plus a backward).
 
     Raises ``ShapeError`` (shapes named), ``TypeError`` (dtype, mixed array types or devices),
@@ -93,13 +93,19 @@ def _torch_op_route(x: Any, w: Any, bias: Any) -> str | None:
     arrays = [a for a in (x, w, bias) if a is not None]
     if not arrays or not all(isinstance(a, torch.Tensor) for a in arrays):
         return None  # NumPy/CuPy, or mixed types: the dispatch path names the mix
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active(torch):
         return "traced"
     if any(type(a) not in (torch.Tensor, torch.nn.Parameter) for a in arrays):
         return "traced"  # fake, functional or user tensor subclasses: torch's dispatch handles them
     if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
         return "autograd"
     return None
+
+
+def _functorch_active(torch: Any) -> bool:
+    """Inside ``torch.vmap`` / ``torch.func`` transforms the tensors are wrappers without storage."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # torch's own probe, private
+    return bool(active()) if active is not None else False
 
 
 def _torch_op(x: Any, w: Any, bias: Any, activation: Any) -> Any:
