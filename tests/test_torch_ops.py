@@ -295,3 +295,11 @@ def test_top_level_op_under_vmap_and_fake_tensors(rng):
     with FakeTensorMode():
         fake = cg.transform_matrix(torch.empty(5, 3), torch.empty(4, 3), None, "gelu")
     assert type(fake).__name__ == "FakeTensor" and fake.shape == (5, 4)
+
+
+def test_top_level_op_is_recorded_by_jit_trace(rng):
+    w = torch.from_numpy(rng.standard_normal((4, 3)).astype(np.float32))
+    traced = torch.jit.trace(lambda x: cg.transform_matrix(x, w, None, "relu"), torch.randn(2, 3))
+    assert "clisonix::transform_matrix" in [node.kind() for node in traced.graph.nodes()]
+    x = torch.randn(5, 3)  # another batch size: the op ran, not a constant recorded at trace time
+    torch.testing.assert_close(traced(x), F.relu(x @ w.T))
