@@ -8,6 +8,7 @@ torch tensors (CPU and CUDA) and CuPy arrays; results come back in the input's a
 [[1.0, 0.0], [0.0, 1.0]]
 """
 
+import sys
 from types import ModuleType
 
 from . import alda, ops
@@ -64,3 +65,10 @@ def __getattr__(name: str) -> ModuleType:
 
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# torch users get torch.ops.clisonix.* as soon as they import the package; NumPy-only users never
+# import torch (imported later, torch registers the ops on `import clisonix_gpu.torch`, which
+# clisonix_gpu.nn and the first differentiable or traced transform_matrix call do)
+if "torch" in sys.modules:
+    from . import torch as _torch_ops  # noqa: F401

@@ -91,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=None, help="folder for demo.md and demo.png")
     args = parser.parse_args(argv)
     if args.command == "info":
-        print(info())
+        try:
+            text = info()
+        except ValueError as exc:  # a bad setting, e.g. CLISONIX_BACKEND=gpu: one line, not a traceback
+            print(f"clisonix-gpu info: {exc}", file=sys.stderr)
+            return 2
+        print(text)
         return 0
     if args.command == "worker":
         from .mesh import worker_main

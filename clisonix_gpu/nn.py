@@ -19,13 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import _dispatch
 from . import torch as torch_ops
+from .errors import ShapeError
 from .ops._validate import require_int, require_number
 from .ops.activations import check_activation
 from .ops.svd_compress import svd_compress
 from .ops.utils import cdiv
 
-__all__ = ["BinaryLinear", "CompressionReport", "LIAMLinear", "LayerReport", "LowRankLinear", "compress"]
+__all__ = ["BinaryLinear", "CompressionReport", "LIAMLinear", "LayerReport", "LowRankLinear", "ModelSize", "compress", "model_size"]
 
 
 def _check_features(in_features: object, out_features: object) -> tuple[int, int]:
@@ -230,6 +232,13 @@ class BinaryLinear(nn.Module):
         return super().train(mode)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``x`` (..., in_features) float -> (..., out_features); ``ShapeError`` for another last
+        dimension, ``TypeError`` when ``x`` is not a dense CPU/CUDA tensor."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor; got {'None' if x is None else type(x).__name__}")
+        _dispatch.array_kind(x, "x")
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ShapeError(f"x {tuple(x.shape)} must be (..., in_features) = (..., {self.in_features}) for {self!r}")
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         if self.training and self.weight is not None:
@@ -248,12 +257,73 @@ class BinaryLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, trainable={self.weight is not None}"
 
 
+# ----------------------------------------------------------------------------- sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """What a model stores for inference (see :func:`model_size`).
+
+    ``params``: floating-point values (parameters, and the per-row scales of :class:`BinaryLinear`);
+    ``sign_bits``: the 1-bit weights of :class:`BinaryLinear` layers, one per weight; ``nbytes``: the
+    bytes of both plus any other buffers.
+
+    Example:
+
+    >>> from clisonix_gpu.nn import BinaryLinear, model_size
+    >>> model_size(torch.nn.Linear(64, 32))
+    ModelSize(params=2080, sign_bits=0, nbytes=8320)
+    >>> model_size(BinaryLinear.from_linear(torch.nn.Linear(64, 32)))  # 32 scales + 32 biases, 64 x 32 bits
+    ModelSize(params=64, sign_bits=2048, nbytes=512)
+    """
+
+    params: int
+    sign_bits: int
+    nbytes: int
+
+    def __add__(self, other: ModelSize) -> ModelSize:
+        return ModelSize(self.params + other.params, self.sign_bits + other.sign_bits, self.nbytes + other.nbytes)
+
+
+def model_size(model: nn.Module) -> ModelSize:
+    """The parameters, 1-bit weights and bytes ``model`` needs for inference (a :class:`ModelSize`).
+
+    Tensors shared between modules count once. The latent float weight of a
+    ``BinaryLinear(trainable=True)`` is training state (the forward in ``eval()`` never reads it) and
+    is not counted; drop it with ``layer.weight = None`` once training is done.
+
+    Example:
+
+    >>> from clisonix_gpu.nn import LowRankLinear, model_size
+    >>> model_size(LowRankLinear.from_linear(torch.nn.Linear(64, 32), k=4))  # 4 x 64 + 32 x 4 + 32 bias
+    ModelSize(params=416, sign_bits=0, nbytes=1664)
+    """
+    params = sign_bits = nbytes = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        tensors = [(t, True) for t in module.parameters(recurse=False)] + [(t, False) for t in module.buffers(recurse=False)]
+        for t, is_param in tensors:
+            if id(t) in seen or (isinstance(module, BinaryLinear) and t is module.weight):
+                continue
+            seen.add(id(t))
+            nbytes += t.numel() * t.element_size()
+            if isinstance(module, BinaryLinear) and t is module.weight_bits:
+                sign_bits += module.in_features * module.out_features
+            elif is_param or (isinstance(module, BinaryLinear) and t is module.weight_scale):
+                params += t.numel()
+    return ModelSize(params, sign_bits, nbytes)
+
+
 # ----------------------------------------------------------------------------- compress
 
 
 @dataclasses.dataclass
 class LayerReport:
-    """One ``nn.Linear`` considered by :func:`compress`.
+    """One linear layer of the model, as :func:`compress` found it and left it.
+
+    ``params_*`` count floating-point values and ``sign_bits_after`` the 1-bit weights of a binary
+    layer (see :class:`ModelSize`); ``bytes_*`` are what the layer stores. A skipped layer has
+    ``action`` "skipped: <why>" and equal before/after sizes.
 
     Example:
 
@@ -264,6 +334,9 @@ class LayerReport:
     ('0', 'low-rank', 16, 32896, 6272)
     >>> last.action  # doctest: +ELLIPSIS
     'skipped: ...'
+    >>> binary = compress(torch.nn.Sequential(torch.nn.Linear(256, 128)), binary=True).layers[0]
+    >>> binary.params_after, binary.sign_bits_after, binary.bytes_before, binary.bytes_after
+    (256, 32768, 131584, 5120)
     """
 
     name: str
@@ -275,19 +348,23 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
     relative_error: float | None  # relative Frobenius error of the replaced weight
+    sign_bits_after: int = 0
 
 
 @dataclasses.dataclass
 class CompressionReport:
     """What :func:`compress` did, layer by layer. ``changed`` is 0 when nothing was replaced.
 
+    Totals: ``params_before`` / ``params_after`` (floating-point values), ``sign_bits_after``
+    (1-bit weights), ``bytes_before`` / ``bytes_after``, over the layers listed.
+
     Example:
 
     >>> from clisonix_gpu.nn import compress
     >>> model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
     >>> report = compress(model, k=16)
-    >>> report.changed, report.params_before, report.params_after
-    (1, 34186, 7562)
+    >>> report.changed, report.params_before, report.params_after, report.bytes_before, report.bytes_after
+    (1, 34186, 7562, 136744, 30248)
     """
 
     layers: list[LayerReport]
@@ -301,50 +378,105 @@ class CompressionReport:
 
     params_before = property(lambda self: self._total("params_before"))
     params_after = property(lambda self: self._total("params_after"))
+    sign_bits_after = property(lambda self: self._total("sign_bits_after"))
     bytes_before = property(lambda self: self._total("bytes_before"))
     bytes_after = property(lambda self: self._total("bytes_after"))
 
     def __str__(self) -> str:
-        lines = [f"{'layer':<24} {'shape':>12} {'action':<28} {'rank':>5} {'params':>18} {'rel. error':>10}"]
-        for r in self.layers:
-            err = "" if r.relative_error is None else f"{r.relative_error:.3g}"
-            rank = "" if r.rank is None else str(r.rank)
-            lines.append(f"{r.name:<24} {str(r.shape):>12} {r.action:<28} {rank:>5} {f'{r.params_before} -> {r.params_after}':>18} {err:>10}")
+        header = ("layer", "shape", "rank", "float params", "1-bit", "bytes", "rel. err", "action")
+        rows = [header] + [
+            (r.name, str(r.shape), "" if r.rank is None else str(r.rank), f"{r.params_before} -> {r.params_after}",
+             str(r.sign_bits_after or ""), f"{r.bytes_before} -> {r.bytes_after}",
+             "" if r.relative_error is None else f"{r.relative_error:.3g}", r.action)
+            for r in self.layers
+        ]  # fmt: skip
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = ["  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:-1], widths[1:-1])] + [row[-1]]) for row in rows]
+        smaller = f" ({self.bytes_before / self.bytes_after:.1f}x smaller)" if self.changed and self.bytes_after else ""
+        bits = f", 1-bit weights {self.sign_bits_after}" if self.sign_bits_after else ""
         lines.append(
-            f"{self.changed} of {len(self.layers)} layers replaced; parameters {self.params_before} -> {self.params_after}, bytes {self.bytes_before} -> {self.bytes_after}"
+            f"{self.changed} of {len(self.layers)} layers replaced; float parameters {self.params_before} -> {self.params_after}{bits}, "
+            f"bytes {self.bytes_before} -> {self.bytes_after}{smaller}"
         )
         return "\n".join(lines)
 
 
-def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+_REPLACEABLE = (nn.Linear, LIAMLinear)  # exact types: a subclass may read its weight elsewhere
+
+
+def _linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module | None, str, nn.Linear | LowRankLinear | BinaryLinear]]:
+    """Every linear layer of ``model`` (nn.Linear and its subclasses, and our layers) as
+    ``(qualified name, parent, attribute name, layer)``; the parent is None for the model itself."""
+    kinds = (nn.Linear, LowRankLinear, BinaryLinear)
+    if isinstance(model, kinds):
+        yield "(the model itself)", None, "", model
+        return
     for parent_name, parent in model.named_modules():
+        if isinstance(parent, kinds):
+            continue  # our layers hold no linear children
         for child_name, child in parent.named_children():
-            if type(child) is nn.Linear:  # not our subclasses: they are already LIAM layers
+            if isinstance(child, kinds):
                 yield (f"{parent_name}.{child_name}" if parent_name else child_name), parent, child_name, child
+
+
+def _skip_reason(layer: nn.Module, parent: nn.Module | None, k: int | None, binary: bool, min_params: int) -> str | None:
+    if isinstance(layer, LowRankLinear):
+        return "already low-rank"
+    if isinstance(layer, BinaryLinear):
+        return "already binary"
+    if parent is None:
+        return "the model itself: compress a module that holds it"
+    if type(layer) not in _REPLACEABLE:
+        return f"{type(layer).__name__} subclasses nn.Linear (its owner may read the weight)"
+    assert isinstance(layer, nn.Linear)
+    out_f, in_f = layer.weight.shape
+    activation = getattr(layer, "activation", None)
+    if out_f * in_f < min_params:
+        return f"< min_params ({out_f * in_f})"
+    if binary and activation is not None:
+        return f"its {activation} activation: BinaryLinear has none"
+    if k is not None and k > min(in_f, out_f):
+        return f"k > min(in, out) = {min(in_f, out_f)}"
+    if k is not None and k * (in_f + out_f) >= in_f * out_f:
+        return "rank saves nothing"
+    return None
+
+
+def _binary_error(weight: Tensor) -> float:
+    """|W - sign(W) * mean|W| per row|_F / |W|_F, the relative error of the binary weight; a zero
+    weight is reproduced exactly (error 0)."""
+    approx = torch.where(weight >= 0, 1.0, -1.0) * weight.abs().mean(1, keepdim=True)
+    norm = float(torch.linalg.norm(weight))
+    return float(torch.linalg.norm(weight - approx)) / norm if norm > 0 else 0.0
 
 
 def compress(
     model: nn.Module, k: int | None = None, *, tol: float | None = None, min_params: int = 0, binary: bool = False, trainable: bool = False
 ) -> CompressionReport:
-    """Replace eligible ``nn.Linear`` layers of ``model`` in place and report what changed.
+    """Replace eligible linear layers of ``model`` in place and report every linear layer.
 
-    Low-rank (``k=`` or ``tol=``, exactly one): a layer is replaced by :class:`LowRankLinear` when
-    it has at least ``min_params`` weights and the rank saves parameters; others are listed as
-    skipped with the reason (e.g. ``k`` above ``min(in, out)``). ``binary=True`` (no k/tol)
-    replaces them by :class:`BinaryLinear` instead (``trainable=True`` keeps latent weights for
-    straight-through fine-tuning). A model with no eligible layer is left as it
-    is and the report says so (``report.changed == 0``). Raises ``ValueError`` for k < 1, tol
-    outside (0, 1), or a wrong combination of k, tol and binary; ``TypeError`` (naming the
-    argument) when ``model`` is not a module or k, tol, min_params, binary or trainable has the
-    wrong type.
+    Eligible: ``nn.Linear`` and :class:`LIAMLinear` (exactly those types) with at least
+    ``min_params`` weights. Low-rank (``k=`` or ``tol=``, exactly one): replaced by
+    :class:`LowRankLinear` (a LIAMLinear keeps its activation) when the rank saves parameters.
+    ``binary=True`` (no k/tol) replaces them by :class:`BinaryLinear` (``trainable=True`` keeps
+    latent weights for straight-through fine-tuning); a LIAMLinear with an activation stays, as
+    BinaryLinear has none. Every layer not replaced is listed with the reason: too small, ``k``
+    above ``min(in, out)``, a rank that saves nothing, already compressed, or an ``nn.Linear``
+    subclass (such as ``nn.MultiheadAttention.out_proj``, whose owner reads the weight directly).
+    A model with no eligible layer is left as it is (``report.changed == 0``). Sizes in the
+    report are those of :func:`model_size`. Raises ``ValueError`` for k < 1, tol outside (0, 1), or
+    a wrong combination of k, tol and binary; ``TypeError`` (naming the argument) when ``model``
+    is not a module or k, tol, min_params, binary or trainable has the wrong type.
 
     Example:
 
-    >>> from clisonix_gpu.nn import compress
-    >>> model = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
+    >>> from clisonix_gpu.nn import LIAMLinear, compress
+    >>> model = torch.nn.Sequential(LIAMLinear(256, 128, activation="tanh"), torch.nn.Linear(128, 10))
     >>> report = compress(model, k=16)
-    >>> type(model[0]).__name__, type(model[2]).__name__  # the last layer is too small to gain
-    ('LowRankLinear', 'Linear')
+    >>> type(model[0]).__name__, model[0].activation, type(model[1]).__name__  # the last layer is too small to gain
+    ('LowRankLinear', 'tanh', 'Linear')
+    >>> [layer.action for layer in report.layers]
+    ['low-rank', 'skipped: k > min(in, out) = 10']
     >>> model(torch.randn(2, 256)).shape
     torch.Size([2, 10])
     """
@@ -363,41 +495,31 @@ def compress(
     if tol is not None and not 0 < require_number("tol", tol) < 1:
         raise ValueError(f"tol = {tol!r} is out of range: expected 0 < tol < 1")
     reports = []
-    for name, parent, child_name, linear in list(_linears(model)):
-        out_f, in_f = linear.weight.shape
-        bias = linear.bias is not None
-        before = out_f * in_f + (out_f if bias else 0)
-        item = linear.weight.element_size()
-        skip = None
-        if out_f * in_f < min_params:
-            skip = f"skipped: < min_params ({out_f * in_f})"
-        elif k is not None and k > min(in_f, out_f):
-            skip = f"skipped: k > min(in, out) = {min(in_f, out_f)}"
-        elif k is not None and k * (in_f + out_f) >= in_f * out_f:
-            skip = "skipped: rank saves nothing"
-        if skip:
-            reports.append(LayerReport(name, (out_f, in_f), skip, None, before, before, before * item, before * item, None))
+    for name, parent, child_name, linear in list(_linear_layers(model)):
+        before = model_size(linear)
+        shape = (linear.out_features, linear.in_features)
+
+        def unchanged(reason: str, rank: int | None = None) -> LayerReport:
+            return LayerReport(
+                name, shape, f"skipped: {reason}", rank, before.params, before.params, before.nbytes, before.nbytes, None, before.sign_bits
+            )
+
+        reason = _skip_reason(linear, parent, k, binary, min_params)
+        if reason is not None:
+            reports.append(unchanged(reason))
             continue
+        assert isinstance(linear, nn.Linear) and parent is not None
         layer: nn.Module
         if binary:
-            packed = layer = BinaryLinear.from_linear(linear, trainable=trainable)
-            w = linear.weight.detach().float()
-            approx = torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(1, keepdim=True)
-            err = float(torch.linalg.norm(w - approx) / torch.linalg.norm(w))
-            after_bytes = packed.weight_bits.numel() + (packed.weight_scale.numel() + (out_f if bias else 0)) * item
-            reports.append(
-                LayerReport(
-                    name, (out_f, in_f), "binary", None, before, out_f * in_f + out_f + (out_f if bias else 0), before * item, after_bytes, err
-                )
-            )
+            layer = BinaryLinear.from_linear(linear, trainable=trainable)
+            action, rank, err = "binary", None, _binary_error(linear.weight.detach().float())
         else:
-            low = layer = LowRankLinear.from_linear(linear, k, tol=tol)
-            if low.rank * (in_f + out_f) >= in_f * out_f:  # tol asked for more than it saves
-                reports.append(
-                    LayerReport(name, (out_f, in_f), "skipped: rank saves nothing", low.rank, before, before, before * item, before * item, None)
-                )
+            low = layer = LowRankLinear.from_linear(linear, k, tol=tol, activation=getattr(linear, "activation", None))
+            if low.rank * (shape[0] + shape[1]) >= shape[0] * shape[1]:  # tol asked for more than it saves
+                reports.append(unchanged("rank saves nothing", low.rank))
                 continue
-            after = low.rank * (in_f + out_f) + (out_f if bias else 0)
-            reports.append(LayerReport(name, (out_f, in_f), "low-rank", low.rank, before, after, before * item, after * item, low.relative_error))
+            action, rank, err = "low-rank", low.rank, low.relative_error
+        after = model_size(layer)
+        reports.append(LayerReport(name, shape, action, rank, before.params, after.params, before.nbytes, after.nbytes, err, after.sign_bits))
         setattr(parent, child_name, layer)
     return CompressionReport(reports)

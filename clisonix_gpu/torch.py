@@ -76,7 +76,7 @@ def _transform_matrix_cpu(x: Tensor, w: Tensor, bias: Tensor | None, activation:
     return _on_numpy_path(_tm.transform_matrix, x, w, bias, activation or None)
 
 
-def _transform_matrix_shape(x: Tensor, w: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+def _transform_matrix_shape(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     _one_device(x=x, w=w, bias=bias)
     _tm.validate(x, w, bias, activation or None)
     return x.new_empty(tuple(x.shape[:-1]) + (w.shape[-2],))
@@ -86,12 +86,12 @@ _transform_matrix_cpu.register_fake(_transform_matrix_shape)
 
 
 @triton_op("clisonix::transform_matrix", mutates_args=())
-def _transform_matrix_op(x: Tensor, w: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+def _transform_matrix_op(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     # Tracing runs this body for every device, so the CPU case goes to an opaque op of its own
     # and only CUDA tensors (or CPU tensors under use_backend("triton") with the interpreter)
     # reach the Triton launch, which Inductor sees through wrap_triton.
     if x.device.type != "cuda" and _dispatch.select_backend("torch-cpu") != "triton":
-        return cast(Tensor, _transform_matrix_cpu(x, w, bias, activation))
+        return cast(Tensor, _transform_matrix_cpu(x, w, bias, activation or ""))
     _tm.validate(x, w, bias, activation or None)
     return cast(Tensor, _tm.launch_transform_matrix(x, w, bias, activation or None, wrap=wrap_triton))
 
@@ -146,7 +146,7 @@ def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activatio
     for name, t in (("x", x), ("w", w), ("bias", bias)):
         if not isinstance(t, Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    return cast(Tensor, _transform_matrix_op(x, w, bias, activation or ""))
+    return cast(Tensor, _transform_matrix_op(x, w, bias, activation or None))
 
 
 # ----------------------------------------------------------------------------- binary algebra

@@ -235,7 +235,6 @@ TOPK = dict(arrays=(Q, DB), params=lambda: {"k": 2}, reference=_topk)
 RADIUS = dict(arrays=(Q, DB), params=lambda: {"r": 3}, reference=_radius)
 Y = Arg("y", _floats(4, 3), "float")
 BATCHED_Y_KINDS = ("other array type", "strided view", "NaN")  # the rest as for 2-D factors
-INTEGER_Y = {("y", "int32 dtype"): VALID, ("y", "bool dtype"): VALID}  # reconstruct() @ y promotes, as NumPy does
 SVD_NAN = {("a", kind): Raises(ValueError, "a", before_kernels=False) for kind in ("NaN", "Inf")}  # found in the norm pass
 
 
@@ -270,7 +269,7 @@ OPS = (
     Op("LIAMLinear", lambda x: _LIAM(x), (X,), reference=_liam_reference, torch_inputs=True),
     Op("LowRankLinear", lambda x: _LOW(x), (X,), reference=_low_rank_linear_reference, torch_inputs=True),
     Op("BinaryLinear", lambda x: _BINARY(x), (X,), reference=_binary_linear_reference(_BINARY), torch_inputs=True),
-    Op("LowRank.matmul", lambda y: _FACTORS.matmul(y), (Y,), reference=_factor_product(_FACTORS), overrides=INTEGER_Y),
+    Op("LowRank.matmul", lambda y: _FACTORS.matmul(y), (Y,), reference=_factor_product(_FACTORS)),
     Op("LowRank.matmul batched", lambda y: _BATCHED_FACTORS.matmul(y), (Y,), reference=_factor_product(_BATCHED_FACTORS), kinds=BATCHED_Y_KINDS),
 )
 
@@ -393,17 +392,6 @@ SHAPES = [
     ("LowRank.matmul batched", "1-D y", {"y": _floats(4)}, VALID),
     ("LowRank.matmul batched", "rows mismatch", {"y": _floats(5, 3)}, Raises(ShapeError, "y")),
 ]
-
-# Rows that need the layer and LowRank fixes made beside this catalogue (strict xfail until merged).
-PENDING_ELSEWHERE = {
-    *(f"BinaryLinear-x {kind}" for kind in ("None", "list", "meta tensor", "sparse tensor", "0-d")),
-    "BinaryLinear-in_features mismatch",
-    "LowRank.matmul-rows mismatch",
-    *(f"LowRank.matmul-y {kind}" for kind in ("None", "list", "str dtype", "object dtype", "datetime64 dtype", "masked array", "np.matrix")),
-    *(f"LowRank.matmul-y {kind}" for kind in ("other array type", "meta tensor", "sparse tensor", "0-d", "complex dtype")),
-    *(f"LowRank.matmul batched-{kind}" for kind in ("y other array type", "1-D y", "rows mismatch")),
-}
-
 
 # ----------------------------------------------------------------------------- kinds of bad arrays
 
@@ -549,12 +537,6 @@ def _cases() -> Iterator[Case]:
 CASES = list(_cases())
 
 
-def _marks(case: Case) -> list[pytest.MarkDecorator]:
-    if case.id in PENDING_ELSEWHERE:
-        return [pytest.mark.xfail(strict=True, reason="needs the layer / LowRank.matmul input checks made beside this catalogue")]
-    return []
-
-
 # ----------------------------------------------------------------------------- the test
 
 
@@ -583,7 +565,7 @@ def _unchanged(before: Any, after: Any) -> bool:
     return bool(before == after)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=_marks(c)) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_bad_input(case: Case, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     inputs, reference_inputs = case.arrays(rng)
     before = {name: _snapshot(v) for name, v in inputs.items()}

@@ -39,3 +39,10 @@ def test_cli_demo_writes_table_and_plot(tmp_path, capsys):
     assert "digits" in table and "breast_cancer" in table and "binary" in table
     assert (tmp_path / "demo.png").stat().st_size > 1000
     assert "images/hour" in capsys.readouterr().out
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| digits |")]
+    size = {row[1]: (int(row[3]), int(row[4]), int(row[5])) for row in rows}  # float params, 1-bit weights, bytes
+    tanh = size["tanh MLP (nn.Linear)"]
+    for variant in ("tanh MLP, binary (1-bit)", "tanh MLP, binary + 100 STE epochs"):
+        params, bits, nbytes = size[variant]
+        assert bits > 0 and params < tanh[0] / 50 and nbytes < tanh[2] / 20, (variant, size[variant], tanh)
+    assert size["low-rank k=32"][2] < size["original (nn.Linear)"][2] / 2

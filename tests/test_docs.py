@@ -76,7 +76,8 @@ def _python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-MARKDOWN_WITH_CODE = [p for p in ["README.md", *(f"docs/{d.name}" for d in sorted((ROOT / "docs").glob("*.md")))] if _python_blocks(ROOT / p)]
+DOC_PAGES = ["README.md", *(str(page.relative_to(ROOT)) for page in sorted((ROOT / "docs").rglob("*.md")))]
+MARKDOWN_WITH_CODE = [p for p in DOC_PAGES if _python_blocks(ROOT / p)]
 
 
 @pytest.mark.parametrize("path", MARKDOWN_WITH_CODE)
@@ -88,4 +89,23 @@ def test_markdown_examples_run(path):
 
 
 def test_markdown_pages_with_code_are_found():
-    assert {"README.md", "docs/index.md", "docs/pytorch.md", "docs/alda.md", "docs/mesh.md"} <= set(MARKDOWN_WITH_CODE)
+    pages = {"README.md", "docs/index.md", "docs/pytorch.md", "docs/alda.md", "docs/mesh.md", "docs/design.md"}
+    pages |= {"docs/ops/transform_matrix.md", "docs/ops/svd_compress.md", "docs/ops/binary.md"}
+    assert pages <= set(MARKDOWN_WITH_CODE)
+
+
+def test_every_docs_page_is_in_the_site_navigation():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for page in DOC_PAGES[1:]:
+        assert f": {page.removeprefix('docs/')}\n" in nav, f"add {page} to the nav of mkdocs.yml"
+
+
+# Paths a reader of the project does not have: the docs point inside the project only.
+OUTSIDE_REFERENCES = re.compile(r"/work/|shared folder|\bDESIGN\.md\b|\bANCHORS\.md\b")
+
+
+def test_no_reference_outside_the_project():
+    tracked = [ROOT / p for p in ("README.md", "CONTRIBUTING.md", "CHANGELOG.md", "mkdocs.yml", "pyproject.toml", "Makefile")]
+    tracked += sorted((ROOT / "docs").rglob("*.md")) + sorted((ROOT / "clisonix_gpu").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py"))
+    found = [f"{path.relative_to(ROOT)}: {m.group(0)}" for path in tracked for m in OUTSIDE_REFERENCES.finditer(path.read_text())]
+    assert not found, found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 import clisonix_gpu as cg
 from clisonix_gpu.baselines import _torch_activation
-from clisonix_gpu.nn import BinaryLinear, LIAMLinear, LowRankLinear, compress
+from clisonix_gpu.nn import BinaryLinear, LIAMLinear, LowRankLinear, ModelSize, compress, model_size
 
 
 def _x(rng, *shape):
@@ -135,3 +136,92 @@ def test_compress_with_no_eligible_layer_changes_nothing():
 def test_compress_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         compress(_model(), **kwargs)
+
+
+def test_binary_linear_names_the_shapes_of_a_wrong_input():
+    layer = BinaryLinear(10, 3)
+    for x in (torch.randn(2, 9), torch.randn(10, 2), torch.tensor(1.0)):
+        with pytest.raises(cg.ShapeError, match=rf"x {re.escape(str(tuple(x.shape)))} must be \(\.\.\., in_features\) = \(\.\.\., 10\)"):
+            layer(x)
+    layer.train()
+    with pytest.raises(cg.ShapeError, match="in_features"):
+        BinaryLinear(10, 3, trainable=True)(torch.randn(2, 9))
+
+
+def _readme_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(LIAMLinear(784, 256, activation="gelu"), torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+
+
+def test_compress_replaces_liam_linear_keeping_its_activation(rng):
+    model = _readme_model()
+    original = model[0]
+    report = compress(model, k=32)
+    assert [(r.name, r.action) for r in report.layers] == [("0", "low-rank"), ("1", "low-rank"), ("3", "skipped: k > min(in, out) = 10")]
+    low = model[0]
+    assert isinstance(low, LowRankLinear) and low.activation == "gelu" and low.rank == 32
+    x = _x(rng, 5, 784)
+    torch.testing.assert_close(low(x), F.gelu(F.linear(x, low.weight(), original.bias)), rtol=1e-5, atol=1e-5)
+    w = original.weight.detach().double()
+    assert report.layers[0].relative_error == pytest.approx(
+        float(torch.linalg.norm(w - low.weight().detach().double()) / torch.linalg.norm(w)), rel=1e-3
+    )
+
+
+def test_compress_lists_every_linear_layer_it_leaves(rng):
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 64), torch.nn.MultiheadAttention(64, 4), LIAMLinear(64, 64, activation="relu"), LowRankLinear(64, 64, 4)
+    )
+    report = compress(model, binary=True)
+    actions = {r.name: r.action for r in report.layers}
+    assert actions == {
+        "0": "binary",
+        "1.out_proj": "skipped: NonDynamicallyQuantizableLinear subclasses nn.Linear (its owner may read the weight)",
+        "2": "skipped: its relu activation: BinaryLinear has none",
+        "3": "skipped: already low-rank",
+    }
+    assert isinstance(model[0], BinaryLinear) and type(model[2]) is LIAMLinear
+    again = compress(model, k=4)
+    assert {r.name: r.action for r in again.layers}["0"] == "skipped: already binary"
+    assert {r.name: r.action for r in again.layers}["2"] == "low-rank"
+    itself = compress(torch.nn.Linear(8, 8), k=2)
+    assert itself.changed == 0 and itself.layers[0].action.startswith("skipped: the model itself")
+    for r in report.layers + again.layers:
+        if r.action.startswith("skipped"):
+            assert (r.params_before, r.bytes_before) == (r.params_after, r.bytes_after)
+
+
+def test_compress_binary_reports_parameters_bits_and_bytes():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64))
+    report = compress(model, binary=True)
+    first = report.layers[0]
+    assert (first.params_before, first.params_after, first.sign_bits_after) == (64 * 128 + 128, 128 + 128, 64 * 128)
+    assert (first.bytes_before, first.bytes_after) == ((64 * 128 + 128) * 4, 128 * 8 + 2 * 128 * 4)
+    assert report.params_after < report.params_before and report.bytes_after < report.bytes_before
+    assert report.sign_bits_after == 2 * 64 * 128
+    assert model_size(model) == ModelSize(report.params_after, report.sign_bits_after, report.bytes_after)
+    text = str(report)
+    assert "1-bit weights 16384" in text and f"bytes {report.bytes_before} -> {report.bytes_after}" in text
+
+
+def test_model_size_counts_inference_state_once():
+    linear = torch.nn.Linear(20, 6)
+    tied = torch.nn.Sequential(linear, torch.nn.Tanh(), linear)
+    assert model_size(tied) == model_size(linear) == ModelSize(126, 0, 504)
+    trainable = BinaryLinear.from_linear(linear, trainable=True)
+    frozen = BinaryLinear.from_linear(linear)
+    assert model_size(trainable) == model_size(frozen) == ModelSize(12, 120, 6 * 3 + 12 * 4)
+    norm = torch.nn.BatchNorm1d(6)  # running statistics are buffers: bytes, not parameters
+    assert model_size(norm).params == 12 and model_size(norm).nbytes == 12 * 4 + 12 * 4 + 8
+
+
+@pytest.mark.parametrize("kwargs", [{"k": 4}, {"tol": 0.1}, {"binary": True}])
+def test_zero_initialised_layer_is_compressed_without_error(kwargs):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48))
+    torch.nn.init.zeros_(model[0].weight)
+    report = compress(model, **kwargs)
+    assert report.layers[0].relative_error == 0.0
+    if "tol" in kwargs:
+        assert report.layers[0].rank == 1
+    bias = model[0].bias.detach()
+    torch.testing.assert_close(model(torch.randn(3, 32)), bias.expand(3, 48), rtol=0, atol=0)  # the layer still adds only its bias

@@ -296,3 +296,59 @@ def test_gpu_batch_of_small_matrices_matches_numpy_path(rng):
     got = cg.svd_compress(torch.from_numpy(batch).cuda(), k=8, seed=4)
     np.testing.assert_allclose(_np(got.s), ref.s, rtol=1e-8)
     np.testing.assert_allclose(_np(got.reconstruct()), ref.reconstruct(), rtol=0, atol=1e-8 * np.abs(batch).max())
+
+
+# ----------------------------------------------------------------------------- zero matrices
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch-cpu", "triton"])
+def test_zero_matrix_has_error_zero_at_rank_one(kind):
+    a = np.zeros((3, 9, 6), np.float32)
+    a[1] = np.random.default_rng(0).standard_normal((9, 6))  # batched: judged per matrix
+    arr = a if kind == "numpy" else torch.from_numpy(a).to(TRITON_DEVICE if kind == "triton" else "cpu")
+    with cg.use_backend("triton" if kind == "triton" else "auto"):
+        fixed = cg.svd_compress(arr, k=2)
+        chosen = cg.svd_compress(arr, tol=0.05)
+        single = cg.svd_compress(arr[0], tol=0.05)
+    assert fixed.error_estimate[0] == 0.0 and fixed.error_estimate[2] == 0.0 and fixed.error_estimate[1] > 0.05
+    assert list(chosen.ranks[[0, 2]]) == [1, 1] and chosen.ranks[1] > 1 and chosen.error_estimate[0] == 0.0
+    assert single.rank == 1 and single.error_estimate == 0.0
+    for lr in (fixed, chosen):
+        dense = np.asarray(lr)
+        assert np.isfinite(dense).all() and not dense[0].any() and not dense[2].any()
+    assert not np.asarray(single).any()
+
+
+# ----------------------------------------------------------------------------- LowRank.matmul
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_low_rank_matmul_takes_vectors_and_broadcast_matrices(rng, batch):
+    a = rng.standard_normal(batch + (7, 5))
+    lr = cg.svd_compress(a, k=5)
+    for y in (rng.standard_normal(5), rng.standard_normal((5, 2)), rng.standard_normal((4,) + batch + (5, 2))):
+        np.testing.assert_allclose(lr.matmul(y), a @ y, atol=1e-10)
+    t = cg.svd_compress(torch.from_numpy(a), k=5)
+    y = torch.from_numpy(rng.standard_normal(5))
+    torch.testing.assert_close(t.matmul(y), torch.from_numpy(a) @ y)
+
+
+def test_low_rank_matmul_bad_y_names_it(rng):
+    lr = cg.svd_compress(rng.standard_normal((3, 7, 5)), k=2)
+    with pytest.raises(cg.ShapeError, match=r"y \(4,\) .* N = 5 .* \(3, 7, 5\)"):
+        lr.matmul(rng.standard_normal(4))
+    with pytest.raises(cg.ShapeError, match=r"y \(5, 4, 2\)"):
+        lr.matmul(rng.standard_normal((5, 4, 2)))
+    with pytest.raises(cg.ShapeError, match=r"y \(2, 5, 2\): leading dimensions \(2,\) .* \(3,\)"):
+        lr.matmul(rng.standard_normal((2, 5, 2)))
+    with pytest.raises(cg.ShapeError, match=r"y \(\)"):
+        lr.matmul(np.ones(()))
+    with pytest.raises(TypeError, match="y: torch"):
+        lr.matmul(torch.ones(5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="y has dtype int64"):
+        lr.matmul(np.ones(5, np.int64))
+    t = cg.svd_compress(torch.randn(7, 5), k=2)
+    with pytest.raises(TypeError, match="y has dtype float64"):
+        t.matmul(torch.ones(5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="y: numpy"):
+        t.matmul(np.ones(5, np.float32))

@@ -94,10 +94,33 @@ class LowRank:
         return (self.u * self.s[..., None, :]) @ self.vh
 
     def matmul(self, y: Any) -> Any:
-        """``reconstruct() @ y`` without forming the dense matrix: ``u @ (s * (vh @ y))``."""
-        t = self.vh @ y
-        scale = self.s[..., :, None] if t.ndim == self.vh.ndim else self.s
-        return self.u @ (scale * t)
+        """``reconstruct() @ y`` without forming the dense matrix: ``u @ (s * (vh @ y))``.
+
+        ``y``: a vector (N,), giving (..., M), or matrices (..., N, P) whose leading dimensions
+        broadcast against the factors', giving (..., M, P); the factors' array type and device,
+        a floating dtype (for torch, the factors' dtype). Raises ``TypeError`` (array type, device
+        or dtype) and ``ShapeError`` (shapes named) before any product runs.
+        """
+        _dispatch.common_kind(("factors", "y"), (self.vh, y))
+        require_float("y", y)
+        n = self.vh.shape[-1]
+        if y.ndim == 0 or y.shape[-1 if y.ndim == 1 else -2] != n:
+            raise ShapeError(f"y {tuple(y.shape)} must be (N,) or (..., N, P) with N = {n} for factors of shape {self.shape}")
+        lead, y_lead = tuple(self.vh.shape[:-2]), tuple(y.shape[:-2])
+        try:
+            np.broadcast_shapes(lead, y_lead)
+        except ValueError:
+            raise ShapeError(f"y {tuple(y.shape)}: leading dimensions {y_lead} do not broadcast against the factors' {lead}") from None
+        if type(y).__module__.startswith("torch") and y.dtype != self.vh.dtype:
+            raise TypeError(f"y has dtype {dtype_name(y)}; torch needs the factors' dtype {dtype_name(self.vh)}")
+        if y.ndim == 1:
+            return (self.u @ (self.s * (self.vh @ y))[..., None])[..., 0]
+        return self.u @ (self.s[..., :, None] * (self.vh @ y))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the matrix (or batch) this factorisation stands for: (..., M, N)."""
+        return tuple(self.u.shape[:-1]) + (int(self.vh.shape[-1]),)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return np.asarray(_host(self.reconstruct()), dtype=dtype)
@@ -109,7 +132,7 @@ class LowRank:
         return self.reconstruct().__dlpack_device__()
 
     def __repr__(self) -> str:
-        return f"LowRank(shape={tuple(self.u.shape[:-1]) + (self.vh.shape[-1],)}, rank={self.rank}, compression_ratio={self.compression_ratio:.2f})"
+        return f"LowRank(shape={self.shape}, rank={self.rank}, compression_ratio={self.compression_ratio:.2f})"
 
 
 def _nbytes(t: Any) -> int:
@@ -278,8 +301,10 @@ def _randomized_svd(a: Any, ops: Any, *, k: int | None, tol: float | None, overs
             q = ops.qr(a @ ops.qr(ops.t(a) @ q))
         ub, s, vh = _small_svd(ops.t(q) @ a, ops)  # SVD of the projected (B, cols, N) matrix
         s_host = ops.host(s)
-        # |A - P_r A|^2 = |A|^2 - sum_{j<=r} s_j^2 exactly, for the projector P_r onto u[:, :r]
+        # |A - P_r A|^2 = |A|^2 - sum_{j<=r} s_j^2 exactly, for the projector P_r onto u[:, :r];
+        # a zero matrix is reproduced exactly at any rank: error 0
         rel2 = np.clip(1.0 - np.cumsum(s_host**2, axis=-1) / np.where(norm2 > 0, norm2, 1.0)[:, None], 0.0, None)
+        rel2[norm2 == 0] = 0.0
         if k is not None:
             ranks = np.full(batch, k)
             break

@@ -7,6 +7,7 @@ Host side of the op: validation, then one implementation per backend behind the 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -53,18 +54,65 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
     ``activation``: None, "relu", "leaky_relu" (slope 0.01), "gelu", "gelu_tanh", "silu",
     "sigmoid" or "tanh". Row i of the result depends only on row i of ``x``, bit for bit.
 
+    On torch tensors it is differentiable and traceable: when autograd records (an input requires
+    grad), under ``torch.compile`` / ``torch.export`` / ``torch.jit.trace`` / ``torch.vmap``, and
+    for tensor subclasses (fake tensors), the call goes through the torch op
+    :func:`clisonix_gpu.torch.transform_matrix` (same results, plus a backward).
+
     Raises ``ShapeError`` (shapes named), ``TypeError`` (``x``/``w`` missing or not an array,
-    dtype, mixed array types or devices, activation not a str), ``ValueError`` (unknown
-    activation), ``BackendUnavailable``.
+    dtype, mixed array types or devices, activation not a str),
+    ``ValueError`` (unknown activation), ``BackendUnavailable``.
 
     >>> import numpy as np
     >>> cg.transform_matrix(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), activation="relu").shape
     (2, 4)
+    >>> x = torch.ones(2, 3, requires_grad=True)
+    >>> cg.transform_matrix(x, torch.ones(4, 3)).sum().backward()
+    >>> x.grad.tolist()
+    [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
     """
+    route = _torch_op_route(x, w, bias)
+    if route == "traced":  # the fake kernel validates on the traced shapes
+        return _torch_op(x, w, bias, activation)
     _dispatch.common_kind(("x", "w", "bias"), (x, w, bias), optional=("bias",))
     validate(x, w, bias, activation)
+    if route == "autograd":
+        return _torch_op(x, w, bias, activation)
     out = _dispatch.call("transform_matrix", ("x", "w", "bias"), (x, w, bias), activation=activation)
     return _dispatch.cast_like(out, x)
+
+
+def _torch_op_route(x: Any, w: Any, bias: Any) -> str | None:
+    """``"traced"``, ``"autograd"`` or None: whether torch tensors must take the torch op.
+
+    The torch op's own CPU and CUDA kernels run with autograd off and outside tracing, so their
+    calls back into this function take the dispatch path (no recursion).
+    """
+    torch = sys.modules.get("torch")  # no torch tensor can exist before torch is imported
+    if torch is None:
+        return None
+    arrays = [a for a in (x, w, bias) if a is not None]
+    if not arrays or not all(isinstance(a, torch.Tensor) for a in arrays):
+        return None  # NumPy/CuPy, or mixed types: the dispatch path names the mix
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active(torch):
+        return "traced"
+    if any(type(a) not in (torch.Tensor, torch.nn.Parameter) for a in arrays):
+        return "traced"  # fake, functional or user tensor subclasses: torch's dispatch handles them
+    if torch.is_grad_enabled() and any(a.requires_grad for a in arrays):
+        return "autograd"
+    return None
+
+
+def _functorch_active(torch: Any) -> bool:
+    """Inside ``torch.vmap`` / ``torch.func`` transforms the tensors are wrappers without storage."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # torch's own probe, private
+    return bool(active()) if active is not None else False
+
+
+def _torch_op(x: Any, w: Any, bias: Any, activation: Any) -> Any:
+    from ..torch import transform_matrix as differentiable_transform_matrix
+
+    return differentiable_transform_matrix(x, w, bias, activation)
 
 
 # ----------------------------------------------------------------------------- NumPy backend
