@@ -1,4 +1,4 @@
-"""``clisonix-gpu`` command line: ``info``, ``bench``, ``demo`` and ``worker``."""
+"""``clisonix-gpu`` command line: ``info``, ``bench``, ``kernels``, ``demo`` and ``worker``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     bench.add_argument("--update-readme", action="store_true", help="rewrite README's performance section from bench/results and exit")
     bench.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
+    kernels = sub.add_parser(
+        "kernels", help="machine code of every kernel variant on sm_90: registers, spills, shared memory, tensor cores, occupancy"
+    )
+    kernels.add_argument("--json", action="store_true", help="rows as JSON instead of a Markdown table")
     sub.add_parser("worker", help="serve as a mesh worker (ranks >= 1; RANK, WORLD_SIZE, MASTER_ADDR/PORT from torchrun)")
     demo = sub.add_parser("demo", help="train, compress and binarize small classifiers on scikit-learn datasets")
     demo.add_argument("--out", type=Path, default=None, help="folder for demo.md and demo.png")
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         print(info())
         return 0
+    if args.command == "kernels":
+        from ._kernel_sheet import main as kernel_sheet
+
+        return kernel_sheet(["--json"] if args.json else [])
     if args.command == "worker":
         from .mesh import worker_main
 
