@@ -37,6 +37,21 @@ def _heap_lpt(costs, m):
     return out
 
 
+def map_case(m, k, n, devices, device):
+    return f"alda map(transform_matrix) {m}x{k}x{n} over {devices} {device} device(s)"
+
+
+def map_work(m, k, n):
+    """(ceiling, flops, bytes): float32 operands read and the output written once."""
+    return "fp32_matmul_TFLOPs", 2.0 * m * n * k, 4.0 * (m * k + n * k + m * n)
+
+
+def gpu_targets():
+    """(case, ceiling, ops, bytes) of the full-size CUDA case on one GPU."""
+    m, k, n = 4096, 1024, 1024
+    yield (map_case(m, k, n, 1, "cuda"), *map_work(m, k, n))
+
+
 @pytest.mark.parametrize("slots", [1, 2, 4])
 @pytest.mark.parametrize("impl", ["clisonix", "single call"])
 def bench_alda_map_scaling(benchmark, quick, slots, impl):
@@ -49,10 +64,11 @@ def bench_alda_map_scaling(benchmark, quick, slots, impl):
     manager = alda.DeviceManager(_devices(slots))
     fn = (lambda: manager.map(cg.transform_matrix, x, w)) if impl == "clisonix" else (lambda: cg.transform_matrix(x, w))
     same = np.array_equal(_host(manager.map(cg.transform_matrix, x, w)), _host(cg.transform_matrix(x, w)))
-    case = f"alda map(transform_matrix) {m}x{k}x{n} over {len(manager.devices)} {DEVICE} device(s)"
+    case = map_case(m, k, n, len(manager.devices), DEVICE)
     benchmark.group = case
     seconds = measure(benchmark, fn, DEVICE, rounds=3)
-    record(Result(case, impl, DEVICE, seconds, 0.0 if same else 1.0, flops=2.0 * m * n * k))
+    ceiling, ops, nbytes = map_work(m, k, n)
+    record(Result(case, impl, DEVICE, seconds, 0.0 if same else 1.0, flops=ops, bytes=nbytes, ceiling=ceiling, ops=ops))
 
 
 @pytest.mark.parametrize("impl", ["clisonix", "np.array_split (equal, unweighted)"])

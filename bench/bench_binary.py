@@ -30,6 +30,28 @@ TOPK_CASES = {
 }
 
 
+def matmul_case(m, n, bits, kind):
+    return f"binary_matmul {m}x{n}x{bits}bit ({kind})"
+
+
+def topk_case(nq, ndb, bits, k, kind):
+    return f"hamming_topk {nq}x{ndb}x{bits}bit k={k} ({kind})"
+
+
+def popcount_work(m, n, bits, out_bytes):
+    """(ceiling, 32-bit popcounts, bytes): every pair's words counted once, packed inputs read once."""
+    return "popc_Tops", m * n * -(-bits // 32), (m + n) * bits / 8 + out_bytes
+
+
+def gpu_targets():
+    """(case, ceiling, ops, bytes) of every CUDA case: the roofline's inputs, without a GPU."""
+    for kind in ("torch-cuda", "cupy"):
+        for m, n, bits, _ in MATMUL_CASES["cuda"]:
+            yield (matmul_case(m, n, bits, kind), *popcount_work(m, n, bits, 4.0 * m * n))
+        for nq, ndb, bits, k, _ in TOPK_CASES["cuda"]:
+            yield (topk_case(nq, ndb, bits, k, kind), *popcount_work(nq, ndb, bits, 12.0 * nq * k))
+
+
 def _codes(rng, rows, bits, kind):
     packed = rng.integers(0, 256, (rows, bits // 8), dtype=np.uint8)
     if kind == "numpy":
@@ -87,10 +109,11 @@ def bench_binary_matmul(benchmark, quick, m, n, bits, kind, impl, in_quick):
     ref = cg.binary_matmul(_host(a), _host(b), bits).astype(np.float64)
     got = np.asarray(_host(fn()), dtype=np.float64)
     err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1))
-    case = f"binary_matmul {m}x{n}x{bits}bit ({kind})"
+    case = matmul_case(m, n, bits, kind)
     benchmark.group = case
     seconds = measure(benchmark, fn, DEVICE, rounds=3 if quick else 5)
-    record(Result(case, impl, DEVICE, seconds, err, bytes=(m + n) * bits / 8 + 4.0 * m * n))
+    ceiling, ops, nbytes = popcount_work(m, n, bits, 4.0 * m * n)
+    record(Result(case, impl, DEVICE, seconds, err, bytes=nbytes, ceiling=ceiling, ops=ops))
 
 
 @pytest.mark.parametrize("nq,ndb,bits,k,kind,impl,in_quick", list(_topk_params()))
@@ -105,7 +128,8 @@ def bench_hamming_topk(benchmark, quick, nq, ndb, bits, k, kind, impl, in_quick)
     ours = cg.hamming_topk(q, db, k)[0]
     ref = np.asarray(_host(ours), dtype=np.float64)
     err = float(np.abs(np.sort(dist, axis=1) - ref).max() / max(np.abs(ref).max(), 1))
-    case = f"hamming_topk {nq}x{ndb}x{bits}bit k={k} ({kind})"
+    case = topk_case(nq, ndb, bits, k, kind)
     benchmark.group = case
     seconds = measure(benchmark, fn, DEVICE, rounds=2 if quick else 3)
-    record(Result(case, impl, DEVICE, seconds, err, bytes=(nq + ndb) * bits / 8))
+    ceiling, ops, nbytes = popcount_work(nq, ndb, bits, 12.0 * nq * k)  # int32 distance + int64 index out
+    record(Result(case, impl, DEVICE, seconds, err, bytes=nbytes, ceiling=ceiling, ops=ops))

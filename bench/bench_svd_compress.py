@@ -24,6 +24,24 @@ CASES = {  # (batch, M, N, k, in --quick)
 }
 
 
+def case_name(batch, m, n, k, kind):
+    return f"svd_compress {batch}x{m}x{n} k={k} float32 ({kind}; error = achieved/optimal)"
+
+
+def gpu_work(batch, m, n, k):
+    """(ceiling, flops, bytes) of the range finder and the reconstruction: the sketch, two products
+    per power iteration and the projection each cost 2*M*N*(k + oversample) and read A once; the
+    reconstruction costs 2*M*N*k and writes an M x N result (the small QRs and SVD are left out)."""
+    samples, passes = k + OVERSAMPLE, 2 + 2 * POWER_ITERS
+    return "fp32_matmul_TFLOPs", batch * (2.0 * m * n * samples * passes + 2.0 * m * n * k), batch * 4.0 * m * n * (passes + 1)
+
+
+def gpu_targets():
+    """(case, ceiling, ops, bytes) of every CUDA case: the roofline's inputs, without a GPU."""
+    for batch, m, n, k, _ in CASES["cuda"]:
+        yield (case_name(batch, m, n, k, "torch-cuda"), *gpu_work(batch, m, n, k))
+
+
 def _test_matrix(batch, m, n, device):
     """(batch, M, N) float32 with singular values 0.9^j + 1e-3, and the optimal tail for each k."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -67,7 +85,8 @@ def bench_svd_compress(benchmark, quick, batch, m, n, k, kind, impl, in_quick):
     achieved = np.sqrt(((exact - approx) ** 2).reshape(batch, -1).sum(-1))
     optimal = np.sqrt(np.sum(sigma[k:] ** 2))
     ratio = float(np.max(achieved / optimal))
-    case = f"svd_compress {batch}x{m}x{n} k={k} float32 ({kind}; error = achieved/optimal)"
+    case = case_name(batch, m, n, k, kind)
     benchmark.group = case
     seconds = measure(benchmark, fn, DEVICE, rounds=2 if quick or batch > 1 else 3)
-    record(Result(case, impl, DEVICE, seconds, ratio))
+    ceiling, ops, nbytes = gpu_work(batch, m, n, k)
+    record(Result(case, impl, DEVICE, seconds, ratio, ceiling=ceiling, ops=ops, bytes=nbytes))

@@ -13,6 +13,7 @@ import torch
 from timing import DEVICE, SIZES, Result, measure, record
 
 import clisonix_gpu as cg
+from clisonix_gpu._roofline import matmul_ceiling
 from clisonix_gpu.baselines import TRANSFORM_MATRIX_PEERS, reference_transform_matrix
 
 CASES = {  # (M, K, N, activation, in --quick)
@@ -27,6 +28,24 @@ CASES = {  # (M, K, N, activation, in --quick)
 }
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CEILING = "ceiling: cuBLAS matmul alone"
+
+
+def case_name(m, k, n, dtype_name, activation, kind):
+    return f"transform_matrix {m}x{k}x{n} {dtype_name} {activation} ({kind})"
+
+
+def gpu_work(m, k, n, dtype_name):
+    """(compute ceiling, flops, bytes): x and w read, bias read, the output written once."""
+    size = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+    return matmul_ceiling(dtype_name), 2.0 * m * n * k, size * (m * k + n * k + n + m * n)
+
+
+def gpu_targets():
+    """(case, ceiling, ops, bytes) of every CUDA case: the roofline's inputs, without a GPU."""
+    for m, k, n, act, _ in CASES["cuda"]:
+        for dtype in GPU_DTYPES:
+            dt = str(dtype).removeprefix("torch.")
+            yield (case_name(m, k, n, dt, act, "torch-cuda"), *gpu_work(m, k, n, dt))
 
 
 def _ours(x, w, b, activation):
@@ -61,7 +80,7 @@ def bench_transform_matrix(benchmark, quick, m, k, n, activation, kind, dtype, i
     b = rng.standard_normal(n, dtype=np.float32)
     if kind != "numpy":
         x, w, b = (torch.from_numpy(a).to(DEVICE, dtype) for a in (x, w, b))
-    case = f"transform_matrix {m}x{k}x{n} {str(dtype).removeprefix('torch.')} {activation} ({kind})"
+    case = case_name(m, k, n, str(dtype).removeprefix("torch."), activation, kind)
     benchmark.group = case
     y = fn(x, w, b, activation)
     if impl == CEILING:
@@ -71,4 +90,5 @@ def bench_transform_matrix(benchmark, quick, m, k, n, activation, kind, dtype, i
         got = y.detach().double().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, np.float64)
         err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-300))
     seconds = measure(benchmark, lambda: fn(x, w, b, activation), DEVICE, rounds=3 if quick else 7)
-    record(Result(case, impl, DEVICE, seconds, err, flops=2.0 * m * n * k))
+    ceiling, ops, nbytes = gpu_work(m, k, n, str(dtype).removeprefix("torch."))
+    record(Result(case, impl, DEVICE, seconds, err, flops=ops, bytes=nbytes, ceiling=ceiling, ops=ops))

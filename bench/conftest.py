@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from timing import DEVICE, RESULTS, TINY
 
 from clisonix_gpu._bench_report import markdown, plot, terminal_table
+from clisonix_gpu._roofline import best_seconds
 
 RESULTS_DIR = Path(os.environ.get("CLISONIX_BENCH_OUT") or "clisonix-gpu-bench")
 CHECKOUT = Path(__file__).resolve().parent.parent  # the source checkout, when the suite runs from one
@@ -63,7 +64,8 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
 
 
 def _measure_ceilings() -> None:
-    """What this GPU can do at best, measured now: a device-to-device copy and a bf16 GEMM."""
+    """What this GPU can do at best, measured now: a device-to-device copy and cuBLAS GEMMs
+    (bf16, fp16, tf32, fp32); the roofline prices use them (clisonix_gpu._roofline)."""
     import torch
     import triton.testing
 
@@ -71,9 +73,20 @@ def _measure_ceilings() -> None:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
     CEILINGS["copy_GBps"] = 2 * src.numel() / ms / 1e6  # read + write
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
-    CEILINGS["bf16_matmul_TFLOPs"] = 2 * 8192**3 / ms / 1e9
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    for name, dtype, allow_tf32 in [
+        ("bf16", torch.bfloat16, False),
+        ("fp16", torch.float16, False),
+        ("tf32", torch.float32, True),
+        ("fp32", torch.float32, False),
+    ]:
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        try:
+            ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        CEILINGS[f"{name}_matmul_TFLOPs"] = 2 * 8192**3 / ms / 1e9
 
 
 # ----------------------------------------------------------------------------- results
@@ -136,6 +149,8 @@ def _rows() -> list[dict[str, object]]:
                     "peer_rel_error": peer.rel_error,
                     "ours_gflops": ours.flops / ours.seconds / 1e9 if ours.flops else None,
                     "ours_gbps": ours.bytes / ours.seconds / 1e9 if ours.bytes else None,
+                    # the least time the device allows (roofline; measured ceilings where the run has them)
+                    "best_ms": best_seconds(ours.ceiling, ours.ops, ours.bytes, CEILINGS) * 1e3 if ours.ceiling and ours.device == "cuda" else None,
                 }
             )
     return rows

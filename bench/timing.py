@@ -30,6 +30,8 @@ class Result:
     rel_error: float  # max |y - ref| / max |ref| against the float64 reference
     flops: float = 0.0
     bytes: float = 0.0
+    ceiling: str = ""  # compute ceiling of the roofline price (clisonix_gpu._roofline); "" for none
+    ops: float = 0.0  # operations at that ceiling (flops, or popcounts)
 
 
 def measure(benchmark: Any, fn: Callable[[], Any], device: str, rounds: int) -> float:

@@ -18,26 +18,35 @@ def _fmt(value: object, spec: str) -> str:
 
 
 def markdown(env: dict[str, Any], rows: list[dict[str, object]]) -> str:
-    """The results as a Markdown page (also used for the README's performance section)."""
+    """The results as a Markdown page (also used for the README's performance section). GPU rows
+    with a roofline price (``best_ms``) get two more columns: that price and the share of it we reach."""
     ceilings = env.get("ceilings") or {}
     measured = ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in ceilings.items())
+    roofline = any(r.get("best_ms") for r in rows)
     lines = [
         f"Device: {env['device']}; {env['date']}; commit {env['commit']}; Python {env['python']}, NumPy {env['numpy']}, "
         f"torch {env['torch']}, Triton {env['triton']}. Command: `{env['command'].strip()}`."
         + (f" Measured ceilings: {measured}." if measured else ""),
         "",
         "Speedup = peer time / our time (> 1: we are faster), medians measured in the same run; one row per peer, "
-        "**bold** = the fastest peer. Errors: max |y − ref| / max |ref| against float64, unless the case names another measure.",
+        "**bold** = the fastest peer. Errors: max |y − ref| / max |ref| against float64, unless the case names another measure."
+        + (" Roofline: the least time this device allows the case (clisonix_gpu/_roofline.py); of roofline = roofline / ours." if roofline else ""),
         "",
-        "| case | ours (ms) | peer | peer (ms) | speedup | our error | peer error | our GFLOP/s | our GB/s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| case | ours (ms) | peer | peer (ms) | speedup | our error | peer error | our GFLOP/s | our GB/s |"
+        + (" roofline (ms) | of roofline |" if roofline else ""),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if roofline else ""),
     ]
     for r in rows:
         peer = f"**{r['peer']}**" if r["best_peer"] else str(r["peer"])
-        lines.append(
+        line = (
             f"| {r['case']} | {r['ours_ms']:.3f} | {peer} | {r['peer_ms']:.3f} | {r['speedup']:.2f}x "
             f"| {r['ours_rel_error']:.1e} | {r['peer_rel_error']:.1e} | {_fmt(r['ours_gflops'], '.1f')} | {_fmt(r['ours_gbps'], '.2f')} |"
         )
+        if roofline:
+            best = r.get("best_ms")
+            share = None if best is None else float(best) / float(r["ours_ms"])  # type: ignore[arg-type]
+            line += f" {_fmt(best, '.3f')} | {_fmt(share, '.0%')} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

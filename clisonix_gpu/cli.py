@@ -1,4 +1,4 @@
-"""``clisonix-gpu`` command line: ``info``, ``bench``, ``demo`` and ``worker``."""
+"""``clisonix-gpu`` command line: ``info``, ``bench``, ``kernels``, ``demo`` and ``worker``."""
 
 from __future__ import annotations
 
@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         "--update-readme", action="store_true", help="source checkout only: refresh README's performance section from bench/results and exit"
     )
     bench.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
+    kernels = sub.add_parser(
+        "kernels", help="machine code of every kernel variant on sm_90: registers, spills, shared memory, tensor cores, occupancy"
+    )
+    kernels.add_argument("--json", action="store_true", help="rows as JSON instead of a Markdown table")
     worker = sub.add_parser(
         "worker", help="serve as a mesh worker (ranks >= 1), or run the edge's program on rank 0 (--edge)",
         description=WORKER_DESCRIPTION, epilog=WORKER_ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(text)
         return 0
+    if args.command == "kernels":
+        from ._kernel_sheet import main as kernel_sheet
+
+        return kernel_sheet(["--json"] if args.json else [])
     if args.command == "worker":
         from .mesh import worker_main
 

@@ -36,7 +36,9 @@ def _configs():
         return [triton.Config({"BLOCK_M": 32}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm, w, s in [(128, 8, 3), (64, 8, 4), (64, 4, 4), (32, 4, 4)]  # (64, 8) and (32, 4) do not spill (ptxas -v, sm_90)
+        # (128, 8 warps, 3 stages) and (64, 4, 4) are left out: fp32 spills 456 and 472 bytes of stack
+        # on sm_90 (Triton 3.9); these two spill 24 bytes in fp32 and none in fp64 (tests/test_sass.py)
+        for bm, w, s in [(64, 8, 4), (32, 4, 4)]
     ]
 
 
