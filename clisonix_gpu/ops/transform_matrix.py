@@ -96,7 +96,7 @@ def transform_matrix_cpu_method(k: int, n: int, dtype: Any = "float32") -> str:
 
     from ._tiled_gemm import method_description
 
-    name = str(getattr(dtype, "name", dtype)).removeprefix("torch.")
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else np.dtype(dtype).name
     return method_description(k, n, getattr(torch, name))
 
 
