@@ -150,4 +150,4 @@ def test_check_rejects_a_position_dependent_gemm(monkeypatch):
         return out
 
     monkeypatch.setattr(torch, "mm", position_dependent)
-    assert not _tiled_gemm._check(_tiled_gemm.TilePlan(16, 64), 33, 5, torch.float32)
+    assert not _tiled_gemm._check(_tiled_gemm.TilePlan((16, 32, 64)), 33, 5, torch.float32)

@@ -25,6 +25,7 @@ of 64 elements (the buffer is padded to one), so every element takes the SIMD co
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Any, NamedTuple
@@ -35,23 +36,59 @@ __all__ = ["TilePlan", "case_key", "method_description", "plan_for", "tiled_tran
 
 # Tried in order; the first plan whose check passes serves the case. 64-row tiles cost 0.86-0.94x
 # of one GEMM over thousands of rows; 16 rows pad a single row to 16 (a few rows are GEMV-bound).
-# Elementwise ops that give the same bits in torch's SIMD and scalar code (single IEEE operations).
-_EXACT_EPILOGUE = (None, "relu", "leaky_relu")
 _VECTOR_MULTIPLE = 64  # elements: a multiple of twice the widest SIMD vector torch uses
 _PIECE = 8192  # elements per epilogue call: below torch's grain size, so it runs in one thread
 _ALIGN = 64  # bytes
 
 
 class TilePlan(NamedTuple):
-    """Row-tile sizes for one case: ``big`` while at least that many rows are left, then ``small``."""
+    """Row-tile sizes for one case, ascending powers of two: whole tiles of the largest while that
+    many rows are left, then at most one tile of each smaller size, the rest zero-padded to the
+    smallest. A batch of M rows takes about log2(M / smallest) GEMM calls."""
 
-    small: int
-    big: int
+    sizes: tuple[int, ...]
+    call_rows: int = 0  # what one more GEMM call costs, in rows of this case
+
+    def tiles(self, m: int) -> list[int]:
+        """The tile sizes, in order, that cover ``m`` rows at the least padded rows plus calls."""
+        largest = self.sizes[-1]
+        return [largest] * (m // largest) + list(_cover(self.sizes, self.call_rows, m % largest)[1])
 
 
-_CANDIDATES = tuple(TilePlan(s, b) for s, b in ((16, 64), (16, 32), (16, 16), (64, 64), (8, 8), (4, 4)))
+@functools.lru_cache(maxsize=4096)
+def _cover(sizes: tuple[int, ...], call_rows: int, left: int) -> tuple[int, tuple[int, ...]]:
+    """(cost, tiles) covering ``left`` rows: each tile costs its rows plus ``call_rows``."""
+    if left <= 0:
+        return 0, ()
+    options = []
+    for size in sizes:
+        rest_cost, rest = _cover(sizes, call_rows, left - size)
+        options.append((size + call_rows + rest_cost, (size,) + rest))
+        if size >= left:
+            break
+    return min(options)
+
+
+_SMALLEST = 16  # one row alone is GEMV to MKL and rounds differently; 4-15 rows take a slow path
+# The largest tile: bounded so that a tile of the case costs at most this many multiply-adds
+# (the first-use check runs a few), and never below 64 rows (0.86-0.94x of one GEMM at scale).
+_LARGEST_ROWS, _TILE_MACS = 2048, 1 << 27
+_CALL_MACS = 1 << 19  # about what a GEMM call's fixed overhead (~10 us) buys in multiply-adds
 _plans: dict[tuple[Any, ...], TilePlan | None] = {}
 _lock = threading.Lock()
+
+
+def _candidates(k: int, n: int) -> list[TilePlan]:
+    """Ladders 16, 32, ... up to the bound for this shape, then shorter ones, then single sizes."""
+    top = _SMALLEST
+    while top < _LARGEST_ROWS and (2 * top * max(k, 1) * max(n, 1) <= _TILE_MACS or 2 * top <= 64):
+        top *= 2
+    call_rows = _CALL_MACS // max(k * n, 1)
+    ladders = []
+    while top >= _SMALLEST:
+        ladders.append(TilePlan(tuple(_SMALLEST << i for i in range((top // _SMALLEST).bit_length())), call_rows))
+        top //= 2
+    return ladders + [TilePlan((size,), call_rows) for size in (64, 8, 4)]
 
 
 def _compute_dtype(dtype: Any) -> Any:
@@ -78,57 +115,61 @@ def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> tuple[Any, Any]:
 
     m, k = x.shape
     n = w.shape[0]
-    whole = m // plan.big * plan.big
-    rows = whole + -(-(m - whole) // plan.small) * plan.small
+    tiles = plan.tiles(m)
+    rows = sum(tiles)
     flat = torch.empty(-(-rows * n // _VECTOR_MULTIPLE) * _VECTOR_MULTIPLE, dtype=x.dtype)
     out = flat[: rows * n].view(rows, n)
     flat[rows * n :].zero_()
     if k == 0 or rows == 0:
         out.zero_()
         return flat, out
-    aligned = x.is_contiguous() and x.data_ptr() % _ALIGN == 0
-    source = x if aligned else torch.empty((whole, k), dtype=x.dtype).copy_(x[:whole])
+    if rows > m or not (x.is_contiguous() and x.data_ptr() % _ALIGN == 0):
+        # a fresh aligned copy, zero-padded to whole tiles (every tile start stays aligned: tile
+        # sizes are multiples of 16 rows)
+        padded = torch.empty((rows, k), dtype=x.dtype)
+        padded[:m].copy_(x)
+        padded[m:].zero_()
+        x = padded
     wt = w.t()
-    for start in range(0, whole, plan.big):
-        torch.mm(source[start : start + plan.big], wt, out=out[start : start + plan.big])
-    if rows > whole:
-        rest = torch.zeros((rows - whole, k), dtype=x.dtype)
-        rest[: m - whole].copy_(x[whole:])
-        for start in range(0, rows - whole, plan.small):
-            torch.mm(rest[start : start + plan.small], wt, out=out[whole + start : whole + start + plan.small])
+    start = 0
+    for size in tiles:
+        torch.mm(x[start : start + size], wt, out=out[start : start + size])
+        start += size
     return flat, out
 
 
 def _apply_epilogue_(flat: Any, out: Any, bias: Any, activation: str | None) -> None:
     """Bias and activation in place on ``out``, the (rows, N) view at the start of ``flat``, whose
-    length is a multiple of ``_VECTOR_MULTIPLE``."""
+    length is a multiple of ``_VECTOR_MULTIPLE``. Every call stays under torch's grain size (one
+    thread, no fork-join per call)."""
     if bias is not None:
-        out += bias
-    if activation == "relu":
-        out.relu_()
+        step = max(1, _PIECE // max(out.shape[1], 1))
+        for start in range(0, out.shape[0], step):
+            out[start : start + step] += bias
+    if activation is None:
         return
     fn = TABLE[activation].torch
-    if activation in _EXACT_EPILOGUE:
-        out.copy_(fn(out))
-        return
     for start in range(0, flat.shape[0], _PIECE):
         piece = flat[start : start + _PIECE]
-        piece.copy_(fn(piece))
+        if activation == "relu":
+            piece.relu_()
+        else:
+            piece.copy_(fn(piece))
 
 
 def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
-    """Does BLAS round every row the same at other positions, beside other rows, in either tile
-    size and with a misaligned ``w``? Random rows of this case's shape."""
+    """Does BLAS round every row the same at other positions, beside other rows, in every tile
+    size of the plan and with a misaligned ``w``? Random rows of this case's shape."""
     import torch
 
     gen = torch.Generator().manual_seed(1234)
     spare = torch.randn(n * k + 1, generator=gen, dtype=dtype)
     w_misaligned = spare[1:].view(n, k)
     w = w_misaligned.clone()
-    count = 2 * plan.big if plan.big > plan.small else 2 * plan.small
+    count = 2 * plan.sizes[-1]
     x = torch.randn(count, k, generator=gen, dtype=dtype)
     reference = _gemm_tiles(x, w, plan)[1][:count]
-    shift = plan.small // 2 + 1
+    shift = plan.sizes[0] // 2 + 1
     moved = _gemm_tiles(torch.roll(x, shift, 0), w, plan)[1][:count]
     if not torch.equal(moved, torch.roll(reference, shift, 0)):
         return False
@@ -136,12 +177,11 @@ def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
     neighbours[1::2] = torch.randn(neighbours[1::2].shape, generator=gen, dtype=dtype)
     if not torch.equal(_gemm_tiles(neighbours, w, plan)[1][0:count:2], reference[0::2]):
         return False
-    small_only = TilePlan(plan.small, plan.small)
-    if not torch.equal(_gemm_tiles(x, w, small_only)[1][:count], reference):
-        return False
-    last = count - 1  # alone, zero-padded, in each tile size
-    for sizes in (small_only, TilePlan(plan.big, plan.big)):
-        if not torch.equal(_gemm_tiles(x[last:], w, sizes)[1][0], reference[last]):
+    for size in plan.sizes:  # each size alone, over two tiles
+        if not torch.equal(_gemm_tiles(x[: 2 * size], w, TilePlan((size,), plan.call_rows))[1][: 2 * size], reference[: 2 * size]):
+            return False
+        # the last row alone, zero-padded
+        if not torch.equal(_gemm_tiles(x[count - 1 :], w, TilePlan((size,), plan.call_rows))[1][0], reference[count - 1]):
             return False
     return torch.equal(_gemm_tiles(x[:shift], w_misaligned, plan)[1][:shift], reference[:shift])
 
@@ -158,7 +198,7 @@ def plan_for(k: int, n: int, dtype: Any) -> TilePlan | None:
     with _lock:
         if key not in _plans:
             compute = _compute_dtype(dtype)
-            _plans[key] = next((p for p in _CANDIDATES if _check(p, k, n, compute)), None)
+            _plans[key] = next((p for p in _candidates(k, n) if _check(p, k, n, compute)), None)
         return _plans[key]
 
 
@@ -172,8 +212,8 @@ def method_description(k: int, n: int, dtype: Any) -> str:
         return "exact float64 slices (CLISONIX_CPU_GEMM=exact)"
     if plan is None:
         return f"exact float64 slices (BLAS failed the tile check for K={k}, N={n}, {threads} threads)"
-    tiles = f"{plan.big}-row tiles" if plan.small == plan.big else f"{plan.big}- and {plan.small}-row tiles"
-    return f"BLAS on fixed {tiles} (checked for K={k}, N={n}, {str(_compute_dtype(dtype)).removeprefix('torch.')}, {threads} threads)"
+    tiles = "/".join(map(str, plan.sizes))
+    return f"BLAS on fixed {tiles}-row tiles (checked for K={k}, N={n}, {str(_compute_dtype(dtype)).removeprefix('torch.')}, {threads} threads)"
 
 
 def tiled_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, plan: TilePlan) -> Any:

@@ -6,6 +6,7 @@ Host side of the op: validation, then one implementation per backend behind the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from typing import Any
@@ -73,6 +74,7 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
 # the exact float64 GEMM (``_exact_gemm``). One case never mixes the two: the plan is per case.
 
 
+@functools.cache
 def _torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
@@ -150,6 +152,13 @@ def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None) -> A
     import torch
 
     return torch.from_numpy(exact)
+
+
+def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | None) -> Any:
+    """:func:`transform_matrix` for CPU torch tensors without the dispatch layer (the torch op's
+    CPU kernel): checks, the CPU path, the result in ``x``'s dtype."""
+    validate(x, w, bias, activation)
+    return _dispatch.cast_like(_transform_matrix_cpu(x.detach(), w.detach(), None if bias is None else bias.detach(), activation=activation), x)
 
 
 @_dispatch.register("transform_matrix", "numpy", takes_cpu_tensors=True)
