@@ -17,7 +17,14 @@ from clisonix_gpu._roofline import matmul_ceiling
 from clisonix_gpu.baselines import TRANSFORM_MATRIX_PEERS, reference_transform_matrix
 
 CASES = {  # (M, K, N, activation, in --quick)
-    "cpu": [(4096, 1024, 1024, "relu", False), (1024, 1024, 1024, "relu", True), (16, 4096, 4096, "gelu", True), (512, 784, 256, "silu", False)],
+    "cpu": [
+        (4096, 1024, 1024, "relu", False),
+        (1024, 1024, 1024, "relu", True),
+        (16, 4096, 4096, "gelu", True),
+        (512, 784, 256, "silu", False),
+        (1, 4096, 4096, "gelu", True),  # serving: one request
+        (64, 4096, 4096, "gelu", True),  # serving: a batch of requests
+    ],
     "cuda": [
         (8192, 4096, 4096, "gelu", False),
         (4096, 4096, 4096, "relu", True),
@@ -28,6 +35,8 @@ CASES = {  # (M, K, N, activation, in --quick)
 }
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CEILING = "ceiling: cuBLAS matmul alone"
+# LIAMLinear forward + backward against nn.Linear + the same activation: (M, K, N, activation, in --quick)
+LAYER_CASES = {"cpu": [(512, 1024, 1024, "gelu", True)], "cuda": [(4096, 4096, 4096, "gelu", True)], "tiny": [(33, 17, 9, "gelu", True)]}
 
 
 def case_name(m, k, n, dtype_name, activation, kind):
@@ -92,3 +101,39 @@ def bench_transform_matrix(benchmark, quick, m, k, n, activation, kind, dtype, i
     seconds = measure(benchmark, lambda: fn(x, w, b, activation), DEVICE, rounds=3 if quick else 7)
     ceiling, ops, nbytes = gpu_work(m, k, n, str(dtype).removeprefix("torch."))
     record(Result(case, impl, DEVICE, seconds, err, flops=ops, bytes=nbytes, ceiling=ceiling, ops=ops))
+
+
+def _layer_step(layer, x, activation):
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y = layer(x) if activation is None else activation(layer(x))
+        y.sum().backward()
+        return y
+
+    return step
+
+
+@pytest.mark.parametrize("m,k,n,activation,in_quick", LAYER_CASES[SIZES])
+@pytest.mark.parametrize("impl", ["clisonix", "nn.Linear + activation"])
+def bench_liam_linear(benchmark, quick, m, k, n, activation, in_quick, impl):
+    from clisonix_gpu.nn import LIAMLinear
+
+    if quick and not in_quick:
+        pytest.skip("not in --quick")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(k, n, device=DEVICE)
+    x = torch.randn(m, k, device=DEVICE, requires_grad=True)
+    if impl == "clisonix":
+        step = _layer_step(LIAMLinear.from_linear(linear, activation), x, None)
+    else:
+        from clisonix_gpu.ops.activations import TABLE
+
+        step = _layer_step(linear, x, TABLE[activation].torch)
+    case = f"LIAMLinear forward+backward {m}x{k}x{n} float32 {activation} ({'torch-cuda' if DEVICE == 'cuda' else 'torch-cpu'})"
+    benchmark.group = case
+    y = step()
+    ref = reference_transform_matrix(x, linear.weight, linear.bias, activation)
+    err = float(np.abs(y.detach().double().cpu().numpy() - ref).max() / max(np.abs(ref).max(), 1e-300))
+    seconds = measure(benchmark, step, DEVICE, rounds=3 if quick else 7)
+    record(Result(case, impl, DEVICE, seconds, err, flops=3 * 2.0 * m * n * k))

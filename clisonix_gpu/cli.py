@@ -48,6 +48,10 @@ def info() -> str:
     ]
     for b in backends():
         lines.append(f"  {b.name:7s} {'usable' if b.usable else 'unusable: ' + b.reason}")
+    from .ops.transform_matrix import transform_matrix_cpu_method
+
+    lines.append("CPU transform_matrix (per case; cg.transform_matrix_cpu_method(k, n, dtype) for others):")
+    lines += [f"  K=N=1024 {dtype}: {transform_matrix_cpu_method(1024, 1024, dtype)}" for dtype in ("float32", "float64")]
     return "\n".join(lines)
 
 

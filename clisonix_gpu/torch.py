@@ -72,8 +72,8 @@ def _one_device(**tensors: Tensor | None) -> None:
 
 @_custom_op("clisonix::transform_matrix_cpu")
 def _transform_matrix_cpu(x: Tensor, w: Tensor, bias: Tensor | None, activation: str) -> Tensor:
-    """The CPU implementation (NumPy/torch-CPU path), opaque to tracing."""
-    return _on_numpy_path(_tm.transform_matrix, x, w, bias, activation or None)
+    """The CPU implementation (the CPU path of the dispatch table, called directly), opaque to tracing."""
+    return cast(Tensor, _tm.transform_matrix_cpu_tensors(x, w, bias, activation or None))
 
 
 def _transform_matrix_shape(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:

@@ -6,6 +6,8 @@ Host side of the op: validation, then one implementation per backend behind the 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import sys
 from typing import Any
@@ -19,7 +21,7 @@ from ._validate import dtype_name, mantissa_bits, require_float
 from .activations import ACTIVATIONS, apply_activation_, check_activation
 from .utils import cdiv, interpreter_enabled, launch
 
-__all__ = ["ACTIVATIONS", "launch_transform_matrix", "transform_matrix", "validate"]
+__all__ = ["ACTIVATIONS", "transform_matrix_cpu_method", "launch_transform_matrix", "transform_matrix", "validate"]
 
 # Rows of x handled by one exact GEMM on the NumPy path: bounds the float64 temporaries.
 _NUMPY_ROW_BLOCK = 4096
@@ -115,28 +117,111 @@ def _torch_op(x: Any, w: Any, bias: Any, activation: Any) -> Any:
     return differentiable_transform_matrix(x, w, bias, activation)
 
 
-# ----------------------------------------------------------------------------- NumPy backend
+# ----------------------------------------------------------------------------- CPU backend ("numpy")
+# NumPy arrays and CPU torch tensors. With torch installed, a case whose tile check passes runs on
+# torch's BLAS in fixed row tiles (``_tiled_gemm``); the others, and every case without torch, run
+# the exact float64 GEMM (``_exact_gemm``). One case never mixes the two: the plan is per case.
 
 
-@_dispatch.register("transform_matrix", "numpy")
-def _transform_matrix_numpy(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, *, activation: str | None) -> np.ndarray:
-    bits = mantissa_bits(x)
+@functools.cache
+def _torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def transform_matrix_cpu_method(k: int, n: int, dtype: Any = "float32") -> str:
+    """Which method the CPU path uses for ``transform_matrix`` with ``w`` (N, K) of ``dtype``
+    under torch's current thread count, as one line of text.
+
+    ``dtype``: a NumPy or torch dtype or its name. The first call for a case runs the tile check
+    (a few GEMMs of that shape) and caches the answer, as the op itself does.
+    ``CLISONIX_CPU_GEMM=exact`` sends every case to the exact path.
+
+    Example:
+
+    >>> cg.transform_matrix_cpu_method(64, 10, "float32")  # doctest: +ELLIPSIS
+    'BLAS on fixed ...-row tiles (checked for K=64, N=10, float32, ... threads)'
+    """
+    if not _torch_available():
+        return "exact float64 slices (torch is not installed: no tiled BLAS path)"
+    import torch
+
+    from ._tiled_gemm import method_description
+
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else np.dtype(dtype).name
+    return method_description(k, n, getattr(torch, name))
+
+
+def _exact_cpu(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, activation: str | None) -> np.ndarray:
+    """The exact path on one (M, K) x (N, K) problem; float32 out (float64 for float64)."""
     out_dtype = np.float64 if x.dtype == np.float64 else np.float32
-    k, n = w.shape[-1], w.shape[-2]
-    if w.ndim == 3:
-        out = np.empty(x.shape[:-1] + (n,), dtype=out_dtype)
-        for b in range(w.shape[0]):
-            out[b] = _transform_matrix_numpy(x[b], w[b], bias, activation=activation)
-        return out
-    rows = x.reshape(math.prod(x.shape[:-1]), k)
-    out = np.empty((rows.shape[0], n), dtype=out_dtype)
-    for start, block in exact_matmul_blocks(rows, w, bits, _NUMPY_ROW_BLOCK):
+    out = np.empty((x.shape[0], w.shape[0]), dtype=out_dtype)
+    for start, block in exact_matmul_blocks(x, w, mantissa_bits(x), _NUMPY_ROW_BLOCK):
         if bias is not None:
             block += bias
         # activation in the output precision, as the GPU epilogue does after its fp32 accumulation
         out[start : start + _NUMPY_ROW_BLOCK] = block
     apply_activation_(out, activation)
-    return out.reshape(x.shape[:-1] + (n,))
+    return out
+
+
+def _as_numpy(a: Any) -> Any:
+    if a is None or isinstance(a, np.ndarray):
+        return a
+    import torch
+
+    return (a.float() if a.dtype == torch.bfloat16 else a).numpy()  # bfloat16 is exact in float32
+
+
+def _as_torch(a: Any) -> Any:
+    """A CPU tensor of ``a`` (NumPy arrays shared where contiguous), float16/bfloat16 widened to
+    float32: the tiled path accumulates and runs the epilogue in float32, as the GPU kernel does."""
+    import torch
+
+    if a is None:
+        return None
+    t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None) -> Any:
+    """One (M, K) x (N, K) problem of NumPy arrays or CPU tensors; same array type back, float32
+    for float16/bfloat16 input (the caller casts)."""
+    if _torch_available():
+        import torch
+
+        from ._tiled_gemm import plan_for, tiled_transform_matrix
+
+        plan = plan_for(x.shape[1], w.shape[0], torch.float64 if x.dtype in (np.float64, torch.float64) else torch.float32)
+        if plan is not None:
+            out = tiled_transform_matrix(_as_torch(x), _as_torch(w), _as_torch(bias), activation, plan)
+            return out.numpy() if isinstance(x, np.ndarray) else out
+    exact = _exact_cpu(_as_numpy(x), _as_numpy(w), _as_numpy(bias), activation)
+    if isinstance(x, np.ndarray):
+        return exact
+    import torch
+
+    return torch.from_numpy(exact)
+
+
+def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | None) -> Any:
+    """:func:`transform_matrix` for CPU torch tensors without the dispatch layer (the torch op's
+    CPU kernel): checks, the CPU path, the result in ``x``'s dtype."""
+    validate(x, w, bias, activation)
+    return _dispatch.cast_like(_transform_matrix_cpu(x.detach(), w.detach(), None if bias is None else bias.detach(), activation=activation), x)
+
+
+@_dispatch.register("transform_matrix", "numpy", takes_cpu_tensors=True)
+def _transform_matrix_cpu(x: Any, w: Any, bias: Any, *, activation: str | None) -> Any:
+    k, n = w.shape[-1], w.shape[-2]
+    if w.ndim == 2:
+        out = _transform_matrix_2d(x.reshape(math.prod(x.shape[:-1]), k), w, bias, activation)
+        return out.reshape(tuple(x.shape[:-1]) + (n,))
+    parts = [_transform_matrix_2d(x[b], w[b], bias, activation) for b in range(w.shape[0])]
+    if isinstance(x, np.ndarray):
+        return np.stack(parts) if parts else np.empty(x.shape[:-1] + (n,), np.float64 if x.dtype == np.float64 else np.float32)
+    import torch
+
+    return torch.stack(parts) if parts else x.new_empty(tuple(x.shape[:-1]) + (n,), dtype=_as_torch(x[:0]).dtype)
 
 
 # ----------------------------------------------------------------------------- Triton backend

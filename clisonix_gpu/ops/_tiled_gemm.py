@@ -1,0 +1,226 @@
+"""Batch-invariant ``activation(x @ w.T + bias)`` at BLAS speed on CPU: torch's BLAS on fixed row tiles.
+
+The rows of ``x`` go to ``torch.mm`` in tiles of a fixed number of rows: ``big`` rows while at
+least that many are left, then ``small`` rows, the last tile zero-padded. Each tile starts
+64-byte aligned (a fresh buffer, or ``x`` itself when it is contiguous and aligned). So every GEMM
+this module issues for a case has one of two shapes, and a row's result depends only on that row
+and ``w`` if BLAS (MKL in torch's wheels) rounds a row the same at every position of a tile,
+whatever its neighbours, and the same in both tile sizes. Nothing promises that: it is *measured*
+for each case -- (K, N, dtype, torch's thread count, fp32 matmul precision) -- by :func:`plan_for`
+the first time the case is met (a few GEMMs of the case's shape on random rows, moved to other
+positions, other neighbours, the other tile size, a misaligned ``w``), then cached. Cases whose
+check fails return ``None`` and keep the exact path (``_exact_gemm``).
+
+Measured with torch 2.13's MKL (2 cores, AVX-512): within one tile size every position gives the
+same bits; tile sizes fall into classes (float32 at K = N = 4096: 2-14 rows and 16-256 rows give
+two different roundings); the class boundary moves with the thread count, hence the thread count
+in the key. One row alone (GEMV) rounds differently again, so a single row is padded to ``small``.
+
+The epilogue: adding the bias, ReLU and leaky ReLU are exact per element. torch's SIMD and scalar
+code for erf, exp and tanh-based activations differ in the last bit, and torch runs the scalar
+code on the tail of each thread's chunk of a tensor, so a row's bits would depend on where the
+tensor ends. Those activations run on the flat output in serial pieces whose lengths are multiples
+of 64 elements (the buffer is padded to one), so every element takes the SIMD code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Any, NamedTuple
+
+from .activations import TABLE
+
+__all__ = ["TilePlan", "case_key", "method_description", "plan_for", "tiled_transform_matrix"]
+
+# Tried in order; the first plan whose check passes serves the case. 64-row tiles cost 0.86-0.94x
+# of one GEMM over thousands of rows; 16 rows pad a single row to 16 (a few rows are GEMV-bound).
+_VECTOR_MULTIPLE = 64  # elements: a multiple of twice the widest SIMD vector torch uses
+_PIECE = 8192  # elements per epilogue call: below torch's grain size, so it runs in one thread
+_ALIGN = 64  # bytes
+
+
+class TilePlan(NamedTuple):
+    """Row-tile sizes for one case, ascending powers of two: whole tiles of the largest while that
+    many rows are left, then at most one tile of each smaller size, the rest zero-padded to the
+    smallest. A batch of M rows takes about log2(M / smallest) GEMM calls."""
+
+    sizes: tuple[int, ...]
+    call_rows: int = 0  # what one more GEMM call costs, in rows of this case
+
+    def tiles(self, m: int) -> list[int]:
+        """The tile sizes, in order, that cover ``m`` rows at the least padded rows plus calls."""
+        largest = self.sizes[-1]
+        return [largest] * (m // largest) + list(_cover(self.sizes, self.call_rows, m % largest)[1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _cover(sizes: tuple[int, ...], call_rows: int, left: int) -> tuple[int, tuple[int, ...]]:
+    """(cost, tiles) covering ``left`` rows: each tile costs its rows plus ``call_rows``."""
+    if left <= 0:
+        return 0, ()
+    options = []
+    for size in sizes:
+        rest_cost, rest = _cover(sizes, call_rows, left - size)
+        options.append((size + call_rows + rest_cost, (size,) + rest))
+        if size >= left:
+            break
+    return min(options)
+
+
+_SMALLEST = 16  # one row alone is GEMV to MKL and rounds differently; 4-15 rows take a slow path
+# The largest tile: bounded so that a tile of the case costs at most this many multiply-adds
+# (the first-use check runs a few), and never below 64 rows (0.86-0.94x of one GEMM at scale).
+_LARGEST_ROWS, _TILE_MACS = 2048, 1 << 27
+_CALL_MACS = 1 << 19  # about what a GEMM call's fixed overhead (~10 us) buys in multiply-adds
+_plans: dict[tuple[Any, ...], TilePlan | None] = {}
+_lock = threading.Lock()
+
+
+def _candidates(k: int, n: int) -> list[TilePlan]:
+    """Ladders 16, 32, ... up to the bound for this shape, then shorter ones, then single sizes."""
+    top = _SMALLEST
+    while top < _LARGEST_ROWS and (2 * top * max(k, 1) * max(n, 1) <= _TILE_MACS or 2 * top <= 64):
+        top *= 2
+    call_rows = _CALL_MACS // max(k * n, 1)
+    ladders = []
+    while top >= _SMALLEST:
+        ladders.append(TilePlan(tuple(_SMALLEST << i for i in range((top // _SMALLEST).bit_length())), call_rows))
+        top //= 2
+    return ladders + [TilePlan((size,), call_rows) for size in (64, 8, 4)]
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forced_exact() -> bool:
+    return os.environ.get("CLISONIX_CPU_GEMM", "auto") == "exact"
+
+
+def case_key(k: int, n: int, dtype: Any) -> tuple[Any, ...]:
+    """What a plan depends on: shape class, compute dtype, thread count, fp32 matmul precision."""
+    import torch
+
+    return (k, n, str(_compute_dtype(dtype)), torch.get_num_threads(), torch.get_float32_matmul_precision())
+
+
+def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> tuple[Any, Any]:
+    """``x`` (M, K) @ ``w.T`` in the plan's tiles, into a flat buffer padded to a multiple of
+    ``_VECTOR_MULTIPLE``; returns the buffer and its leading (rows, N) view, whole tiles (rows >= M)."""
+    import torch
+
+    m, k = x.shape
+    n = w.shape[0]
+    tiles = plan.tiles(m)
+    rows = sum(tiles)
+    flat = torch.empty(-(-rows * n // _VECTOR_MULTIPLE) * _VECTOR_MULTIPLE, dtype=x.dtype)
+    out = flat[: rows * n].view(rows, n)
+    flat[rows * n :].zero_()
+    if k == 0 or rows == 0:
+        out.zero_()
+        return flat, out
+    if rows > m or not (x.is_contiguous() and x.data_ptr() % _ALIGN == 0):
+        # a fresh aligned copy, zero-padded to whole tiles (every tile start stays aligned: tile
+        # sizes are multiples of 16 rows)
+        padded = torch.empty((rows, k), dtype=x.dtype)
+        padded[:m].copy_(x)
+        padded[m:].zero_()
+        x = padded
+    wt = w.t()
+    start = 0
+    for size in tiles:
+        torch.mm(x[start : start + size], wt, out=out[start : start + size])
+        start += size
+    return flat, out
+
+
+def _apply_epilogue_(flat: Any, out: Any, bias: Any, activation: str | None) -> None:
+    """Bias and activation in place on ``out``, the (rows, N) view at the start of ``flat``, whose
+    length is a multiple of ``_VECTOR_MULTIPLE``. Every call stays under torch's grain size (one
+    thread, no fork-join per call)."""
+    if bias is not None:
+        step = max(1, _PIECE // max(out.shape[1], 1))
+        for start in range(0, out.shape[0], step):
+            out[start : start + step] += bias
+    if activation is None:
+        return
+    fn = TABLE[activation].torch
+    for start in range(0, flat.shape[0], _PIECE):
+        piece = flat[start : start + _PIECE]
+        if activation == "relu":
+            piece.relu_()
+        else:
+            piece.copy_(fn(piece))
+
+
+def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
+    """Does BLAS round every row the same at other positions, beside other rows, in every tile
+    size of the plan and with a misaligned ``w``? Random rows of this case's shape."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    spare = torch.randn(n * k + 1, generator=gen, dtype=dtype)
+    w_misaligned = spare[1:].view(n, k)
+    w = w_misaligned.clone()
+    count = 2 * plan.sizes[-1]
+    x = torch.randn(count, k, generator=gen, dtype=dtype)
+    reference = _gemm_tiles(x, w, plan)[1][:count]
+    shift = plan.sizes[0] // 2 + 1
+    moved = _gemm_tiles(torch.roll(x, shift, 0), w, plan)[1][:count]
+    if not torch.equal(moved, torch.roll(reference, shift, 0)):
+        return False
+    neighbours = x.clone()
+    neighbours[1::2] = torch.randn(neighbours[1::2].shape, generator=gen, dtype=dtype)
+    if not torch.equal(_gemm_tiles(neighbours, w, plan)[1][0:count:2], reference[0::2]):
+        return False
+    for size in plan.sizes:  # each size alone, over two tiles
+        if not torch.equal(_gemm_tiles(x[: 2 * size], w, TilePlan((size,), plan.call_rows))[1][: 2 * size], reference[: 2 * size]):
+            return False
+        # the last row alone, zero-padded
+        if not torch.equal(_gemm_tiles(x[count - 1 :], w, TilePlan((size,), plan.call_rows))[1][0], reference[count - 1]):
+            return False
+    return torch.equal(_gemm_tiles(x[:shift], w_misaligned, plan)[1][:shift], reference[:shift])
+
+
+def plan_for(k: int, n: int, dtype: Any) -> TilePlan | None:
+    """The tile plan for this case under torch's current thread count, checked on first use and
+    cached; ``None`` where no candidate passes or ``CLISONIX_CPU_GEMM=exact`` (the exact path
+    serves the case)."""
+    if _forced_exact():
+        return None
+    key = case_key(k, n, dtype)
+    if key in _plans:
+        return _plans[key]
+    with _lock:
+        if key not in _plans:
+            compute = _compute_dtype(dtype)
+            _plans[key] = next((p for p in _candidates(k, n) if _check(p, k, n, compute)), None)
+        return _plans[key]
+
+
+def method_description(k: int, n: int, dtype: Any) -> str:
+    """One line: which method this case gets on CPU and why (runs the check if not yet done)."""
+    import torch
+
+    plan = plan_for(k, n, dtype)
+    threads = torch.get_num_threads()
+    if _forced_exact():
+        return "exact float64 slices (CLISONIX_CPU_GEMM=exact)"
+    if plan is None:
+        return f"exact float64 slices (BLAS failed the tile check for K={k}, N={n}, {threads} threads)"
+    tiles = "/".join(map(str, plan.sizes))
+    return f"BLAS on fixed {tiles}-row tiles (checked for K={k}, N={n}, {str(_compute_dtype(dtype)).removeprefix('torch.')}, {threads} threads)"
+
+
+def tiled_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, plan: TilePlan) -> Any:
+    """``activation(x @ w.T + bias)`` for torch CPU tensors ``x`` (M, K), ``w`` (N, K), ``bias``
+    (N,) or None, all float32 or float64 (the caller widens float16/bfloat16 to float32); returns
+    (M, N) in that dtype."""
+    w = w if w.is_contiguous() else w.contiguous()
+    flat, out = _gemm_tiles(x, w, plan)
+    _apply_epilogue_(flat, out, bias, activation)
+    return out[: x.shape[0]]
