@@ -47,6 +47,9 @@ def info() -> str:
     ]
     for b in backends():
         lines.append(f"  {b.name:7s} {'usable' if b.usable else 'unusable: ' + b.reason}")
+    from .ops.binary._numba import status as binary_cpu_path
+
+    lines.append(f"binary ops on CPU: {binary_cpu_path()}")
     return "\n".join(lines)
 
 

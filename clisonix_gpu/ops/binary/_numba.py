@@ -26,6 +26,7 @@ ALL_BITS = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 ROWS_PER_ITEM = 64  # queries (or rows of a) that share one transposed database tile
 KEYS_PER_ITEM = 1 << 22  # top-k buffer entries one work item may hold (32 MiB)
 CANDIDATES = 1 << 24  # top-k candidates across database segments, before the merge
+MIN_SEGMENT_CODES = 1024  # a database segment (one work item's share) holds at least this many codes
 
 
 def words(a: np.ndarray) -> np.ndarray:
@@ -107,7 +108,7 @@ def popcount_gemm(a: np.ndarray, b: np.ndarray, signed_bits: int | None) -> np.n
 
 def _segments(row_blocks: int, n_db: int, limit: int) -> int:
     """Database segments per query block: enough work items to keep every thread busy."""
-    return max(1, min(cdiv(4 * _threads(), max(row_blocks, 1)), cdiv(n_db, 1024), limit))
+    return max(1, min(cdiv(4 * _threads(), max(row_blocks, 1)), cdiv(n_db, MIN_SEGMENT_CODES), limit))
 
 
 def hamming_topk(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
