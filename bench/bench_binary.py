@@ -44,6 +44,8 @@ TOPK_CASES = {
 # (queries, database, bits, radius, in --quick): radius 96 of 256 bits finds a few codes per query
 RADIUS_CASES = {"cpu": [(1000, 100_000, 256, 96, True)], "cuda": [], "tiny": [(7, 300, 64, 24, True)]}
 _REFERENCES: dict[tuple[object, ...], object] = {}
+# peers that hold every distance (and an int64 index each) at once: 100 x 10M codes would take 12 GB
+WHOLE_MATRIX_PEERS, WHOLE_MATRIX_LIMIT = {"numpy bitwise_count + argpartition"}, 10**8
 
 
 def _codes(rng, rows, bits, kind):
@@ -105,6 +107,8 @@ def _search_params(cases, peer_table, label):
             if not peers:
                 continue
             for impl in ["clisonix", *peers]:
+                if impl in WHOLE_MATRIX_PEERS and nq * ndb > WHOLE_MATRIX_LIMIT:
+                    continue
                 yield pytest.param(nq, ndb, bits, param, kind, impl, in_quick, id=f"{nq}x{ndb}x{bits}-{label}{param}-{kind}-{impl}")
 
 
