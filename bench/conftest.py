@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 
+# Peers and ours live in one process with up to three OpenMP pools (torch's, FAISS's, numba's):
+# idle OpenMP threads that spin-wait steal the cores of whichever side runs next (FAISS next to
+# numba ran up to 10x slower). Passive waiting is read when each pool starts, so set it first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import DEVICE, RESULTS, TINY
 

@@ -187,6 +187,31 @@ HAMMING_TOPK_PEERS: dict[str, dict[str, Callable[..., Callable[[], Any]]]] = {
 }
 
 
+def _numpy_radius(q: np.ndarray, db: np.ndarray, r: int) -> Callable[[], Any]:
+    """CSR ``(offsets, indices, distances)`` from blocks of ``_numpy_popcount_distances`` and ``nonzero``."""
+
+    def run() -> Any:
+        step = max(1, (1 << 20) // max(q.shape[0], 1))
+        rows, cols, dist = [], [], []
+        for s in range(0, db.shape[0], step):
+            d = _numpy_popcount_distances(q, db[s : s + step])
+            i, j = np.nonzero(d <= r)
+            rows.append(i)
+            cols.append(j + s)
+            dist.append(d[i, j])
+        i, j, d = np.concatenate(rows), np.concatenate(cols), np.concatenate(dist)
+        order = np.lexsort((j, i))
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(i, minlength=q.shape[0]))])
+        return offsets, j[order], d[order]
+
+    return run
+
+
+HAMMING_RADIUS_PEERS: dict[str, dict[str, Callable[..., Callable[[], Any]]]] = {
+    "numpy": {"numpy bitwise_count + nonzero": _numpy_radius},
+}
+
+
 # ----------------------------------------------------------------------------- svd_compress
 # Factories: ``factory(a, k, oversample, power_iters)`` returns the zero-argument call to time;
 # the call returns the rank-k reconstruction, so every peer's error is measured the same way.

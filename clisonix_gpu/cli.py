@@ -52,6 +52,10 @@ def info() -> str:
 
     lines.append("CPU transform_matrix (per case; cg.transform_matrix_cpu_method(k, n, dtype) for others):")
     lines += [f"  K=N=1024 {dtype}: {transform_matrix_cpu_method(1024, 1024, dtype)}" for dtype in ("float32", "float64")]
+
+    from .ops.binary._numba import status as binary_cpu_path
+
+    lines.append(f"binary ops on CPU: {binary_cpu_path()}")
     return "\n".join(lines)
 
 

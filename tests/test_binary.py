@@ -8,15 +8,33 @@ import torch
 from conftest import TRITON_DEVICE
 
 import clisonix_gpu as cg
+from clisonix_gpu.ops.binary import _numba as binary_numba
 from clisonix_gpu.ops.binary import _numpy as binary_numpy
 from clisonix_gpu.ops.binary import _search as binary_search
 
-BACKENDS = ["numpy", "triton"]
+BACKENDS = ["compiled", "numpy", "triton"]
 LENGTHS = [1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 127, 129, 1003]
 
 
-def _on(backend, *arrays):
+@pytest.fixture(autouse=True)
+def cpu_path(request, monkeypatch):
+    """``compiled``: the numpy backend on the numba kernels; ``numpy``: the same backend on its NumPy
+    code (``CLISONIX_NUMBA=0``). Tests without a backend parameter run the default path."""
+    backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
     if backend == "numpy":
+        monkeypatch.setenv("CLISONIX_NUMBA", "0")
+    elif backend == "compiled":
+        monkeypatch.delenv("CLISONIX_NUMBA", raising=False)
+        if not binary_numba.enabled():
+            pytest.skip(binary_numba.status())
+
+
+def _dispatch_name(backend):
+    return "numpy" if backend == "compiled" else backend
+
+
+def _on(backend, *arrays):
+    if backend != "triton":
         return arrays
     return tuple(torch.from_numpy(np.ascontiguousarray(a) if a.strides == () else a).to(TRITON_DEVICE) for a in arrays)
 
@@ -26,7 +44,7 @@ def _np(a):
 
 
 def _run(backend, fn, *args, **kw):
-    with cg.use_backend(backend):
+    with cg.use_backend(_dispatch_name(backend)):
         out = fn(*args, **kw)
     return tuple(_np(o) for o in out) if isinstance(out, tuple) else _np(out)
 
@@ -66,7 +84,7 @@ def test_pack_bits_non_contiguous_and_bfloat16(rng, backend):
     got = _run(backend, cg.pack_bits, *_on(backend, x))
     assert np.array_equal(got, np.packbits(x > 0, axis=-1, bitorder="little"))
     t = torch.from_numpy(x).to(torch.bfloat16)
-    with cg.use_backend(backend):
+    with cg.use_backend(_dispatch_name(backend)):
         got = cg.pack_bits(t.to(TRITON_DEVICE) if backend == "triton" else t)
     assert np.array_equal(_np(got), np.packbits(t.float().numpy() > 0, axis=-1, bitorder="little"))
 
@@ -137,6 +155,8 @@ def blocks(request, monkeypatch):
     """Run searches in one block, or in tiny blocks that exercise the merge across blocks."""
     if request.param:
         monkeypatch.setattr(binary_search, "BLOCK_ENTRIES", 7)
+        monkeypatch.setattr(binary_numba, "ROWS_PER_ITEM", 2)  # compiled: many work items,
+        monkeypatch.setattr(binary_numba, "MIN_SEGMENT_CODES", 7)  # each over a few codes
     return request.param
 
 
@@ -169,6 +189,71 @@ def test_hamming_radius_brute_force(rng, backend, r, blocks):
         assert np.array_equal(distances[offsets[i] : offsets[i + 1]], d[i, want])
 
 
+@pytest.mark.parametrize("backend", ["compiled", "numpy"])  # (the Triton path shares the NumPy path's merge)
+@pytest.mark.parametrize("k", [1, 7, 700, 2500])
+def test_hamming_topk_many_tiles_and_any_k(rng, backend, k, blocks):
+    n = 77  # two words, the second partly filled; 2500 codes span several compiled tiles
+    q, db = _random_codes(rng, 9, n), _random_codes(rng, 2500, n, duplicates=800)
+    q[0] = db[1234]
+    dist, idx = _run(backend, cg.hamming_topk, *_on(backend, q, db), k)
+    ref_d, ref_i = _ref_topk(q, db, n, k)
+    assert np.array_equal(dist, ref_d) and np.array_equal(idx, ref_i)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 7, 45, 64, 67, 200])
+@pytest.mark.parametrize("rows", [7, 40])  # the NumPy path uses popcount below 32 rows, BLAS above
+def test_binary_matmul_ignores_bits_past_n(rng, backend, n, rows):
+    sa = np.where(rng.random((rows, n)) < 0.5, 1.0, -1.0)
+    sb = np.where(rng.random((13, n)) < 0.5, 1.0, -1.0)
+    a, b = cg.pack_bits(sa), cg.pack_bits(sb)
+    want = (sa @ sb.T).astype(np.int32)
+    noisy_b = b.copy()
+    noisy_b[:, -1] |= 0xFF ^ (0xFF >> (-n % 8))  # every bit past n set
+    assert np.array_equal(_run(backend, cg.binary_matmul, *_on(backend, ~a, b), n), -want)
+    assert np.array_equal(_run(backend, cg.binary_matmul, *_on(backend, a, noisy_b), n), want)
+    assert np.array_equal(_run(backend, cg.binary_matmul, *_on(backend, ~a, ~b), n), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,top", [(np.float32, 3.3e38), (np.float16, 65000.0)])
+def test_binarize_scale_of_values_near_the_dtype_max(rng, backend, dtype, top):
+    x = (top * rng.uniform(0.9, 1.0, (3, 129)) * rng.choice([-1, 1], (3, 129))).astype(dtype)
+    bits, scale = _run(backend, cg.binarize, *_on(backend, x))
+    assert scale.dtype == dtype and np.isfinite(scale).all()
+    np.testing.assert_allclose(scale.astype(np.float64), np.abs(x.astype(np.float64)).mean(axis=-1), rtol=1e-3 if dtype == np.float16 else 1e-6)
+
+
+def test_numpy_path_runs_without_numba_and_says_so(rng, monkeypatch):
+    monkeypatch.delenv("CLISONIX_NUMBA", raising=False)
+    monkeypatch.setattr(binary_numba, "_load", lambda: (None, "numba is not installed (No module named 'numba')"))
+    assert not binary_numba.enabled() and "numba is not installed" in binary_numba.status()
+    a, b = _random_codes(rng, 5, 99), _random_codes(rng, 8, 99)
+    assert np.array_equal(cg.hamming_distance(a, b), _ref_distances(a, b, 99))
+    from clisonix_gpu import cli
+
+    assert "binary ops on CPU: NumPy: numba is not installed" in cli.info()
+
+
+def test_kernels_that_fail_to_compile_fall_back_to_numpy(rng, monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.delenv("CLISONIX_NUMBA", raising=False)
+
+    def broken(kernels):
+        raise RuntimeError("LLVM ERROR: cannot select")
+
+    monkeypatch.setattr(binary_numba, "_warm_up", broken)
+    binary_numba._load.cache_clear()
+    try:
+        assert not binary_numba.enabled() and "could not compile" in binary_numba.status()
+        q, db = _random_codes(rng, 4, 30), _random_codes(rng, 9, 30)
+        dist, idx = cg.hamming_topk(q, db, 3)
+        assert np.array_equal(idx, _ref_topk(q, db, 30, 3)[1])
+    finally:
+        monkeypatch.undo()
+        binary_numba._load.cache_clear()
+
+
 def test_radius_result_is_named():
     q = np.packbits(np.ones((1, 8), bool), axis=-1, bitorder="little")
     res = cg.hamming_radius(q, q, 0)
@@ -182,7 +267,7 @@ def test_radius_result_is_named():
 def test_inputs_not_modified(rng, backend):
     q, db = _on(backend, _random_codes(rng, 5, 70), _random_codes(rng, 9, 70))
     before = [a.copy() if isinstance(a, np.ndarray) else a.clone() for a in (q, db)]
-    with cg.use_backend(backend):
+    with cg.use_backend(_dispatch_name(backend)):
         cg.hamming_topk(q, db, 3)
         cg.hamming_radius(q, db, 30)
         cg.binary_matmul(q, db, 70)

@@ -309,7 +309,11 @@ def test_hamming_distance_and_binary_matmul_cupy_backend(cupy_on_host, rng, m, n
     a, b = codes(rng, m, width), codes(rng, n, width)
     n_bits = 8 * width - 3 if width > 1 else 5
     np.testing.assert_array_equal(cupy_impl("popcount_gemm")(a, b, signed_bits=None), hamming_reference(a, b))
-    np.testing.assert_array_equal(cupy_impl("popcount_gemm")(a, b, signed_bits=n_bits), n_bits - 2 * hamming_reference(a, b))
+    # binary_matmul ignores the bits past n: the reference counts only the first n bits
+    first_n = np.unpackbits(np.full(width, 0xFF, np.uint8), count=n_bits, bitorder="little")
+    mask = np.packbits(np.pad(first_n, (0, 8 * width - n_bits)), bitorder="little")
+    expected = n_bits - 2 * hamming_reference(a & mask, b & mask)
+    np.testing.assert_array_equal(cupy_impl("popcount_gemm")(a, b, signed_bits=n_bits), expected)
 
 
 @pytest.mark.parametrize("n_q,n_db,width,r", [(3, 200, 4, 14), (2, 0, 4, 3), (4, 50, 1, 0), (1, 300, 17, 60)])

@@ -206,6 +206,7 @@ def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None) -> A
 def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | None) -> Any:
     """:func:`transform_matrix` for CPU torch tensors without the dispatch layer (the torch op's
     CPU kernel): checks, the CPU path, the result in ``x``'s dtype."""
+    _dispatch.common_kind(("x", "w", "bias"), (x, w, bias), optional=("bias",))  # e.g. sparse tensors
     validate(x, w, bias, activation)
     return _dispatch.cast_like(_transform_matrix_cpu(x.detach(), w.detach(), None if bias is None else bias.detach(), activation=activation), x)
 

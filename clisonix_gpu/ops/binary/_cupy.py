@@ -10,7 +10,7 @@ import numpy as np
 
 from ... import _dispatch
 from ..utils import cdiv, launch_cuda
-from ._search import ArrayOps, radius_from_blocks, topk_from_blocks, word_blocks
+from ._search import ArrayOps, clear_pad_bits, radius_from_blocks, topk_from_blocks, word_blocks
 
 _CUDA_CHUNK = 1024  # CHUNK in kernels/binary.cu: the per-block top-k selects from this many codes
 
@@ -55,8 +55,7 @@ def _mean_abs_cupy(x: Any) -> Any:
 
     if x.shape[-1] == 0:
         return cupy.zeros(x.shape[:-1], dtype=x.dtype)
-    acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
-    return cupy.abs(x).astype(acc).mean(axis=-1)
+    return cupy.abs(x).mean(axis=-1, dtype=cupy.float64)  # a float32 sum overflows near 3e38
 
 
 def _uint64_words(a: Any) -> Any:
@@ -83,6 +82,8 @@ def _popcount_gemm_u64(a: Any, b: Any, n_bits: int | None) -> Any:
 
 @_dispatch.register("popcount_gemm", "cupy")
 def _popcount_gemm_cupy(a: Any, b: Any, *, signed_bits: int | None) -> Any:
+    if signed_bits is not None:
+        a, b = clear_pad_bits(a, signed_bits), clear_pad_bits(b, signed_bits)
     return _popcount_gemm_u64(_uint64_words(a), _uint64_words(b), signed_bits)
 
 

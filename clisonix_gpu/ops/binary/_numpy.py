@@ -1,4 +1,7 @@
-"""The binary algebra on NumPy arrays (and CPU torch tensors, viewed as NumPy)."""
+"""The binary algebra on NumPy arrays (and CPU torch tensors, viewed as NumPy).
+
+The products and searches run the compiled kernels of ``_numba`` when they are usable, and the
+NumPy code below otherwise (and under ``CLISONIX_NUMBA=0``)."""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from ... import _dispatch
-from ..utils import cdiv
-from ._search import ArrayOps, radius_from_blocks, search_blocks, topk_from_blocks
+from . import _numba
+from ._search import ArrayOps, clear_pad_bits, radius_from_blocks, search_blocks, topk_from_blocks
 
 _OPS = ArrayOps(np)
 _BLAS_MIN_ROWS = 32  # unpacking the database to floats pays off only when enough query rows share it
@@ -31,17 +34,8 @@ def _unpack_bits_numpy(bits: np.ndarray, *, n: int) -> np.ndarray:
 def _mean_abs_numpy(x: np.ndarray) -> np.ndarray:
     if x.shape[-1] == 0:
         return np.zeros(x.shape[:-1], dtype=x.dtype)
-    acc = np.float64 if x.dtype == np.float64 else np.float32
-    scale: np.ndarray = np.abs(x).mean(axis=-1, dtype=acc)
+    scale: np.ndarray = np.abs(x).mean(axis=-1, dtype=np.float64)  # a float32 sum overflows near 3e38
     return scale
-
-
-def _as_words(a: np.ndarray) -> np.ndarray:
-    """(R, W) uint8 -> (R, ceil(W / 8)) uint64, zero-padded (zeros XOR to zero)."""
-    r, w = a.shape
-    padded = np.zeros((r, cdiv(w, 8) * 8), dtype=np.uint8)
-    padded[:, :w] = a
-    return padded.view(np.uint64)
 
 
 def _plus_minus_one(a: np.ndarray) -> np.ndarray:
@@ -64,7 +58,7 @@ def _blocks(q: np.ndarray, db: np.ndarray) -> Any:
             lambda start, stop, db_t: ((bits - _plus_minus_one(q[start:stop]) @ db_t) * 0.5).astype(np.int32),
             row_entries=bits,
         )  # fmt: skip
-    qw = _as_words(q)
+    qw = _numba.words(q)
 
     def distances(start: int, stop: int, words: np.ndarray) -> np.ndarray:
         x = qw[start:stop, None, :] ^ words[None, :, :]
@@ -75,11 +69,15 @@ def _blocks(q: np.ndarray, db: np.ndarray) -> Any:
         return table_counts
 
     # the XOR temporaries hold (rows, codes, words): each distance costs its row's bytes
-    return search_blocks(q.shape[0], db.shape[0], lambda start, stop: _as_words(db[start:stop]), distances, entry_cost=db.shape[1])
+    return search_blocks(q.shape[0], db.shape[0], lambda start, stop: _numba.words(db[start:stop]), distances, entry_cost=db.shape[1])
 
 
 @_dispatch.register("popcount_gemm", "numpy")
 def _popcount_gemm_numpy(a: np.ndarray, b: np.ndarray, *, signed_bits: int | None) -> np.ndarray:
+    if _numba.enabled():
+        return _numba.popcount_gemm(a, b, signed_bits)
+    if signed_bits is not None:
+        a, b = clear_pad_bits(a, signed_bits), clear_pad_bits(b, signed_bits)
     out = np.empty((a.shape[0], b.shape[0]), dtype=np.int32)
     for qs, ds, d in _blocks(a, b):
         out[qs : qs + d.shape[0], ds : ds + d.shape[1]] = d if signed_bits is None else signed_bits - 2 * d
@@ -88,10 +86,14 @@ def _popcount_gemm_numpy(a: np.ndarray, b: np.ndarray, *, signed_bits: int | Non
 
 @_dispatch.register("hamming_topk", "numpy")
 def _hamming_topk_numpy(q: np.ndarray, db: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if _numba.enabled():
+        return _numba.hamming_topk(q, db, k)
     distances, indices = topk_from_blocks(_blocks(q, db), q.shape[0], db.shape[0], k, _OPS)
     return distances, indices
 
 
 @_dispatch.register("hamming_radius", "numpy")
 def _hamming_radius_numpy(q: np.ndarray, db: np.ndarray, *, r: int) -> tuple[Any, Any, Any]:
+    if _numba.enabled():
+        return _numba.hamming_radius(q, db, r)
     return radius_from_blocks(_blocks(q, db), q.shape[0], db.shape[0], r, _OPS)

@@ -1,5 +1,6 @@
 """The blocked search every backend shares: one loop over (database block, query block) pairs,
-one top-k merge and one CSR assembler for ``hamming_radius``.
+one top-k merge and one CSR assembler for ``hamming_radius``, and :func:`clear_pad_bits` for the
+products that take a bit count.
 
 A backend supplies how to prepare a database block and how to compute a block of int32 distances;
 array operations go through :class:`ArrayOps`, so NumPy, CuPy and torch run the same code.
@@ -13,6 +14,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 BLOCK_ENTRIES = 1 << 24
+
+
+def clear_pad_bits(a: Any, n_bits: int) -> Any:
+    """Packed rows ``a`` (..., W) with the bits past ``n_bits`` cleared (NumPy, CuPy or torch): ``a``
+    itself when ``n_bits`` fills whole bytes, else a copy. Ops that take ``n`` ignore those bits."""
+    if n_bits % 8 == 0 or a.shape[-1] == 0:
+        return a
+    cleared = a.clone() if hasattr(a, "clone") else a.copy()
+    cleared[..., -1] &= 0xFF >> (8 - n_bits % 8)
+    return cleared
 
 
 def search_blocks(

@@ -8,7 +8,7 @@ from typing import Any
 
 from ... import _dispatch
 from ..utils import cdiv, launch
-from ._search import TorchArrayOps, radius_from_blocks, topk_from_blocks, word_blocks
+from ._search import TorchArrayOps, clear_pad_bits, radius_from_blocks, topk_from_blocks, word_blocks
 
 
 def _unit_stride_rows(t: Any) -> Any:
@@ -56,8 +56,7 @@ def _mean_abs_triton(x: Any) -> Any:
 
     if x.shape[-1] == 0:
         return torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.abs().to(acc).mean(dim=-1)
+    return x.abs().mean(dim=-1, dtype=torch.float64)  # a float32 sum overflows near 3e38
 
 
 def _int32_words(a: Any) -> Any:
@@ -93,6 +92,8 @@ def _popcount_gemm_words(a: Any, b: Any, n_bits: int | None) -> Any:
 
 @_dispatch.register("popcount_gemm", "triton")
 def _popcount_gemm_triton(a: Any, b: Any, *, signed_bits: int | None) -> Any:
+    if signed_bits is not None:
+        a, b = clear_pad_bits(a, signed_bits), clear_pad_bits(b, signed_bits)
     return _popcount_gemm_words(_int32_words(a), _int32_words(b), signed_bits)
 
 
