@@ -32,6 +32,7 @@ from typing import Any
 
 from .ops import svd_compress as svd_module
 from .ops import transform_matrix as transform_matrix_module
+from .ops.utils import cdiv
 
 ARCH = 90
 # Per-SM and per-block limits of compute capability 9.0 (CUDA C Programming Guide, "Technical
@@ -194,10 +195,10 @@ def cuobjdump() -> str | None:
 
 def occupancy(registers: int, threads: int, shared_bytes: int) -> tuple[int, float]:
     """(resident blocks per SM, resident warps / 64) on sm_90 for one block's resources."""
-    warps = -(-threads // 32)
-    per_warp = -(-max(registers, 1) * 32 // SM90["register_unit"]) * SM90["register_unit"]
+    warps = cdiv(threads, 32)
+    per_warp = cdiv(max(registers, 1) * 32, SM90["register_unit"]) * SM90["register_unit"]
     warps_by_registers = SM90["sub_partitions"] * (SM90["registers_per_sm"] // SM90["sub_partitions"] // per_warp)
-    shared = -(-(shared_bytes + SM90["shared_reserved_per_block"]) // SM90["shared_unit"]) * SM90["shared_unit"]
+    shared = cdiv(shared_bytes + SM90["shared_reserved_per_block"], SM90["shared_unit"]) * SM90["shared_unit"]
     blocks = min(SM90["max_blocks_per_sm"], SM90["max_warps_per_sm"] // warps, warps_by_registers // warps, SM90["shared_per_sm"] // shared)
     return blocks, blocks * warps / SM90["max_warps_per_sm"]
 

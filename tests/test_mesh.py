@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -16,59 +14,35 @@ import torch
 import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mesh_helpers import answered, random_tensor, resume_workers
 
 import clisonix_gpu as cg
 from clisonix_gpu import mesh as mesh_module
 from clisonix_gpu.mesh import wire
 
 
-def _t(rng, *shape):
-    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
-
-
-def _resume(m):
-    for p in m._processes:  # a test may have stopped one
-        try:
-            os.kill(p.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture(scope="module")
 def two_workers():
     m = mesh_module.connect(workers=2, timeout=20)
     yield m
-    _resume(m)
+    resume_workers(m)
     m.close()
-
-
-def _wait_until(predicate, seconds):
-    until = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > until:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _answered(m):
-    return [s["answered"] for s in m.status() if s["rank"] != 0]
 
 
 def test_offload_and_map_equal_local_results(two_workers, rng):
     m = two_workers
-    x, w, b = _t(rng, 129, 33), _t(rng, 17, 33), _t(rng, 17)
+    x, w, b = random_tensor(rng, 129, 33), random_tensor(rng, 17, 33), random_tensor(rng, 17)
     local = cg.transform_matrix(x, w, b, activation="gelu")
     assert torch.equal(m.offload("transform_matrix", x, w, b, activation="gelu"), local)
     assert torch.equal(m.map("transform_matrix", x, w, b, activation="gelu"), local)
-    codes, db = cg.pack_bits(_t(rng, 11, 70)), cg.pack_bits(_t(rng, 40, 70))
+    codes, db = cg.pack_bits(random_tensor(rng, 11, 70)), cg.pack_bits(random_tensor(rng, 40, 70))
     assert torch.equal(m.offload("binary_matmul", codes, db, n=70), cg.binary_matmul(codes, db, 70))
     dist_, idx = m.offload("hamming_topk", codes, db, k=5)
     ref_d, ref_i = cg.hamming_topk(codes, db, 5)
     assert torch.equal(dist_, ref_d) and torch.equal(idx, ref_i)
     big = torch.randn(2600, 1024)  # 10.2 MiB: three chunks
     assert torch.equal(m.offload("identity", big), big)
-    a = _t(rng, 40, 30).double()
+    a = random_tensor(rng, 40, 30).double()
     u, s, vh = m.offload("svd_compress", a, k=4, seed=3)
     ref = cg.svd_compress(a, k=4, seed=3)
     assert torch.equal(u, ref.u) and torch.equal(s, ref.s) and torch.equal(vh, ref.vh)
@@ -78,7 +52,7 @@ def test_offload_and_map_equal_local_results(two_workers, rng):
 @pytest.mark.parametrize("how", ["offload", "submit"])
 def test_single_requests_spread_evenly_over_two_workers(two_workers, how):
     m = two_workers
-    before = _answered(m)
+    before = answered(m)
     x = torch.arange(8.0)
     if how == "offload":
         for _ in range(100):
@@ -86,7 +60,7 @@ def test_single_requests_spread_evenly_over_two_workers(two_workers, how):
     else:
         for f in [m.submit("identity", x) for _ in range(100)]:
             f.result(timeout=30)
-    counts = [a - b for a, b in zip(_answered(m), before)]
+    counts = [a - b for a, b in zip(answered(m), before)]
     assert sum(counts) == 100
     assert counts == [50, 50] if how == "offload" else min(counts) >= 30, counts
 
@@ -244,16 +218,16 @@ def test_large_requests_travel_in_chunks_and_come_back_whole(two_workers, rng):
 
 def test_op_errors_come_back_typed_and_named(two_workers, rng):
     with pytest.raises(mesh_module.MeshError, match="ShapeError"):
-        two_workers.offload("transform_matrix", _t(rng, 4, 3), _t(rng, 5, 6))
+        two_workers.offload("transform_matrix", random_tensor(rng, 4, 3), random_tensor(rng, 5, 6))
     with pytest.raises(ValueError, match="unknown op"):
-        two_workers.offload("rm -rf", _t(rng, 2, 2))
+        two_workers.offload("rm -rf", random_tensor(rng, 2, 2))
     with pytest.raises(TypeError, match="complex64"):  # refused at the edge: no worker is blamed
         two_workers.offload("identity", torch.ones(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="at most 6 dimensions"):
         two_workers.offload("identity", torch.ones((1,) * 7))
     with pytest.raises(ValueError, match="power_iters"):  # bounded at the edge: never reaches a worker
-        two_workers.offload("svd_compress", _t(rng, 8, 8), k=2, power_iters=10**9)
-    codes = cg.pack_bits(_t(rng, 5, 16))
+        two_workers.offload("svd_compress", random_tensor(rng, 8, 8), k=2, power_iters=10**9)
+    codes = cg.pack_bits(random_tensor(rng, 5, 16))
     for k in (2.5, 2.0, "2", True):  # never truncated or coerced on the way to the worker
         with pytest.raises(TypeError, match="must be an int"):
             two_workers.offload("hamming_topk", codes, codes, k=k)

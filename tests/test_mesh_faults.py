@@ -8,38 +8,13 @@ import signal
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from mesh_helpers import answered, random_tensor, resume_workers, wait_until
 
 import clisonix_gpu as cg
 from clisonix_gpu import mesh as mesh_module
-
-
-def _t(rng, *shape):
-    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
-
-
-def _resume(m):
-    for p in m._processes:  # a test may have stopped one
-        try:
-            os.kill(p.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_until(predicate, seconds):
-    until = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > until:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _answered(m):
-    return [s["answered"] for s in m.status() if s["rank"] != 0]
 
 
 def test_requests_pipeline_with_a_bounded_queue_per_worker():
@@ -88,11 +63,11 @@ def test_stalled_workers_come_back_and_dead_ones_fail_over(rng):
     dropped, a health check re-admits it and it serves again."""
     m = mesh_module.connect(workers=2, timeout=1)
     try:
-        x, w = _t(rng, 50, 8), _t(rng, 6, 8)
+        x, w = random_tensor(rng, 50, 8), random_tensor(rng, 6, 8)
         local = cg.transform_matrix(x, w, activation="relu")
         m._processes[0].kill()  # worker 1 dies
         m._processes[0].wait()
-        assert _wait_until(lambda: m.status()[0]["state"] == "dead", 1.0)  # noticed within a second
+        assert wait_until(lambda: m.status()[0]["state"] == "dead", 1.0)  # noticed within a second
         assert torch.equal(m.map("transform_matrix", x, w, activation="relu"), local)
         os.kill(m._processes[1].pid, signal.SIGSTOP)  # worker 2 stalls: its deadline passes
         start = time.monotonic()
@@ -104,12 +79,12 @@ def test_stalled_workers_come_back_and_dead_ones_fail_over(rng):
         with pytest.raises(mesh_module.MeshError, match="no live worker"):
             m.offload("identity", x)
         os.kill(m._processes[1].pid, signal.SIGCONT)
-        assert _wait_until(lambda: m.status()[1]["state"] == "up", 10.0), m.status()
+        assert wait_until(lambda: m.status()[1]["state"] == "up", 10.0), m.status()
         assert torch.equal(m.offload("transform_matrix", x, w, activation="relu"), local)
         status = {s["rank"]: s for s in m.status()}
         assert status[2]["readmissions"] == 1 and status[2]["late_replies"] >= 1 and status[2]["answered"] >= 1
     finally:
-        _resume(m)
+        resume_workers(m)
         m.close()
 
 
@@ -121,10 +96,10 @@ def test_load_spreads_over_four_workers_and_a_worker_killed_mid_transfer_is_noti
         x = torch.arange(8.0)
         for _ in range(100):
             m.offload("identity", x)
-        assert _answered(m) == [25, 25, 25, 25]
+        assert answered(m) == [25, 25, 25, 25]
         for f in [m.submit("identity", x) for _ in range(100)]:
             f.result(timeout=30)
-        counts = [a - 25 for a in _answered(m)]
+        counts = [a - 25 for a in answered(m)]
         assert sum(counts) == 100 and min(counts) >= 12, counts
         big = torch.randn(3 << 20)
         for trial, delay in enumerate((0.0, 0.005, 0.02)):
@@ -136,7 +111,7 @@ def test_load_spreads_over_four_workers_and_a_worker_killed_mid_transfer_is_noti
             elapsed = time.monotonic() - start
             killer.join()
             assert torch.equal(echo, big) and elapsed < 2.5, (trial, elapsed)
-            assert _wait_until(lambda: target.state == "dead", 1.0)
+            assert wait_until(lambda: target.state == "dead", 1.0)
         assert m.status()[3]["state"] == "up"
 
 
@@ -144,7 +119,7 @@ def test_local_fallback_has_the_same_deadline():
     a = torch.randn(1000, 1000, dtype=torch.float64)  # about 2 s here when the machine is quiet
     with mesh_module.connect(workers=1, timeout=0.5) as m:
         m._processes[0].kill()
-        assert _wait_until(lambda: m.status()[0]["state"] == "dead", 1.0)
+        assert wait_until(lambda: m.status()[0]["state"] == "dead", 1.0)
         start = time.monotonic()
         with pytest.raises(mesh_module.MeshError, match="past the 0.5 s deadline"):
             m.offload("svd_compress", a, k=200, power_iters=10)

@@ -31,6 +31,7 @@ import threading
 from typing import Any, NamedTuple
 
 from .activations import TABLE
+from .utils import cdiv
 
 __all__ = ["TilePlan", "case_key", "method_description", "plan_for", "tiled_transform_matrix"]
 
@@ -117,7 +118,7 @@ def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> tuple[Any, Any]:
     n = w.shape[0]
     tiles = plan.tiles(m)
     rows = sum(tiles)
-    flat = torch.empty(-(-rows * n // _VECTOR_MULTIPLE) * _VECTOR_MULTIPLE, dtype=x.dtype)
+    flat = torch.empty(cdiv(rows * n, _VECTOR_MULTIPLE) * _VECTOR_MULTIPLE, dtype=x.dtype)
     out = flat[: rows * n].view(rows, n)
     flat[rows * n :].zero_()
     if k == 0 or rows == 0:
