@@ -32,7 +32,7 @@ from typing import Any
 
 from .ops import svd_compress as svd_module
 from .ops import transform_matrix as transform_matrix_module
-from .ops.utils import cdiv
+from .ops.utils import FP_FUSION, cdiv
 
 ARCH = 90
 # Per-SM and per-block limits of compute capability 9.0 (CUDA C Programming Guide, "Technical
@@ -117,9 +117,14 @@ def _transform_matrix_variants() -> Iterator[Variant]:
         ("fp32", "float32", "tf32"),
         ("fp64", "float64", "ieee"),
     ]
-    for config in _autotune_configs("transform_matrix", "transform_matrix_kernel"):
+    from .kernels.transform_matrix import prune_configs_for_dtype
+
+    configs = _autotune_configs("transform_matrix", "transform_matrix_kernel")
+    for config in configs:
         bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
         for dt, dtype, precision in kinds:
+            if config not in prune_configs_for_dtype(configs, {}, ACC_FP64=dt == "fp64"):
+                continue  # the tuner never runs it for this dtype
             signature = {**_pointers(["x_ptr", "w_ptr", "bias_ptr", "out_ptr"], dt), **args}
             # gelu_tanh: the epilogue with the most live values (the tanh series), so the most registers
             constexprs = {"HAS_BIAS": True, "ACTIVATION": "gelu_tanh", "DOT_PRECISION": precision, "INTERPRETER_DOT": False,
@@ -146,7 +151,7 @@ def _svd_compress_variants() -> Iterator[Variant]:
         tiles = [(16, 16)] + [(bm, svd._QR_TILE_BYTES // size // bm) for bm in (64, 128, 256, 512)]
         for bm, bl in [(bm, bl) for bm, bl in tiles if 16 <= bl <= bm]:
             signature = {**_pointers(["y_ptr", "q_ptr", "r_ptr"], dt), **_ints(["M", "L", "stride_yb", "stride_ym", "stride_yl"])}
-            warps = svd._qr_warps(bm * bl * size)
+            warps = svd._qr_warps(bm, bl, size)
             yield _triton_variant(f"householder_qr {dt} {bm}x{bl} w{warps}", "svd_compress", "householder_qr_kernel", signature,
                                   {"ACC_FP64": dt == "fp64", "BLOCK_M": bm, "BLOCK_L": bl}, num_warps=warps)  # fmt: skip
 
@@ -284,7 +289,7 @@ def compile_triton(variant: Variant) -> MachineCode:
             kernel = kernel.fn  # the JITFunction under @triton.autotune
         constexprs = dict(variant.constexprs)
         signature = {**dict(variant.signature), **{k: "constexpr" for k in constexprs}}
-        options = dict(variant.options)
+        options: dict[str, Any] = {**dict(variant.options), "enable_fp_fusion": FP_FUSION}  # as every launch sets it
         compiled = triton.compile(
             ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", ARCH, 32), options=options
         )

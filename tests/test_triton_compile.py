@@ -84,9 +84,9 @@ def _cases():
         cases.append((f"sketch_matmul-{dt}-{bm}x{bk}", "svd_compress", "sketch_matmul_kernel", signature,
                       {"INTERPRETER_DOT": False, "ACC_FP64": dt == "fp64", "BLOCK_L": 64, "BLOCK_M": bm, "BLOCK_K": bk},
                       {"num_warps": warps, "num_stages": stages}))  # fmt: skip
-    for dt, (bm, bl) in [("fp32", (64, 32)), ("fp32", (256, 32)), ("fp64", (64, 64)), ("fp32", (16, 16))]:
+    for dt, (bm, bl) in [("fp32", (64, 32)), ("fp32", (256, 16)), ("fp64", (64, 32)), ("fp32", (16, 16))]:
         signature = {**_pointers(["y_ptr", "q_ptr", "r_ptr"], dt), **_ints(["M", "L", "stride_yb", "stride_ym", "stride_yl"])}
-        warps = svd._qr_warps(bm * bl * (8 if dt == "fp64" else 4))
+        warps = svd._qr_warps(bm, bl, 8 if dt == "fp64" else 4)
         cases.append((f"householder_qr-{dt}-{bm}x{bl}", "svd_compress", "householder_qr_kernel", signature,
                       {"ACC_FP64": dt == "fp64", "BLOCK_M": bm, "BLOCK_L": bl}, {"num_warps": warps}))  # fmt: skip
     return cases

@@ -429,7 +429,9 @@ class _TorchOps:
 
 
 _SKETCH_BLOCK_K = 32  # the sketch GEMM's reduction step, fixed for reproducible bits
-_QR_TILE_BYTES = 32 << 10  # the (M, L) tile of the QR kernel: in registers without spills up to this (ptxas -v, sm_90)
+# The (M, L) tile of the QR kernel: in registers without spills up to this (sm_90, Triton 3.9; 32 KiB
+# tiles, fp32 128 x 64 and 256 x 32, spill 8-16 bytes even on 16 warps). Larger tiles use torch.linalg.qr.
+_QR_TILE_BYTES = 16 << 10
 
 
 def _tile(size: int) -> int:
@@ -457,13 +459,14 @@ def _householder_qr(y: Any) -> tuple[Any, Any]:
     block_m, block_l = _tile(m), _tile(cols)
     launch(householder_qr_kernel, (batch,), y, q, r, m, cols, y.stride(0), y.stride(1), y.stride(2), on=y,
            ACC_FP64=y.dtype == torch.float64, BLOCK_M=block_m, BLOCK_L=block_l,
-           num_warps=_qr_warps(block_m * block_l * y.element_size()))  # fmt: skip
+           num_warps=_qr_warps(block_m, block_l, y.element_size()))  # fmt: skip
     return q, r
 
 
-def _qr_warps(tile_bytes: int) -> int:
-    """Warps of one QR program: 8 above 8 KiB of tile keeps it in registers (ptxas -v, sm_90)."""
-    return 4 if tile_bytes <= 8192 else 8
+def _qr_warps(block_m: int, block_l: int, element_size: int) -> int:
+    """Warps of one QR program, so that its tile stays in registers (sm_90, Triton 3.9): 8 for
+    float32 tiles above 8 KiB; 4 otherwise (float64 128 x 16 spills 32 bytes on 8 warps, none on 4)."""
+    return 8 if element_size == 4 and block_m * block_l * element_size > 8192 else 4
 
 
 class _TorchCpuOps(_TorchOps):
