@@ -117,14 +117,17 @@ def test_the_open_file_limit_is_raised_in_the_edge_and_the_workers(two_workers):
 _IDS = iter(range(10**12, 10**13))  # request ids of hand-made messages, apart from the mesh's own
 
 
-def _send_raw(worker, message):
+def _send_raw(worker, message, *awaited_ids):
+    """Send raw bytes to ``worker``; replies to ``awaited_ids`` are kept for :func:`_reply` (the
+    edge drops replies nobody awaits, so the ids are registered before the send)."""
+    with worker.cond:
+        worker.awaited.update(awaited_ids)
     dist.send(torch.from_numpy(np.ascontiguousarray(message)), worker.rank, group=worker.group)
 
 
 def _reply(worker, request_id):
     """(status, message text or result tensors) of the worker's reply to ``request_id``."""
     with worker.cond:
-        worker.awaited.add(request_id)
         assert worker.cond.wait_for(lambda: request_id in worker.replies, timeout=20)
         worker.awaited.discard(request_id)
         status, tensors = worker.replies.pop(request_id)
@@ -173,7 +176,7 @@ def test_fuzzed_headers_get_error_replies_and_the_worker_keeps_serving(two_worke
         }[field]
         message = wire.encode(request_id, 7, ())[0]
         message[: wire.HEADER_BYTES].view(np.int64)[:] = _bad_header(request_id, **kwargs)
-    _send_raw(worker, message)
+    _send_raw(worker, message, request_id)
     status, text = _reply(worker, request_id)
     assert status == wire.STATUS_BAD_REQUEST and text
     _serves_afterwards(two_workers, worker)
@@ -185,9 +188,7 @@ def test_a_request_whose_chunks_stop_early_gets_an_error_reply(two_workers):
     worker = two_workers._workers[1]
     big = torch.randint(0, 255, (wire.CHUNK_BYTES + 10,), dtype=torch.uint8)
     cut, good = next(_IDS), next(_IDS)
-    with worker.cond:
-        worker.awaited.update((cut, good))
-    _send_raw(worker, wire.encode(cut, 7, (big,))[0])
+    _send_raw(worker, wire.encode(cut, 7, (big,))[0], cut, good)
     x = torch.arange(5.0)
     _send_raw(worker, wire.encode(good, 7, (x,))[0])
     status, text = _reply(worker, cut)
@@ -195,9 +196,7 @@ def test_a_request_whose_chunks_stop_early_gets_an_error_reply(two_workers):
     status, (echo,) = _reply(worker, good)
     assert status == wire.STATUS_OK and torch.equal(echo, x)
     orphan = next(_IDS)  # a later chunk without its first one
-    with worker.cond:
-        worker.awaited.add(orphan)
-    _send_raw(worker, wire.encode(orphan, 7, (big,))[1])
+    _send_raw(worker, wire.encode(orphan, 7, (big,))[1], orphan)
     status, text = _reply(worker, orphan)
     assert status == wire.STATUS_BAD_REQUEST and "without the start" in text
     _serves_afterwards(two_workers, worker)
