@@ -79,13 +79,7 @@ class Outbox:
             work.wait()
             return index
         with self._cond:
-            while not self._free:
-                if self._error is not None:
-                    raise self._error
-                reason = give_up() if give_up is not None else None
-                if reason is not None:
-                    raise reason
-                self._cond.wait(0.05)
+            self._wait_locked(lambda: bool(self._free), give_up)
             return self._free.popleft()
 
     def send(self, words: list[int], payload: wire.Payload, give_up: GiveUp | None = None) -> None:
@@ -139,13 +133,19 @@ class Outbox:
                 self._free.append(index)
             return
         with self._cond:
-            while self._sending:
-                if self._error is not None:
-                    raise self._error
-                reason = give_up() if give_up is not None else None
-                if reason is not None:
-                    raise reason
-                self._cond.wait(0.05)
+            self._wait_locked(lambda: not self._sending, give_up)
+
+    def _wait_locked(self, done: Callable[[], bool], give_up: GiveUp | None) -> None:
+        """Deadline mode, holding the condition: wait until ``done()``; a failed send or
+        ``give_up`` ends the wait with its exception."""
+        assert self._cond is not None
+        while not done():
+            if self._error is not None:
+                raise self._error
+            reason = give_up() if give_up is not None else None
+            if reason is not None:
+                raise reason
+            self._cond.wait(0.05)
 
     def close(self) -> None:
         """End the deadline mode's thread once its sends are complete."""

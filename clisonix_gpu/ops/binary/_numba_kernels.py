@@ -156,19 +156,29 @@ def _topk_segment(q, db, d0, d1, k, out):
         out[i, got:] = NO_KEY
 
 
+@njit(cache=True)
+def work_items(n_q, rows_per_item, segments):
+    """Work items of a parallel search: (query block, database segment) pairs."""
+    return ((n_q + rows_per_item - 1) // rows_per_item) * segments
+
+
+@njit(cache=True)
+def work_item(item, n_q, n_db, rows_per_item, segments):
+    """Queries [q0, q1) and database codes [d0, d1) of work item ``item``, and its segment s."""
+    q0 = (item // segments) * rows_per_item
+    s = item % segments
+    seg_len = (n_db + segments - 1) // segments
+    d0 = min(s * seg_len, n_db)
+    return q0, min(q0 + rows_per_item, n_q), s, d0, min(d0 + seg_len, n_db)
+
+
 @njit(parallel=True, cache=True)
 def hamming_topk(q, db, k, rows_per_item, segments, out):
     """``out[s, i, :]``: the k smallest keys ``distance * len(db) + index`` of query i within
     database segment s, ascending (:data:`NO_KEY` past a segment's end)."""
-    n_q, n_db = q.shape[0], db.shape[0]
-    row_blocks = (n_q + rows_per_item - 1) // rows_per_item
-    seg_len = (n_db + segments - 1) // segments
-    for item in prange(row_blocks * segments):
-        q0 = (item // segments) * rows_per_item
-        q1 = min(q0 + rows_per_item, n_q)
-        s = item % segments
-        d0 = min(s * seg_len, n_db)
-        _topk_segment(q[q0:q1], db, d0, min(d0 + seg_len, n_db), k, out[s, q0:q1])
+    for item in prange(work_items(q.shape[0], rows_per_item, segments)):
+        q0, q1, s, d0, d1 = work_item(item, q.shape[0], db.shape[0], rows_per_item, segments)
+        _topk_segment(q[q0:q1], db, d0, d1, k, out[s, q0:q1])
 
 
 @njit(cache=True)
@@ -199,12 +209,6 @@ def _radius_segment(q, db, d0, d1, r, write, at, indices, distances):
 def hamming_radius(q, db, r, rows_per_item, segments, write, at, indices, distances):
     """Counting call: ``at[s, i]`` += codes of database segment s within ``r`` of query i. Writing
     call (``at`` = where each (segment, query) starts in the CSR arrays): store them there."""
-    n_q, n_db = q.shape[0], db.shape[0]
-    row_blocks = (n_q + rows_per_item - 1) // rows_per_item
-    seg_len = (n_db + segments - 1) // segments
-    for item in prange(row_blocks * segments):
-        q0 = (item // segments) * rows_per_item
-        q1 = min(q0 + rows_per_item, n_q)
-        s = item % segments
-        d0 = min(s * seg_len, n_db)
-        _radius_segment(q[q0:q1], db, d0, min(d0 + seg_len, n_db), r, write, at[s, q0:q1], indices, distances)
+    for item in prange(work_items(q.shape[0], rows_per_item, segments)):
+        q0, q1, s, d0, d1 = work_item(item, q.shape[0], db.shape[0], rows_per_item, segments)
+        _radius_segment(q[q0:q1], db, d0, d1, r, write, at[s, q0:q1], indices, distances)
