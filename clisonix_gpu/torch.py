@@ -24,6 +24,7 @@ from .ops import binary as _binary
 from .ops import svd_compress as _svd
 from .ops import transform_matrix as _tm
 from .ops.activations import TABLE as _ACTIVATIONS
+from .ops.activations import check_activation
 from .ops.utils import cdiv
 
 if TYPE_CHECKING:
@@ -101,19 +102,31 @@ _transform_matrix_op.register_fake(_transform_matrix_shape)
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     x, w, bias, activation = inputs
-    ctx.save_for_backward(x, w, bias)
-    ctx.activation = activation
+    # an activation whose derivative is a function of its output keeps the output: no GEMM to
+    # recompute the pre-activation in backward
+    keep_output = _ACTIVATIONS[activation or None].grad_from_output is not None
+    ctx.save_for_backward(x, w, bias, output if keep_output else None)
+    ctx.activation = activation or None
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-    x, w, bias = ctx.saved_tensors
+    x, w, bias, output = ctx.saved_tensors
     if ctx.activation:
-        # recompute the pre-activation (one GEMM) instead of keeping it alive since forward
-        z = torch.matmul(x, w.transpose(-1, -2))
-        if bias is not None:
-            z = z + bias
-        grad = grad * _ACTIVATIONS[ctx.activation].grad(z)
+        activation = _ACTIVATIONS[ctx.activation]
+        if activation.grad_from_output is not None:
+            grad = grad * activation.grad_from_output(output)
+        else:  # the fused CUDA kernel and traced graphs keep no pre-activation: recompute it
+            z = torch.matmul(x, w.transpose(-1, -2))
+            if bias is not None:
+                z = z + bias
+            grad = grad * activation.grad(z)
+    return _linear_backward(ctx, grad, x, w)
+
+
+def _linear_backward(ctx: Any, grad: Tensor, x: Tensor, w: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    """Gradients of ``x @ w.T + bias`` given the gradient ``grad`` of that pre-activation: plain
+    GEMMs (gradients need no batch invariance)."""
     grad_x = torch.matmul(grad, w) if ctx.needs_input_grad[0] else None
     grad_w = grad_b = None
     if ctx.needs_input_grad[1]:
@@ -129,9 +142,51 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Ten
 _transform_matrix_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@_custom_op("clisonix::transform_matrix_cpu_keep_preactivation")
+def _transform_matrix_cpu_keep(x: Tensor, w: Tensor, bias: Tensor | None, activation: str) -> tuple[Tensor, Tensor]:
+    """The CPU implementation returning ``(output, x @ w.T + bias)``, for training with an
+    activation whose derivative needs its input (the output has the plain op's bits)."""
+    out, preactivation = _tm.transform_matrix_cpu_tensors(x, w, bias, activation or None, keep_preactivation=True)
+    return out, preactivation
+
+
+@_transform_matrix_cpu_keep.register_fake
+def _(x: Tensor, w: Tensor, bias: Tensor | None, activation: str) -> tuple[Tensor, Tensor]:
+    out = _transform_matrix_shape(x, w, bias, activation)
+    return out, out.new_empty(out.shape)
+
+
+def _keep_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, w, bias, activation = inputs
+    ctx.save_for_backward(x, w, output[1])
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+
+
+def _keep_backward(ctx: Any, grad: Tensor, grad_preactivation: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    x, w, preactivation = ctx.saved_tensors
+    grad = grad * _ACTIVATIONS[ctx.activation].grad(preactivation)
+    if grad_preactivation is not None:
+        grad = grad + grad_preactivation
+    return _linear_backward(ctx, grad, x, w)
+
+
+_transform_matrix_cpu_keep.register_autograd(_keep_backward, setup_context=_keep_setup_context)
+
+
+def _modes_active() -> bool:
+    """A torch function or dispatch mode (``torch.device`` context, fake or debug modes) is on."""
+    return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
+
+
 def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """``torch.ops.clisonix.transform_matrix``: :func:`clisonix_gpu.transform_matrix` as a
     differentiable, compilable torch op (same shapes, dtypes and errors).
+
+    On CPU tensors that nothing records or traces, the call skips the op's dispatch and runs the CPU
+    kernel directly (same bits). When autograd records it, ReLU, leaky ReLU, sigmoid and tanh keep
+    their output for the backward, and on CPU the GELUs and SiLU keep their input; elsewhere
+    the backward recomputes the pre-activation with one more GEMM.
 
     Example:
 
@@ -146,7 +201,16 @@ def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activatio
     for name, t in (("x", x), ("w", w), ("bias", bias)):
         if not isinstance(t, Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    return cast(Tensor, _transform_matrix_op(x, w, bias, activation or None))
+    activation = None if isinstance(activation, str) and not activation else activation  # the schema's "" is None
+    check_activation(activation)
+    # torch.compile traces the op itself (the backend switch below is a ContextVar dynamo cannot read)
+    if not torch.compiler.is_compiling() and x.device.type == "cpu" and _dispatch.select_backend("torch-cpu") != "triton":
+        route = _tm.torch_op_route(x, w, bias)
+        if route is None and not _modes_active():
+            return cast(Tensor, _tm.transform_matrix_cpu_tensors(x, w, bias, activation))
+        if route == "autograd" and _ACTIVATIONS[activation].grad_from_output is None:
+            return _transform_matrix_cpu_keep(x, w, bias, activation or "")[0]
+    return cast(Tensor, _transform_matrix_op(x, w, bias, activation))
 
 
 # ----------------------------------------------------------------------------- binary algebra

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TRITON_DEVICE
 from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import clisonix_gpu as cg
 import clisonix_gpu.torch as ct
@@ -26,6 +27,7 @@ def _sample_ops(rng):
         (torch.ops.clisonix.transform_matrix.default, (x, w, b, "gelu")),
         (torch.ops.clisonix.transform_matrix.default, (x.requires_grad_(), w.requires_grad_(), b, "silu")),
         (torch.ops.clisonix.transform_matrix.default, (x.detach()[None], w.detach()[None], None, "")),
+        (torch.ops.clisonix.transform_matrix_cpu_keep_preactivation.default, (x, w, b, "gelu")),
         (torch.ops.clisonix.pack_bits.default, (x.detach(),)),
         (torch.ops.clisonix.unpack_bits.default, (qa, 19)),
         (torch.ops.clisonix.binarize.default, (x.detach(),)),
@@ -305,3 +307,59 @@ def test_top_level_op_is_recorded_by_jit_trace(rng):
     assert "clisonix::transform_matrix" in [node.kind() for node in traced.graph.nodes()]
     x = torch.randn(5, 3)  # another batch size: the op ran, not a constant recorded at trace time
     torch.testing.assert_close(traced(x), F.relu(x @ w.T))
+
+
+class _CountGemms(TorchDispatchMode):
+    """Records the matrix products that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gemms = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+            self.gemms.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+_GRAD_TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.parametrize("dtype", list(_GRAD_TOLERANCE))
+@pytest.mark.parametrize("activation", ACTS)
+def test_training_forward_keeps_the_inference_bits_and_backward_runs_two_gemms(rng, activation, dtype):
+    """Under autograd the CPU op keeps its output (ReLU, leaky ReLU, sigmoid, tanh) or its
+    pre-activation (GELUs, SiLU) for the backward: the forward has the bits of the plain call and
+    the backward is the two GEMMs of a linear layer, with torch's gradients."""
+    x, w, b = (torch.from_numpy(rng.standard_normal(s)).to(dtype).requires_grad_() for s in ((37, 29), (13, 29), (13,)))
+    y = ct.transform_matrix(x, w, b, activation)
+    with torch.no_grad():
+        assert torch.equal(y, ct.transform_matrix(x, w, b, activation))
+    grad = torch.from_numpy(rng.standard_normal(tuple(y.shape))).to(dtype)
+    with _CountGemms() as counter:
+        ours = torch.autograd.grad(y, (x, w, b), grad)
+    assert len(counter.gemms) == 2, counter.gemms
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    theirs = torch.autograd.grad(_torch_activation(activation or None)(F.linear(*leaves)), leaves, grad.double())
+    for o, t in zip(ours, theirs):
+        assert o.dtype == dtype
+        assert float((o.double() - t).abs().max()) <= _GRAD_TOLERANCE[dtype] * max(float(t.abs().max()), 1.0)
+
+
+def test_cpu_call_that_nothing_records_skips_the_op_dispatch_with_the_same_bits(rng):
+    x, w, b = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in ((33, 17), (9, 17), (9,)))
+    with _CountGemms():  # a dispatch mode active: the call goes through the op, which it records
+        through_op = ct.transform_matrix(x, w, b, "gelu")
+    direct = ct.transform_matrix(x, w, b, "gelu")
+    assert torch.equal(direct, through_op)
+    assert torch.equal(direct, torch.ops.clisonix.transform_matrix(x, w, b, "gelu"))
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        ct.transform_matrix(x, w, b, "gelu")
+    assert any("clisonix" in str(func) for func in seen), seen

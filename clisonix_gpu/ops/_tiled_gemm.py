@@ -40,6 +40,8 @@ __all__ = ["TilePlan", "case_key", "method_description", "plan_for", "tiled_tran
 _VECTOR_MULTIPLE = 64  # elements: a multiple of twice the widest SIMD vector torch uses
 _PIECE = 8192  # elements per epilogue call: below torch's grain size, so it runs in one thread
 _ALIGN = 64  # bytes
+# one rounding (or none) per element, the same in torch's SIMD and scalar code
+_EXACT_PER_ELEMENT = frozenset({"relu", "leaky_relu"})
 
 
 class TilePlan(NamedTuple):
@@ -111,51 +113,68 @@ def case_key(k: int, n: int, dtype: Any) -> tuple[Any, ...]:
 
 def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> tuple[Any, Any]:
     """``x`` (M, K) @ ``w.T`` in the plan's tiles, into a flat buffer padded to a multiple of
-    ``_VECTOR_MULTIPLE``; returns the buffer and its leading (rows, N) view, whole tiles (rows >= M)."""
+    ``_VECTOR_MULTIPLE``; returns the buffer and its leading (rows, N) view, whole tiles (rows >= M).
+    Whole tiles read ``x`` in place when it is contiguous and aligned; the rest go through a fresh
+    aligned buffer, zero-padded."""
     import torch
 
     m, k = x.shape
     n = w.shape[0]
     tiles = plan.tiles(m)
     rows = sum(tiles)
-    flat = torch.empty(cdiv(rows * n, _VECTOR_MULTIPLE) * _VECTOR_MULTIPLE, dtype=x.dtype)
-    out = flat[: rows * n].view(rows, n)
-    flat[rows * n :].zero_()
+    length = cdiv(rows * n, _VECTOR_MULTIPLE) * _VECTOR_MULTIPLE
+    flat = torch.empty(length, dtype=x.dtype)
+    out = (flat if length == rows * n else flat[: rows * n]).view(rows, n)
     if k == 0 or rows == 0:
         out.zero_()
         return flat, out
-    if rows > m or not (x.is_contiguous() and x.data_ptr() % _ALIGN == 0):
-        # a fresh aligned copy, zero-padded to whole tiles (every tile start stays aligned: tile
-        # sizes are multiples of 16 rows)
-        padded = torch.empty((rows, k), dtype=x.dtype)
-        padded[:m].copy_(x)
-        padded[m:].zero_()
-        x = padded
+    # rows read in place: the whole tiles that lie inside x, if it is contiguous and aligned (tile
+    # starts stay aligned: tile sizes are multiples of 16 rows); the rest are copied
+    split = 0
+    if x.is_contiguous() and x.data_ptr() % _ALIGN == 0:
+        for size in tiles:
+            if split + size > m:
+                break
+            split += size
+    tail = x
+    if split < rows:
+        tail = torch.zeros((rows - split, k), dtype=x.dtype)
+        tail[: m - split].copy_(x[split:] if split else x)
     wt = w.t()
+    if len(tiles) == 1:  # the common small batch: no views to make
+        torch.mm(tail, wt, out=out)
+        return flat, out
     start = 0
     for size in tiles:
-        torch.mm(x[start : start + size], wt, out=out[start : start + size])
+        source = x[start : start + size] if start + size <= split else tail[start - split : start - split + size]
+        torch.mm(source, wt, out=out[start : start + size])
         start += size
     return flat, out
 
 
-def _apply_epilogue_(flat: Any, out: Any, bias: Any, activation: str | None) -> None:
+def _apply_epilogue_(flat: Any, out: Any, bias: Any, activation: str | None, preactivation: list[Any] | None = None) -> None:
     """Bias and activation in place on ``out``, the (rows, N) view at the start of ``flat``, whose
-    length is a multiple of ``_VECTOR_MULTIPLE``. Every call stays under torch's grain size (one
-    thread, no fork-join per call)."""
+    length is a multiple of ``_VECTOR_MULTIPLE``. With ``preactivation`` (a list), a copy of
+    ``out`` before the activation is appended to it.
+
+    The bias, ReLU and leaky ReLU are exact per element, so they run as one call (all threads).
+    The other activations run in serial pieces under torch's grain size (module docstring)."""
     if bias is not None:
-        step = max(1, _PIECE // max(out.shape[1], 1))
-        for start in range(0, out.shape[0], step):
-            out[start : start + step] += bias
+        out += bias
+    if preactivation is not None:
+        preactivation.append(out.clone())
     if activation is None:
+        return
+    if activation == "relu":
+        out.relu_()
+        return
+    if activation in _EXACT_PER_ELEMENT:
+        out.copy_(TABLE[activation].torch(out))
         return
     fn = TABLE[activation].torch
     for start in range(0, flat.shape[0], _PIECE):
         piece = flat[start : start + _PIECE]
-        if activation == "relu":
-            piece.relu_()
-        else:
-            piece.copy_(fn(piece))
+        piece.copy_(fn(piece))
 
 
 def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
@@ -217,11 +236,13 @@ def method_description(k: int, n: int, dtype: Any) -> str:
     return f"BLAS on fixed {tiles}-row tiles (checked for K={k}, N={n}, {str(_compute_dtype(dtype)).removeprefix('torch.')}, {threads} threads)"
 
 
-def tiled_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, plan: TilePlan) -> Any:
-    """``activation(x @ w.T + bias)`` for torch CPU tensors ``x`` (M, K), ``w`` (N, K), ``bias``
-    (N,) or None, all float32 or float64 (the caller widens float16/bfloat16 to float32); returns
-    (M, N) in that dtype."""
+def tiled_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, plan: TilePlan, keep_preactivation: bool = False) -> tuple[Any, Any]:
+    """``(activation(x @ w.T + bias), preactivation)`` for torch CPU tensors ``x`` (M, K), ``w``
+    (N, K), ``bias`` (N,) or None, all float32 or float64 (the caller widens float16/bfloat16 to
+    float32): (M, N) in that dtype, and ``x @ w.T + bias`` with ``keep_preactivation`` (else None)."""
     w = w if w.is_contiguous() else w.contiguous()
     flat, out = _gemm_tiles(x, w, plan)
-    _apply_epilogue_(flat, out, bias, activation)
-    return out[: x.shape[0]]
+    kept: list[Any] | None = [] if keep_preactivation else None
+    _apply_epilogue_(flat, out, bias, activation, kept)
+    m = x.shape[0]
+    return out[:m], (kept[0][:m] if kept else None)

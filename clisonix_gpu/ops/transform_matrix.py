@@ -21,7 +21,7 @@ from ._validate import dtype_name, mantissa_bits, require_float
 from .activations import ACTIVATIONS, apply_activation_, check_activation
 from .utils import cdiv, interpreter_enabled, launch
 
-__all__ = ["ACTIVATIONS", "transform_matrix_cpu_method", "launch_transform_matrix", "transform_matrix", "validate"]
+__all__ = ["ACTIVATIONS", "launch_transform_matrix", "torch_op_route", "transform_matrix", "transform_matrix_cpu_method", "validate"]
 
 # Rows of x handled by one exact GEMM on the NumPy path: bounds the float64 temporaries.
 _NUMPY_ROW_BLOCK = 4096
@@ -73,7 +73,7 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
     >>> x.grad.tolist()
     [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
     """
-    route = _torch_op_route(x, w, bias)
+    route = torch_op_route(x, w, bias)
     if route == "traced":  # the fake kernel validates on the traced shapes
         return _torch_op(x, w, bias, activation)
     _dispatch.common_kind(("x", "w", "bias"), (x, w, bias), optional=("bias",))
@@ -84,8 +84,9 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
     return _dispatch.cast_like(out, x)
 
 
-def _torch_op_route(x: Any, w: Any, bias: Any) -> str | None:
-    """``"traced"``, ``"autograd"`` or None: whether torch tensors must take the torch op.
+def torch_op_route(x: Any, w: Any, bias: Any) -> str | None:
+    """``"traced"``, ``"autograd"`` or None: whether these arrays, if torch tensors, must take the
+    torch op (None for NumPy/CuPy arrays and for torch tensors nothing records or traces).
 
     The torch op's own CPU and CUDA kernels run with autograd off and outside tracing, so their
     calls back into this function take the dispatch path (no recursion).
@@ -151,8 +152,11 @@ def transform_matrix_cpu_method(k: int, n: int, dtype: Any = "float32") -> str:
     return method_description(k, n, getattr(torch, name))
 
 
-def _exact_cpu(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, activation: str | None) -> np.ndarray:
-    """The exact path on one (M, K) x (N, K) problem; float32 out (float64 for float64)."""
+def _exact_cpu(
+    x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, activation: str | None, keep_preactivation: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The exact path on one (M, K) x (N, K) problem: ``(output, preactivation or None)``,
+    float32 (float64 for float64)."""
     out_dtype = np.float64 if x.dtype == np.float64 else np.float32
     out = np.empty((x.shape[0], w.shape[0]), dtype=out_dtype)
     for start, block in exact_matmul_blocks(x, w, mantissa_bits(x), _NUMPY_ROW_BLOCK):
@@ -160,8 +164,9 @@ def _exact_cpu(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, activation
             block += bias
         # activation in the output precision, as the GPU epilogue does after its fp32 accumulation
         out[start : start + _NUMPY_ROW_BLOCK] = block
+    preactivation = out.copy() if keep_preactivation else None
     apply_activation_(out, activation)
-    return out
+    return out, preactivation
 
 
 def _as_numpy(a: Any) -> Any:
@@ -183,9 +188,10 @@ def _as_torch(a: Any) -> Any:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None) -> Any:
-    """One (M, K) x (N, K) problem of NumPy arrays or CPU tensors; same array type back, float32
-    for float16/bfloat16 input (the caller casts)."""
+def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool) -> tuple[Any, Any]:
+    """One (M, K) x (N, K) problem of NumPy arrays or CPU tensors: ``(output, preactivation)``, the
+    second None unless ``keep_preactivation``; same array type back, float32 for float16/bfloat16
+    input (the caller casts)."""
     if _torch_available():
         import torch
 
@@ -193,36 +199,67 @@ def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None) -> A
 
         plan = plan_for(x.shape[1], w.shape[0], torch.float64 if x.dtype in (np.float64, torch.float64) else torch.float32)
         if plan is not None:
-            out = tiled_transform_matrix(_as_torch(x), _as_torch(w), _as_torch(bias), activation, plan)
-            return out.numpy() if isinstance(x, np.ndarray) else out
-    exact = _exact_cpu(_as_numpy(x), _as_numpy(w), _as_numpy(bias), activation)
+            out, pre = tiled_transform_matrix(_as_torch(x), _as_torch(w), _as_torch(bias), activation, plan, keep_preactivation)
+            return (out.numpy(), None if pre is None else pre.numpy()) if isinstance(x, np.ndarray) else (out, pre)
+    out, pre = _exact_cpu(_as_numpy(x), _as_numpy(w), _as_numpy(bias), activation, keep_preactivation)
     if isinstance(x, np.ndarray):
-        return exact
+        return out, pre
     import torch
 
-    return torch.from_numpy(exact)
+    return torch.from_numpy(out), None if pre is None else torch.from_numpy(pre)
 
 
-def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | None) -> Any:
+def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | None, *, keep_preactivation: bool = False) -> Any:
     """:func:`transform_matrix` for CPU torch tensors without the dispatch layer (the torch op's
-    CPU kernel): checks, the CPU path, the result in ``x``'s dtype."""
-    _dispatch.common_kind(("x", "w", "bias"), (x, w, bias), optional=("bias",))  # e.g. sparse tensors
+    CPU kernel): checks, the CPU path, the result in ``x``'s dtype. With ``keep_preactivation``,
+    ``(output, x @ w.T + bias)``: the output has the same bits as without it."""
+    if not _plain_cpu_tensors(x, w, bias):  # the general check names what is wrong (e.g. sparse)
+        _dispatch.common_kind(("x", "w", "bias"), (x, w, bias), optional=("bias",))
     validate(x, w, bias, activation)
-    return _dispatch.cast_like(_transform_matrix_cpu(x.detach(), w.detach(), None if bias is None else bias.detach(), activation=activation), x)
+    out, pre = _cpu_path(x.detach(), w.detach(), None if bias is None else bias.detach(), activation, keep_preactivation)
+    if keep_preactivation:
+        return _dispatch.cast_like(out, x), _dispatch.cast_like(pre, x)
+    return _dispatch.cast_like(out, x)
+
+
+def _plain_cpu_tensors(x: Any, w: Any, bias: Any) -> bool:
+    """All present arguments are dense CPU tensors (the common case, checked cheaply)."""
+    import torch
+
+    return (
+        all(
+            a is None or (type(a) in (torch.Tensor, torch.nn.Parameter) and a.layout == torch.strided and a.device.type == "cpu")
+            for a in (x, w, bias)
+        )
+        and x is not None
+        and w is not None
+    )
 
 
 @_dispatch.register("transform_matrix", "numpy", takes_cpu_tensors=True)
 def _transform_matrix_cpu(x: Any, w: Any, bias: Any, *, activation: str | None) -> Any:
+    return _cpu_path(x, w, bias, activation, keep_preactivation=False)[0]
+
+
+def _cpu_path(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool) -> tuple[Any, Any]:
+    """NumPy arrays or CPU tensors of any batch shape: ``(output, preactivation or None)``."""
     k, n = w.shape[-1], w.shape[-2]
     if w.ndim == 2:
-        out = _transform_matrix_2d(x.reshape(math.prod(x.shape[:-1]), k), w, bias, activation)
-        return out.reshape(tuple(x.shape[:-1]) + (n,))
-    parts = [_transform_matrix_2d(x[b], w[b], bias, activation) for b in range(w.shape[0])]
+        out, pre = _transform_matrix_2d(x.reshape(math.prod(x.shape[:-1]), k), w, bias, activation, keep_preactivation)
+        shape = tuple(x.shape[:-1]) + (n,)
+        return out.reshape(shape), None if pre is None else pre.reshape(shape)
+    parts = [_transform_matrix_2d(x[b], w[b], bias, activation, keep_preactivation) for b in range(w.shape[0])]
     if isinstance(x, np.ndarray):
-        return np.stack(parts) if parts else np.empty(x.shape[:-1] + (n,), np.float64 if x.dtype == np.float64 else np.float32)
-    import torch
+        empty = np.empty(x.shape[:-1] + (n,), np.float64 if x.dtype == np.float64 else np.float32)
+        stack: Any = np.stack
+    else:
+        empty = x.new_empty(tuple(x.shape[:-1]) + (n,), dtype=_as_torch(x[:0]).dtype)
+        import torch
 
-    return torch.stack(parts) if parts else x.new_empty(tuple(x.shape[:-1]) + (n,), dtype=_as_torch(x[:0]).dtype)
+        stack = torch.stack
+    if not parts:
+        return empty, (empty.copy() if isinstance(x, np.ndarray) else empty.clone()) if keep_preactivation else None
+    return stack([out for out, _ in parts]), stack([pre for _, pre in parts]) if keep_preactivation else None
 
 
 # ----------------------------------------------------------------------------- Triton backend
