@@ -209,7 +209,7 @@ def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activatio
         if route is None and not _modes_active():
             return cast(Tensor, _tm.transform_matrix_cpu_tensors(x, w, bias, activation))
         if route == "autograd" and _ACTIVATIONS[activation].grad_from_output is None:
-            return _transform_matrix_cpu_keep(x, w, bias, activation or "")[0]
+            return cast(Tensor, _transform_matrix_cpu_keep(x, w, bias, activation or "")[0])
     return cast(Tensor, _transform_matrix_op(x, w, bias, activation))
 
 

@@ -249,16 +249,22 @@ def _cpu_path(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivat
         shape = tuple(x.shape[:-1]) + (n,)
         return out.reshape(shape), None if pre is None else pre.reshape(shape)
     parts = [_transform_matrix_2d(x[b], w[b], bias, activation, keep_preactivation) for b in range(w.shape[0])]
+    stack: Any
     if isinstance(x, np.ndarray):
-        empty = np.empty(x.shape[:-1] + (n,), np.float64 if x.dtype == np.float64 else np.float32)
-        stack: Any = np.stack
+        stack = np.stack
+
+        def empty() -> Any:
+            return np.empty(x.shape[:-1] + (n,), np.float64 if x.dtype == np.float64 else np.float32)
     else:
-        empty = x.new_empty(tuple(x.shape[:-1]) + (n,), dtype=_as_torch(x[:0]).dtype)
         import torch
 
         stack = torch.stack
+
+        def empty() -> Any:
+            return x.new_empty(tuple(x.shape[:-1]) + (n,), dtype=_as_torch(x[:0]).dtype)
+
     if not parts:
-        return empty, (empty.copy() if isinstance(x, np.ndarray) else empty.clone()) if keep_preactivation else None
+        return empty(), empty() if keep_preactivation else None
     return stack([out for out, _ in parts]), stack([pre for _, pre in parts]) if keep_preactivation else None
 
 
