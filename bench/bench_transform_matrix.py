@@ -7,10 +7,12 @@ ceiling (it skips the epilogue, so it is reported but never counted as the peer)
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
-from timing import DEVICE, SIZES, Result, measure, record
+from timing import DEVICE, SIZES, Result, measure_alternating, record
 
 import clisonix_gpu as cg
 from clisonix_gpu._roofline import matmul_ceiling
@@ -71,16 +73,13 @@ def _cases():
     else:
         grid = [(m, k, n, a, q, kind, torch.float32) for m, k, n, a, q in CASES[SIZES] for kind in ("numpy", "torch-cpu")]
     for m, k, n, act, in_quick, kind, dtype in grid:
-        impls = {"clisonix": _ours, **TRANSFORM_MATRIX_PEERS[kind]}
-        if kind == "torch-cuda":
-            impls[CEILING] = _ceiling
-        for name, fn in impls.items():
-            dt = str(dtype).removeprefix("torch.")
-            yield pytest.param(m, k, n, act, kind, dtype, in_quick, name, fn, id=f"{m}x{k}x{n}-{act}-{kind}-{dt}-{name}")
+        dt = str(dtype).removeprefix("torch.")
+        yield pytest.param(m, k, n, act, kind, dtype, in_quick, id=f"{m}x{k}x{n}-{act}-{kind}-{dt}")
 
 
-@pytest.mark.parametrize("m,k,n,activation,kind,dtype,in_quick,impl,fn", list(_cases()))
-def bench_transform_matrix(benchmark, quick, m, k, n, activation, kind, dtype, in_quick, impl, fn):
+@pytest.mark.parametrize("m,k,n,activation,kind,dtype,in_quick", list(_cases()))
+def bench_transform_matrix(quick, m, k, n, activation, kind, dtype, in_quick):
+    """Ours and every peer on the same inputs, timed in alternating blocks."""
     if quick and not in_quick:
         pytest.skip("not in --quick")
     rng = np.random.default_rng(0)
@@ -89,18 +88,22 @@ def bench_transform_matrix(benchmark, quick, m, k, n, activation, kind, dtype, i
     b = rng.standard_normal(n, dtype=np.float32)
     if kind != "numpy":
         x, w, b = (torch.from_numpy(a).to(DEVICE, dtype) for a in (x, w, b))
-    case = case_name(m, k, n, str(dtype).removeprefix("torch."), activation, kind)
-    benchmark.group = case
-    y = fn(x, w, b, activation)
-    if impl == CEILING:
-        err = float("nan")
-    else:
-        ref = reference_transform_matrix(x, w, b, activation)
+    dt = str(dtype).removeprefix("torch.")
+    case = case_name(m, k, n, dt, activation, kind)
+    impls = {"clisonix": _ours, **TRANSFORM_MATRIX_PEERS[kind]}
+    if kind == "torch-cuda":
+        impls[CEILING] = _ceiling
+    ref = reference_transform_matrix(x, w, b, activation)
+    errors = {}
+    for impl, fn in impls.items():
+        y = fn(x, w, b, activation)
         got = y.detach().double().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, np.float64)
-        err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-300))
-    seconds = measure(benchmark, lambda: fn(x, w, b, activation), DEVICE, rounds=3 if quick else 7)
-    ceiling, ops, nbytes = gpu_work(m, k, n, str(dtype).removeprefix("torch."))
-    record(Result(case, impl, DEVICE, seconds, err, flops=ops, bytes=nbytes, ceiling=ceiling, ops=ops))
+        errors[impl] = float("nan") if impl == CEILING else float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-300))
+    calls = {impl: functools.partial(fn, x, w, b, activation) for impl, fn in impls.items()}
+    seconds = measure_alternating(calls, DEVICE, rounds=3 if quick else 7)
+    ceiling, ops, nbytes = gpu_work(m, k, n, dt)
+    for impl in impls:
+        record(Result(case, impl, DEVICE, seconds[impl], errors[impl], flops=ops, bytes=nbytes, ceiling=ceiling, ops=ops))
 
 
 def _layer_step(layer, x, activation):
@@ -115,25 +118,25 @@ def _layer_step(layer, x, activation):
 
 
 @pytest.mark.parametrize("m,k,n,activation,in_quick", LAYER_CASES[SIZES])
-@pytest.mark.parametrize("impl", ["clisonix", "nn.Linear + activation"])
-def bench_liam_linear(benchmark, quick, m, k, n, activation, in_quick, impl):
+def bench_liam_linear(quick, m, k, n, activation, in_quick):
+    """A training step of LIAMLinear against nn.Linear + the activation, in alternating blocks."""
     from clisonix_gpu.nn import LIAMLinear
+    from clisonix_gpu.ops.activations import TABLE
 
     if quick and not in_quick:
         pytest.skip("not in --quick")
     torch.manual_seed(0)
     linear = torch.nn.Linear(k, n, device=DEVICE)
     x = torch.randn(m, k, device=DEVICE, requires_grad=True)
-    if impl == "clisonix":
-        step = _layer_step(LIAMLinear.from_linear(linear, activation), x, None)
-    else:
-        from clisonix_gpu.ops.activations import TABLE
-
-        step = _layer_step(linear, x, TABLE[activation].torch)
+    steps = {
+        "clisonix": _layer_step(LIAMLinear.from_linear(linear, activation), x, None),
+        "nn.Linear + activation": _layer_step(linear, x, TABLE[activation].torch),
+    }
     case = f"LIAMLinear forward+backward {m}x{k}x{n} float32 {activation} ({'torch-cuda' if DEVICE == 'cuda' else 'torch-cpu'})"
-    benchmark.group = case
-    y = step()
     ref = reference_transform_matrix(x, linear.weight, linear.bias, activation)
-    err = float(np.abs(y.detach().double().cpu().numpy() - ref).max() / max(np.abs(ref).max(), 1e-300))
-    seconds = measure(benchmark, step, DEVICE, rounds=3 if quick else 7)
-    record(Result(case, impl, DEVICE, seconds, err, flops=3 * 2.0 * m * n * k))
+    errors = {
+        impl: float(np.abs(step().detach().double().cpu().numpy() - ref).max() / max(np.abs(ref).max(), 1e-300)) for impl, step in steps.items()
+    }
+    seconds = measure_alternating(steps, DEVICE, rounds=3 if quick else 7)
+    for impl in steps:
+        record(Result(case, impl, DEVICE, seconds[impl], errors[impl], flops=3 * 2.0 * m * n * k))

@@ -54,5 +54,40 @@ def measure(benchmark: Any, fn: Callable[[], Any], device: str, rounds: int) -> 
     return float(benchmark.stats.stats.median)
 
 
+# Between blocks of two implementations: longer than a BLAS pool spins before it sleeps (OpenBLAS,
+# NumPy's, spins about 2**28 cycles), so one side's idle threads never compete with the other's.
+_POOL_QUIET_S = 0.15
+
+
+def measure_alternating(fns: dict[str, Callable[[], Any]], device: str, rounds: int) -> dict[str, float]:
+    """Median seconds of each of ``fns``, keyed like it.
+
+    CPU: the implementations take turns, one block per round each (a pause, an untimed call, a
+    timed call), the order rotating every round, so a slow spell of the machine falls on all of
+    them alike. CUDA: ``triton.testing.do_bench`` for each in turn (the GPU does not drift so)."""
+    if device == "cuda":
+        import triton.testing
+
+        return {name: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3 for name, fn in fns.items()}
+    import statistics
+    import time
+
+    names = list(fns)
+    for name in names:
+        start = time.perf_counter()
+        fns[name]()  # warm-up, and a first look at how long one call takes
+        if time.perf_counter() - start > 2.0:
+            rounds = min(rounds, 2)  # slow peers (exact SVD, brute force) get fewer rounds
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for turn in range(rounds):
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            time.sleep(_POOL_QUIET_S)
+            fns[name]()
+            start = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def record(result: Result) -> None:
     RESULTS.append(result)
