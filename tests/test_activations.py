@@ -51,6 +51,31 @@ def test_gradient_matches_autograd_of_torch_forward(rng, activation):
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("activation", activation_table.ACTIVATIONS)
+def test_gradient_from_output_matches_the_gradient(rng, activation):
+    z = torch.from_numpy(_points(rng))
+    from_output = TABLE[activation].grad_from_output
+    if from_output is None:
+        assert activation in ("gelu", "gelu_tanh", "silu")  # not a function of the output
+        return
+    np.testing.assert_allclose(from_output(TABLE[activation].torch(z)).numpy(), TABLE[activation].grad(z).numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", activation_table.ACTIVATIONS)
+def test_in_place_forward_has_the_bits_of_the_function(rng, activation, dtype):
+    for size in (1, 7, 127, 129, 8192 + 5):
+        z = torch.from_numpy(rng.standard_normal(size) * 4).to(dtype)
+        expected = TABLE[activation].torch(z)
+        got = z.clone()
+        TABLE[activation].torch_(got)
+        assert torch.equal(got, expected), (activation, size)
+        strided = torch.from_numpy(rng.standard_normal(2 * size)).to(dtype)[::2]
+        expected = TABLE[activation].torch(strided)
+        TABLE[activation].torch_(strided)
+        assert torch.equal(strided, expected), (activation, size)
+
+
 @pytest.mark.parametrize("activation", activation_table.ACTIVATIONS[1:])
 def test_nan_propagates_on_the_numpy_path(activation):
     y = np.array([np.nan, 1.0, -1.0])

@@ -165,16 +165,12 @@ def _apply_epilogue_(flat: Any, out: Any, bias: Any, activation: str | None, pre
         preactivation.append(out.clone())
     if activation is None:
         return
-    if activation == "relu":
-        out.relu_()
-        return
     if activation in _EXACT_PER_ELEMENT:
-        out.copy_(TABLE[activation].torch(out))
+        TABLE[activation].torch_(out)
         return
-    fn = TABLE[activation].torch
+    in_place = TABLE[activation].torch_
     for start in range(0, flat.shape[0], _PIECE):
-        piece = flat[start : start + _PIECE]
-        piece.copy_(fn(piece))
+        in_place(flat[start : start + _PIECE])
 
 
 def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:

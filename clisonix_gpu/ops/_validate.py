@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,13 @@ REAL_DTYPE_NAMES = ("bool",) + INTEGER_DTYPE_NAMES + FLOAT_DTYPE_NAMES
 
 def dtype_name(a: Any) -> str:
     """``"float32"``, ``"bfloat16"``, ``"int64"``... for NumPy, torch and CuPy arrays alike."""
-    return str(a.dtype).removeprefix("torch.")
+    return _name_of_dtype(a.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _name_of_dtype(dtype: Any) -> str:
+    # NumPy builds a dtype's name anew on every str() (microseconds, per argument of every call)
+    return str(dtype).removeprefix("torch.")
 
 
 def require_float(name: str, a: Any) -> None:

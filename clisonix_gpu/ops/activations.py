@@ -6,6 +6,7 @@ Names and constants come from ``kernels/activation_table.py``, which the Triton 
 - ``numpy_``: the NumPy path's forward, applied in place in the output's precision (NaN
   propagates as in torch);
 - ``torch``: torch's own function (the float64 reference and the benchmark peer use it);
+- ``torch_``: the same function in place on a tensor (the CPU path's epilogue: no temporary);
 - ``grad``: d activation(z) / dz elementwise on a torch tensor, for the backward of the torch op;
 - ``grad_from_output``: the same derivative written in terms of the output ``y = activation(z)``
   where it can be (the backward then keeps ``y`` and needs neither ``z`` nor a second GEMM), else
@@ -30,8 +31,15 @@ class Activation(NamedTuple):
 
     numpy_: Callable[[np.ndarray], Any]
     torch: Callable[[Any], Any]
+    torch_: Callable[[Any], Any]
     grad: Callable[[Any], Any]
     grad_from_output: Callable[[Any], Any] | None = None
+
+
+def _aten() -> Any:
+    import torch
+
+    return torch.ops.aten
 
 
 def _functional() -> Any:
@@ -111,15 +119,23 @@ def _relu_grad(z: Any) -> Any:
 
 
 TABLE: dict[str | None, Activation] = {
-    None: Activation(lambda y: None, lambda z: z, lambda z: z.new_ones(z.shape), lambda y: y.new_ones(y.shape)),
+    None: Activation(lambda y: None, lambda z: z, lambda z: z, lambda z: z.new_ones(z.shape), lambda y: y.new_ones(y.shape)),
     # relu and leaky relu (positive slope): y > 0 exactly where z > 0, so the same function serves y
-    "relu": Activation(_relu_numpy_, lambda z: _functional().relu(z), _relu_grad, _relu_grad),
-    "leaky_relu": Activation(_leaky_relu_numpy_, lambda z: _functional().leaky_relu(z, LEAKY_RELU_SLOPE), _leaky_relu_grad, _leaky_relu_grad),
-    "gelu": Activation(_gelu_numpy_, lambda z: _functional().gelu(z), _gelu_grad),
-    "gelu_tanh": Activation(_gelu_tanh_numpy_, lambda z: _functional().gelu(z, approximate="tanh"), _gelu_tanh_grad),
-    "silu": Activation(_silu_numpy_, lambda z: _functional().silu(z), _silu_grad),
-    "sigmoid": Activation(_sigmoid_numpy_, lambda z: z.sigmoid(), _sigmoid_grad, _sigmoid_grad_from_output),
-    "tanh": Activation(_tanh_numpy_, lambda z: z.tanh(), _tanh_grad, _tanh_grad_from_output),
+    "relu": Activation(_relu_numpy_, lambda z: _functional().relu(z), lambda z: z.relu_(), _relu_grad, _relu_grad),
+    "leaky_relu": Activation(
+        _leaky_relu_numpy_,
+        lambda z: _functional().leaky_relu(z, LEAKY_RELU_SLOPE),
+        lambda z: _functional().leaky_relu_(z, LEAKY_RELU_SLOPE),
+        _leaky_relu_grad,
+        _leaky_relu_grad,
+    ),
+    "gelu": Activation(_gelu_numpy_, lambda z: _functional().gelu(z), lambda z: _aten().gelu_(z), _gelu_grad),
+    "gelu_tanh": Activation(
+        _gelu_tanh_numpy_, lambda z: _functional().gelu(z, approximate="tanh"), lambda z: _aten().gelu_(z, approximate="tanh"), _gelu_tanh_grad
+    ),
+    "silu": Activation(_silu_numpy_, lambda z: _functional().silu(z), lambda z: _functional().silu(z, inplace=True), _silu_grad),
+    "sigmoid": Activation(_sigmoid_numpy_, lambda z: z.sigmoid(), lambda z: z.sigmoid_(), _sigmoid_grad, _sigmoid_grad_from_output),
+    "tanh": Activation(_tanh_numpy_, lambda z: z.tanh(), lambda z: z.tanh_(), _tanh_grad, _tanh_grad_from_output),
 }
 if tuple(TABLE) != ACTIVATIONS:  # a name added to the shared table needs its host implementations here
     raise ImportError(f"activation table out of step: host has {tuple(TABLE)}, kernels/activation_table.py has {ACTIVATIONS}")
