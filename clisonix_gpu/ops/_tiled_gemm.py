@@ -38,7 +38,7 @@ __all__ = ["TilePlan", "case_key", "method_description", "plan_for", "tiled_tran
 # Tried in order; the first plan whose check passes serves the case. 64-row tiles cost 0.86-0.94x
 # of one GEMM over thousands of rows; 16 rows pad a single row to 16 (a few rows are GEMV-bound).
 _VECTOR_MULTIPLE = 64  # elements: a multiple of twice the widest SIMD vector torch uses
-_PIECE = 8192  # elements per epilogue call: below torch's grain size, so it runs in one thread
+_PIECE = 6144  # elements per epilogue call: at most torch's thresholds for threading (GELU: 6144), so one thread
 _ALIGN = 64  # bytes
 # one rounding (or none) per element, the same in torch's SIMD and scalar code
 _EXACT_PER_ELEMENT = frozenset({"relu", "leaky_relu"})
