@@ -412,6 +412,9 @@ class Mesh:
         while True:
             try:
                 reply = self._receive_one(worker)
+                # Everything else first: the handoff below is the last step before this thread
+                # waits again (and lets go of the GIL), so the caller it wakes runs at once.
+                worker.inbox.release()
             except Exception as exc:
                 if not self._closed:
                     self._set_state(worker, DEAD, f"connection lost: {type(exc).__name__}: {exc}")
@@ -419,6 +422,8 @@ class Mesh:
                     with worker.cond:
                         worker.state = DEAD
                 return
+            if reply is not None:
+                worker.outbox.acknowledge(reply[0])  # the request reached the worker: its buffer is free
             with worker.cond:
                 worker.progress_at = time.monotonic()
                 if reply is None:
