@@ -276,6 +276,9 @@ class Mesh:
     def _pick(self, preferred: WorkerLink | None, tried: set[int]) -> WorkerLink | None:
         """The worker for the next try: ``preferred`` while it is up, else the least busy live
         worker not tried yet (ties rotate, so single requests spread evenly)."""
+        if len(self._workers) == 1:  # no choice to make
+            only = self._workers[0]
+            return only if only.state == UP and only.rank not in tried else None
         live = [w for w in self._workers if w.state == UP and w.rank not in tried]
         if not live:
             return None
@@ -291,11 +294,12 @@ class Mesh:
         op_id, values = self._encode_request(op, tensors, params)
         home = tensors[0].device
         payload = wire.Payload.of(tensors)  # once, before any worker is tried: a failure here is the caller's
+        words = wire.header(0, op_id, tensors, values)  # each try sets its own request id
         tried: set[int] = set()
         while (worker := self._pick(preferred, tried)) is not None:
             tried.add(worker.rank)
             try:
-                results = self._call(worker, op_id, tensors, values, payload)
+                results = self._call(worker, words, payload)
             except _WorkerGone:  # its state says why; the next worker tries
                 continue
             except MeshError:  # the op's own error, from a worker that is fine
@@ -334,8 +338,8 @@ class Mesh:
         result: tuple[Any, ...] = outcome["result"]
         return result
 
-    def _call(self, worker: WorkerLink, op_id: int, tensors: Sequence[torch.Tensor], values: list[int], payload: wire.Payload) -> list[torch.Tensor]:
-        request_id = next(self._ids)
+    def _call(self, worker: WorkerLink, words: list[int], payload: wire.Payload) -> list[torch.Tensor]:
+        request_id = words[wire.REQUEST_ID_AT] = next(self._ids)
         cond = worker.cond
         with cond:
             while worker.state == UP and worker.in_flight >= self.max_in_flight:
@@ -347,7 +351,7 @@ class Mesh:
             worker.awaited.add(request_id)  # before the send: the reply may come at once
         try:
             sent_at = time.monotonic()
-            self._send(worker, wire.header(request_id, op_id, tensors, values), payload, sent_at)
+            self._send(worker, words, payload, sent_at)
             with cond:
                 while request_id not in worker.replies:
                     if worker.state != UP:

@@ -84,14 +84,23 @@ def message_bytes(chunk_bytes: int = CHUNK_BYTES) -> int:
     return HEADER_BYTES + chunk_bytes + TRAILER_BYTES
 
 
+_HEADER_START = [MAGIC, VERSION] + [0] * (HEADER_WORDS - 2)
+
+
 def header(request_id: int, code: int, tensors: Sequence[torch.Tensor], params: Sequence[int] = ()) -> list[int]:
     """The header words of a request (code = op id) or a reply (code = status); chunk fields zero."""
-    words = [0] * HEADER_WORDS
-    words[:PARAMS_AT] = [MAGIC, VERSION, request_id, code, len(tensors), len(params), 0, 0]
-    words[PARAMS_AT : PARAMS_AT + len(params)] = [int(p) for p in params]
-    for i, t in enumerate(tensors):
-        base = SPECS_AT + i * SPEC_WORDS
-        words[base : base + 2 + t.ndim] = [DTYPE_CODE[t.dtype], t.ndim, *t.shape]
+    words = _HEADER_START.copy()
+    words[REQUEST_ID_AT] = request_id
+    words[CODE_AT] = code
+    words[N_TENSORS_AT] = len(tensors)
+    if params:
+        words[N_PARAMS_AT] = len(params)
+        words[PARAMS_AT : PARAMS_AT + len(params)] = [int(p) for p in params]
+    base = SPECS_AT
+    for t in tensors:
+        shape = t.shape
+        words[base : base + 2 + len(shape)] = [DTYPE_CODE[t.dtype], len(shape), *shape]
+        base += SPEC_WORDS
     return words
 
 
@@ -151,16 +160,24 @@ class Payload:
     requests and replies are cut into chunks from it (``read``) and put back into it (``write``).
     Byte work goes through NumPy views: per call, they cost a fraction of torch ops."""
 
+    __slots__ = ("parts", "total", "_starts")
+
     def __init__(self, parts: Sequence[np.ndarray]):
         self.parts = parts
-        self.starts = [0]
-        for part in self.parts:
-            self.starts.append(self.starts[-1] + part.size)
-        self.total = self.starts[-1]
+        self.total = sum(part.size for part in parts) if len(parts) != 1 else parts[0].size
+        self._starts: list[int] | None = None  # where each part begins: made when first needed
 
     @classmethod
     def of(cls, tensors: Sequence[torch.Tensor]) -> Payload:
         return cls([byte_view(t) for t in tensors])
+
+    @property
+    def starts(self) -> list[int]:
+        if self._starts is None:
+            self._starts = [0]
+            for part in self.parts:
+                self._starts.append(self._starts[-1] + part.size)
+        return self._starts
 
     def _spans(self, offset: int, n: int) -> Iterator[tuple[np.ndarray, int]]:
         """(piece of a part, its start in the range) covering bytes [offset, offset + n)."""
