@@ -416,9 +416,6 @@ class Mesh:
         while True:
             try:
                 reply = self._receive_one(worker)
-                # Everything else first: the handoff below is the last step before this thread
-                # waits again (and lets go of the GIL), so the caller it wakes runs at once.
-                worker.inbox.release()
             except Exception as exc:
                 if not self._closed:
                     self._set_state(worker, DEAD, f"connection lost: {type(exc).__name__}: {exc}")
@@ -426,8 +423,6 @@ class Mesh:
                     with worker.cond:
                         worker.state = DEAD
                 return
-            if reply is not None:
-                worker.outbox.acknowledge(reply[0])  # the request reached the worker: its buffer is free
             with worker.cond:
                 worker.progress_at = time.monotonic()
                 if reply is None:
@@ -443,6 +438,9 @@ class Mesh:
                 else:
                     worker.late_replies += 1
                 worker.cond.notify_all()
+            # After the handoff, while the caller runs: the request reached the worker, so its
+            # send buffer is free; the next receive is posted in the next receive call.
+            worker.outbox.acknowledge(request_id)
 
     @staticmethod
     def _receive_one(worker: WorkerLink) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:

@@ -116,18 +116,24 @@ class Outbox:
             entry = (index, self._numbered, words[wire.REQUEST_ID_AT], chunk, work)
             if self._cond is None:
                 self._sending.append(entry)
+                if not self._free and len(self._sending) > 1:  # done now, after the message left, not before the next
+                    index, *_, work = self._sending.popleft()
+                    work.wait()
+                    self._free.append(index)
             else:
                 with self._cond:
                     self._sending.append(entry)
 
     def acknowledge(self, request_id: int) -> None:
         """Deadline mode: the peer answered ``request_id``, so it read the request's first message
-        and all before it; their buffers are free for reuse without a wait that could block."""
+        and all before it; their buffers are freed now (by the edge's reader, off the sender's
+        path), without a wait that could block."""
         assert self._cond is not None
         with self._cond:
             for _, number, sent_id, chunk, _ in self._sending:
                 if sent_id == request_id and chunk == 0:
                     self._delivered = max(self._delivered, number)
+                    self._reclaim_locked()
                     if self._waiting:
                         self._cond.notify_all()
                     return
@@ -228,20 +234,15 @@ class Inbox:
 
     def receive(self) -> tuple[list[int], np.ndarray | None]:
         # Buffers are posted again here, not right after a message arrives: one receive stays
-        # posted meanwhile, and posting is then off the path from a message to its answer.
-        self.release()
-        index, work = self._posted[0]
-        work.wait()
-        self._posted.popleft()
-        self._held = index
-        return wire.parse(self._buffers[index])
-
-    def release(self) -> None:
-        """Done with the last message's bytes: its buffer is posted again. A reader that copies
-        each message out calls this before it hands the copy on, so that its next ``receive``
-        goes straight to the wait."""
+        # posted meanwhile, and posting is then off the path from a message to its answer
+        # (a worker has replied by now; the edge's reader has handed the reply on).
         if self._held is not None:
             self._free.append(self._held)
             self._held = None
         while len(self._posted) < POSTED_RECEIVES:
             self._post()
+        index, work = self._posted[0]
+        work.wait()
+        self._posted.popleft()
+        self._held = index
+        return wire.parse(self._buffers[index])
