@@ -416,6 +416,11 @@ class Mesh:
         while True:
             try:
                 reply = self._receive_one(worker)
+                # Everything else before the handoff, which is then the last step before this
+                # thread waits again: the caller it wakes gets the GIL and keeps it.
+                worker.inbox.release()
+                if reply is not None:
+                    worker.outbox.acknowledge(reply[0])  # the request reached the worker: its buffer is free
             except Exception as exc:
                 if not self._closed:
                     self._set_state(worker, DEAD, f"connection lost: {type(exc).__name__}: {exc}")
@@ -438,9 +443,6 @@ class Mesh:
                 else:
                     worker.late_replies += 1
                 worker.cond.notify_all()
-            # After the handoff, while the caller runs: the request reached the worker, so its
-            # send buffer is free; the next receive is posted in the next receive call.
-            worker.outbox.acknowledge(request_id)
 
     @staticmethod
     def _receive_one(worker: WorkerLink) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:

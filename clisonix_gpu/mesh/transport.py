@@ -235,14 +235,18 @@ class Inbox:
     def receive(self) -> tuple[list[int], np.ndarray | None]:
         # Buffers are posted again here, not right after a message arrives: one receive stays
         # posted meanwhile, and posting is then off the path from a message to its answer
-        # (a worker has replied by now; the edge's reader has handed the reply on).
-        if self._held is not None:
-            self._free.append(self._held)
-            self._held = None
-        while len(self._posted) < POSTED_RECEIVES:
-            self._post()
+        # (a worker has replied by now; the edge's reader calls ``release`` before its handoff).
+        self.release()
         index, work = self._posted[0]
         work.wait()
         self._posted.popleft()
         self._held = index
         return wire.parse(self._buffers[index])
+
+    def release(self) -> None:
+        """Done with the last message's bytes: its buffer is posted again."""
+        if self._held is not None:
+            self._free.append(self._held)
+            self._held = None
+        while len(self._posted) < POSTED_RECEIVES:
+            self._post()
