@@ -349,6 +349,7 @@ class Mesh:
             worker.in_flight += 1
             worker.peak_in_flight = max(worker.peak_in_flight, worker.in_flight)
             worker.awaited.add(request_id)  # before the send: the reply may come at once
+        answered = False
         try:
             sent_at = time.monotonic()
             self._send(worker, words, payload, sent_at)
@@ -363,12 +364,17 @@ class Mesh:
                     cond.wait(left)
                 status, results = worker.replies.pop(request_id)
                 worker.answered += 1
-        finally:
-            with cond:
-                worker.in_flight -= 1
+                worker.in_flight -= 1  # the slot is free: in the same hold of the lock as the reply
                 worker.awaited.discard(request_id)
-                worker.replies.pop(request_id, None)
                 cond.notify_all()
+                answered = True
+        finally:
+            if not answered:
+                with cond:
+                    worker.in_flight -= 1
+                    worker.awaited.discard(request_id)
+                    worker.replies.pop(request_id, None)
+                    cond.notify_all()
         if status != wire.STATUS_OK:
             raise MeshError(f"worker {worker.rank}: {bytes(results[0].tolist()).decode(errors='replace')}")
         return results
