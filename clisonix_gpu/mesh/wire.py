@@ -214,13 +214,13 @@ def fill(buffer: np.ndarray, words: Sequence[int], chunk: int, payload: Payload,
     """Write message ``chunk`` of a request or reply into ``buffer`` (at least
     ``message_bytes(chunk_bytes)``, 8-byte aligned); returns the message's length in bytes."""
     size = min(chunk_bytes, payload.total - chunk * chunk_bytes)
-    HEADER_STRUCT.pack_into(buffer, 0, *words)
-    CHUNK_STRUCT.pack_into(buffer, CHUNK_AT * 8, chunk, size)
+    HEADER_STRUCT.pack_into(buffer.data, 0, *words)
+    CHUNK_STRUCT.pack_into(buffer.data, CHUNK_AT * 8, chunk, size)
     payload.read(chunk * chunk_bytes, buffer[HEADER_BYTES : HEADER_BYTES + size])
     end = HEADER_BYTES + pad8(size)
     if end > HEADER_BYTES + size:
         buffer[HEADER_BYTES + size : end] = 0
-    TRAILER_STRUCT.pack_into(buffer, end, TRAILER_MAGIC, words[REQUEST_ID_AT], chunk, size)
+    TRAILER_STRUCT.pack_into(buffer.data, end, TRAILER_MAGIC, words[REQUEST_ID_AT], chunk, size)
     return end + TRAILER_BYTES
 
 
@@ -243,7 +243,7 @@ def parse(buffer: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[int]
     not match the header (the message is shorter than its header says). The header and trailer
     words are zeroed afterwards, so that a later, shorter message in the same buffer cannot show
     them as its own."""
-    words = list(HEADER_STRUCT.unpack_from(buffer, 0))
+    words = list(HEADER_STRUCT.unpack_from(buffer.data, 0))
     buffer[:HEADER_BYTES] = _ZERO_HEADER
     size = words[CHUNK_SIZE_AT]
     if not 0 <= size <= chunk_bytes:
@@ -251,7 +251,7 @@ def parse(buffer: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[int]
     at = HEADER_BYTES + pad8(size)
     if at + TRAILER_BYTES > buffer.size:
         return words, None
-    intact = TRAILER_STRUCT.unpack_from(buffer, at) == (TRAILER_MAGIC, words[REQUEST_ID_AT], words[CHUNK_AT], size)
+    intact = TRAILER_STRUCT.unpack_from(buffer.data, at) == (TRAILER_MAGIC, words[REQUEST_ID_AT], words[CHUNK_AT], size)
     buffer[at : at + TRAILER_BYTES] = _ZERO_TRAILER
     return words, buffer[HEADER_BYTES : HEADER_BYTES + size] if intact else None
 
