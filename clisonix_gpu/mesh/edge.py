@@ -276,6 +276,9 @@ class Mesh:
     def _pick(self, preferred: WorkerLink | None, tried: set[int]) -> WorkerLink | None:
         """The worker for the next try: ``preferred`` while it is up, else the least busy live
         worker not tried yet (ties rotate, so single requests spread evenly)."""
+        if len(self._workers) == 1:  # no choice to make
+            only = self._workers[0]
+            return only if only.state == UP and only.rank not in tried else None
         live = [w for w in self._workers if w.state == UP and w.rank not in tried]
         if not live:
             return None
@@ -291,11 +294,12 @@ class Mesh:
         op_id, values = self._encode_request(op, tensors, params)
         home = tensors[0].device
         payload = wire.Payload.of(tensors)  # once, before any worker is tried: a failure here is the caller's
+        words = wire.header(0, op_id, tensors, values)  # each try sets its own request id
         tried: set[int] = set()
         while (worker := self._pick(preferred, tried)) is not None:
             tried.add(worker.rank)
             try:
-                results = self._call(worker, op_id, tensors, values, payload)
+                results = self._call(worker, words, payload)
             except _WorkerGone:  # its state says why; the next worker tries
                 continue
             except MeshError:  # the op's own error, from a worker that is fine
@@ -334,8 +338,8 @@ class Mesh:
         result: tuple[Any, ...] = outcome["result"]
         return result
 
-    def _call(self, worker: WorkerLink, op_id: int, tensors: Sequence[torch.Tensor], values: list[int], payload: wire.Payload) -> list[torch.Tensor]:
-        request_id = next(self._ids)
+    def _call(self, worker: WorkerLink, words: list[int], payload: wire.Payload) -> list[torch.Tensor]:
+        request_id = words[wire.REQUEST_ID_AT] = next(self._ids)
         cond = worker.cond
         with cond:
             while worker.state == UP and worker.in_flight >= self.max_in_flight:
@@ -345,9 +349,10 @@ class Mesh:
             worker.in_flight += 1
             worker.peak_in_flight = max(worker.peak_in_flight, worker.in_flight)
             worker.awaited.add(request_id)  # before the send: the reply may come at once
+        answered = False
         try:
             sent_at = time.monotonic()
-            self._send(worker, wire.header(request_id, op_id, tensors, values), payload, sent_at)
+            self._send(worker, words, payload, sent_at)
             with cond:
                 while request_id not in worker.replies:
                     if worker.state != UP:
@@ -359,12 +364,17 @@ class Mesh:
                     cond.wait(left)
                 status, results = worker.replies.pop(request_id)
                 worker.answered += 1
-        finally:
-            with cond:
-                worker.in_flight -= 1
+                worker.in_flight -= 1  # the slot is free: in the same hold of the lock as the reply
                 worker.awaited.discard(request_id)
-                worker.replies.pop(request_id, None)
                 cond.notify_all()
+                answered = True
+        finally:
+            if not answered:
+                with cond:
+                    worker.in_flight -= 1
+                    worker.awaited.discard(request_id)
+                    worker.replies.pop(request_id, None)
+                    cond.notify_all()
         if status != wire.STATUS_OK:
             raise MeshError(f"worker {worker.rank}: {bytes(results[0].tolist()).decode(errors='replace')}")
         return results
@@ -412,6 +422,11 @@ class Mesh:
         while True:
             try:
                 reply = self._receive_one(worker)
+                # Everything else before the handoff, which is then the last step before this
+                # thread waits again: the caller it wakes gets the GIL and keeps it.
+                worker.inbox.release()
+                if reply is not None:
+                    worker.outbox.acknowledge(reply[0])  # the request reached the worker: its buffer is free
             except Exception as exc:
                 if not self._closed:
                     self._set_state(worker, DEAD, f"connection lost: {type(exc).__name__}: {exc}")

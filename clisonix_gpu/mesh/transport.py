@@ -40,10 +40,25 @@ def groups(world_size: int) -> dict[int, Any]:
     return {w: dist.new_group([0, w], timeout=GROUP_TIMEOUT) for w in range(1, world_size)}
 
 
+def _endpoint(group: Any) -> Any:
+    """What sends and receives for ``group``: its Gloo backend where torch exposes it, which
+    skips the operator dispatcher that the process group's own calls go through (a few
+    microseconds per message, on every request's path); else the group itself."""
+    get_backend = getattr(group, "_get_backend", None)
+    if get_backend is not None:
+        try:
+            backend = get_backend(torch.device("cpu"))
+        except (RuntimeError, ValueError):
+            return group
+        if callable(getattr(backend, "send", None)) and callable(getattr(backend, "recv", None)):
+            return backend
+    return group
+
+
 def _peer_of(group: Any, rank: int) -> int:
-    """``rank``'s rank inside ``group``: messages go through the process group's own send/recv,
-    which skips a per-call layer of checks in torch.distributed that costs as much as the
-    transfer of a small message."""
+    """``rank``'s rank inside ``group``: messages go through the group's own send/recv (see
+    :func:`_endpoint`), not ``dist.send``, whose per-call checks cost as much as the transfer of
+    a small message."""
     return dist.get_group_rank(group, rank)
 
 
@@ -52,19 +67,30 @@ class Outbox:
     the last message is on its way; a buffer is waited for only when it is needed again, so a
     request or reply costs no wait of its own.
 
-    With ``deadlines=True`` (the edge), a thread of the outbox waits for each send to complete
-    and frees its buffer, and a sender that needs a buffer waits for one with ``give_up`` in
-    charge; otherwise (a worker) the sender itself waits, without a deadline.
+    With ``deadlines=True`` (the edge), nothing here waits without a deadline. A Gloo send is
+    known complete only to a wait, and a wait cannot end early, so a buffer is reused without one
+    only when the peer has proven the send delivered: a reply to a request proves that the
+    request's first message, and every message before it, reached the worker
+    (:meth:`acknowledge`; messages arrive in order). Otherwise, a sender that needs a buffer asks
+    the outbox's thread to wait for the oldest send and waits itself for a buffer with
+    ``give_up`` in charge. The thread sleeps while no sender waits, so the usual round trip (one
+    request at a time, or a few pipelined ones) wakes it never. Without ``deadlines`` (a worker)
+    the sender itself waits, without a deadline.
     """
 
     def __init__(self, dst: int, group: Any, *, deadlines: bool = False):
-        self._group, self._peer = group, _peer_of(group, dst)
+        self._group, self._peer = _endpoint(group), _peer_of(group, dst)
         self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES)]
         self._tensors = [torch.from_numpy(b) for b in self._buffers]  # the same memory, made once
         self._free = deque(range(POSTED_RECEIVES))
-        self._sending: deque[tuple[int, Any]] = deque()  # sends not known to be complete, oldest first
+        # sends not known to be complete, oldest first: (buffer, message number, request id, chunk, work)
+        self._sending: deque[tuple[int, int, int, int, Any]] = deque()
+        self._numbered = 0  # messages sent so far: a message's number is its position
+        self._delivered = 0  # messages numbered up to this one are known to have reached the peer
         self._spans: dict[tuple[int, int], torch.Tensor] = {}  # message tensors by (buffer, length)
         self._cond: threading.Condition | None = None
+        self._waiting = 0  # senders waiting for a buffer (deadline mode): the thread works only then
+        self._completing = False  # the thread is waiting for a send it took off ``_sending``
         self._error: BaseException | None = None
         self._closed = False
         if deadlines:
@@ -75,11 +101,18 @@ class Outbox:
         if self._cond is None:
             if self._free:
                 return self._free.popleft()
-            index, work = self._sending.popleft()
+            index, *_, work = self._sending.popleft()
             work.wait()
             return index
         with self._cond:
-            self._wait_locked(lambda: bool(self._free), give_up)
+            self._reclaim_locked()
+            if not self._free:
+                self._waiting += 1
+                self._cond.notify_all()
+                try:
+                    self._wait_locked(lambda: bool(self._free), give_up)
+                finally:
+                    self._waiting -= 1
             return self._free.popleft()
 
     def send(self, words: list[int], payload: wire.Payload, give_up: GiveUp | None = None) -> None:
@@ -94,46 +127,82 @@ class Outbox:
                     self._spans.clear()
                 span = self._spans[index, length] = self._tensors[index][:length]
             work = self._group.send([span], self._peer, 0)
+            self._numbered += 1
+            entry = (index, self._numbered, words[wire.REQUEST_ID_AT], chunk, work)
             if self._cond is None:
-                self._sending.append((index, work))
+                self._sending.append(entry)
+                if not self._free and len(self._sending) > 1:  # done now, after the message left, not before the next
+                    index, *_, work = self._sending.popleft()
+                    work.wait()
+                    self._free.append(index)
             else:
                 with self._cond:
-                    self._sending.append((index, work))
-                    self._cond.notify_all()
+                    self._sending.append(entry)
+
+    def acknowledge(self, request_id: int) -> None:
+        """Deadline mode: the peer answered ``request_id``, so it read the request's first message
+        and all before it; their buffers are freed now (by the edge's reader, off the sender's
+        path), without a wait that could block."""
+        assert self._cond is not None
+        with self._cond:
+            for _, number, sent_id, chunk, _ in self._sending:
+                if sent_id == request_id and chunk == 0:
+                    self._delivered = max(self._delivered, number)
+                    self._reclaim_locked()
+                    if self._waiting:
+                        self._cond.notify_all()
+                    return
+
+    def _reclaim_locked(self) -> None:
+        """Deadline mode, holding the condition: free the buffers of sends proven delivered (their
+        wait returns at once: Gloo finished writing them before the peer could read them)."""
+        while self._sending and self._sending[0][1] <= self._delivered:
+            index, *_, work = self._sending.popleft()
+            work.wait()
+            self._free.append(index)
 
     def _complete_sends(self) -> None:
-        """The deadline mode's thread: wait for each send in turn (Gloo sends complete only
-        through a wait) and free its buffer; a failed send fails every later wait for a buffer."""
+        """The deadline mode's thread: while a sender waits for a buffer (or the outbox closes),
+        wait for the oldest send (Gloo sends complete only through a wait) and free its buffer;
+        a failed send fails every later wait for a buffer."""
         assert self._cond is not None
         while True:
             with self._cond:
-                while not self._sending and not self._closed:
+                while not (self._sending and (self._waiting or self._closed)):
+                    if self._closed and not self._sending:
+                        return
                     self._cond.wait()
-                if not self._sending:
-                    return
-                index, work = self._sending[0]
+                index, *_, work = self._sending.popleft()
+                self._completing = True
             try:
                 work.wait()
             except Exception as exc:
                 with self._cond:
                     self._error = exc
+                    self._completing = False
                     self._cond.notify_all()
                 return
             with self._cond:
-                self._sending.popleft()
                 self._free.append(index)
+                self._completing = False
                 self._cond.notify_all()
 
     def flush(self, give_up: GiveUp | None = None) -> None:
         """Wait until every message sent is delivered."""
         if self._cond is None:
             while self._sending:
-                index, work = self._sending.popleft()
+                index, *_, work = self._sending.popleft()
                 work.wait()
                 self._free.append(index)
             return
         with self._cond:
-            self._wait_locked(lambda: not self._sending, give_up)
+            self._reclaim_locked()
+            self._waiting += 1
+            self._cond.notify_all()
+            try:
+                self._wait_locked(lambda: not self._sending and not self._completing, give_up)
+            finally:
+                self._waiting -= 1
 
     def _wait_locked(self, done: Callable[[], bool], give_up: GiveUp | None) -> None:
         """Deadline mode, holding the condition: wait until ``done()``; a failed send or
@@ -146,6 +215,7 @@ class Outbox:
             if reason is not None:
                 raise reason
             self._cond.wait(0.05)
+            self._reclaim_locked()
 
     def close(self) -> None:
         """End the deadline mode's thread once its sends are complete."""
@@ -164,7 +234,7 @@ class Inbox:
     """
 
     def __init__(self, src: int, group: Any):
-        self._group, self._peer = group, _peer_of(group, src)
+        self._group, self._peer = _endpoint(group), _peer_of(group, src)
         self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES + 1)]
         self._tensors = [torch.from_numpy(b) for b in self._buffers]
         self._free = deque(range(POSTED_RECEIVES + 1))
@@ -179,14 +249,19 @@ class Inbox:
 
     def receive(self) -> tuple[list[int], np.ndarray | None]:
         # Buffers are posted again here, not right after a message arrives: one receive stays
-        # posted meanwhile, and posting is then off the path from a message to its answer.
-        if self._held is not None:
-            self._free.append(self._held)
-            self._held = None
-        while len(self._posted) < POSTED_RECEIVES:
-            self._post()
+        # posted meanwhile, and posting is then off the path from a message to its answer
+        # (a worker has replied by now; the edge's reader calls ``release`` before its handoff).
+        self.release()
         index, work = self._posted[0]
         work.wait()
         self._posted.popleft()
         self._held = index
         return wire.parse(self._buffers[index])
+
+    def release(self) -> None:
+        """Done with the last message's bytes: its buffer is posted again."""
+        if self._held is not None:
+            self._free.append(self._held)
+            self._held = None
+        while len(self._posted) < POSTED_RECEIVES:
+            self._post()
