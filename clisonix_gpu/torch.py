@@ -104,7 +104,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     x, w, bias, activation = inputs
     # an activation whose derivative is a function of its output keeps the output: no GEMM to
     # recompute the pre-activation in backward
-    keep_output = _ACTIVATIONS[activation or None].grad_from_output is not None
+    keep_output = _ACTIVATIONS[activation or None].backward_from_output is not None
     ctx.save_for_backward(x, w, bias, output if keep_output else None)
     ctx.activation = activation or None
     ctx.has_bias = bias is not None
@@ -114,13 +114,13 @@ def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Ten
     x, w, bias, output = ctx.saved_tensors
     if ctx.activation:
         activation = _ACTIVATIONS[ctx.activation]
-        if activation.grad_from_output is not None:
-            grad = grad * activation.grad_from_output(output)
+        if activation.backward_from_output is not None:
+            grad = activation.backward_from_output(grad, output)
         else:  # the fused CUDA kernel and traced graphs keep no pre-activation: recompute it
             z = torch.matmul(x, w.transpose(-1, -2))
             if bias is not None:
                 z = z + bias
-            grad = grad * activation.grad(z)
+            grad = activation.backward(grad, z)
     return _linear_backward(ctx, grad, x, w)
 
 
@@ -165,7 +165,7 @@ def _keep_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor,
 
 def _keep_backward(ctx: Any, grad: Tensor, grad_preactivation: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
     x, w, preactivation = ctx.saved_tensors
-    grad = grad * _ACTIVATIONS[ctx.activation].grad(preactivation)
+    grad = _ACTIVATIONS[ctx.activation].backward(grad, preactivation)
     if grad_preactivation is not None:
         grad = grad + grad_preactivation
     return _linear_backward(ctx, grad, x, w)
@@ -208,7 +208,7 @@ def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activatio
         route = _tm.torch_op_route(x, w, bias)
         if route is None and not _modes_active():
             return cast(Tensor, _tm.transform_matrix_cpu_tensors(x, w, bias, activation))
-        if route == "autograd" and _ACTIVATIONS[activation].grad_from_output is None:
+        if route == "autograd" and _ACTIVATIONS[activation].backward_from_output is None:
             return cast(Tensor, _transform_matrix_cpu_keep(x, w, bias, activation or "")[0])
     return cast(Tensor, _transform_matrix_op(x, w, bias, activation))
 

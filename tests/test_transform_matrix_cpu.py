@@ -151,3 +151,30 @@ def test_check_rejects_a_position_dependent_gemm(monkeypatch):
 
     monkeypatch.setattr(torch, "mm", position_dependent)
     assert not _tiled_gemm._check(_tiled_gemm.TilePlan((16, 32, 64)), 33, 5, torch.float32)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ACTS)
+def test_epilogue_rounds_every_element_as_a_lone_simd_vector_does(rng, activation, dtype, count):
+    """The epilogue on buffers of many lengths (one piece, many pieces, torch's threading
+    thresholds crossed) against the activation on 64-element pieces, which only the SIMD code
+    computes: whatever the buffer's length, an element's bits are the same."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        for length in (64, 6144, 6208, 32768, 32832, 64 * 1999, 64 * 4097):
+            z = torch.from_numpy(rng.standard_normal(length) * 4).to(dtype)
+            expected = torch.cat([cg.ops.activations.TABLE[activation].torch(piece) for piece in z.split(64)])
+            flat = z.clone()
+            _tiled_gemm._apply_epilogue_(flat, flat.view(-1, 64), None, activation)
+            assert torch.equal(flat, expected), (activation, length, int((flat != expected).sum()))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "gelu_tanh"])
+def test_wide_outputs_every_batch_size(rng, threads, activation):
+    """N = 1000: from M = 7 on, the output crosses torch's threading thresholds for elementwise ops."""
+    x, w, b = _inputs(rng, "torch", "float32", 300, 64, 1000)
+    _sweep(x, w, b, [1, 2, 7, 15, 16, 17, 33, 64, 65, 127, 200, 299, 300], activations=(activation,))

@@ -20,7 +20,9 @@ The epilogue: adding the bias, ReLU and leaky ReLU are exact per element. torch'
 code for erf, exp and tanh-based activations differ in the last bit, and torch runs the scalar
 code on the tail of each thread's chunk of a tensor, so a row's bits would depend on where the
 tensor ends. Those activations run on the flat output in serial pieces whose lengths are multiples
-of 64 elements (the buffer is padded to one), so every element takes the SIMD code.
+of 64 elements (the buffer is padded to one), so every element takes the SIMD code. float32 GELU
+is the exception: torch hands it to oneDNN, whose kernel rounds every element alike wherever a
+call or a thread's share ends, so it runs as one call (measured; the tests pin it).
 """
 
 from __future__ import annotations
@@ -38,10 +40,23 @@ __all__ = ["TilePlan", "case_key", "method_description", "plan_for", "tiled_tran
 # Tried in order; the first plan whose check passes serves the case. 64-row tiles cost 0.86-0.94x
 # of one GEMM over thousands of rows; 16 rows pad a single row to 16 (a few rows are GEMV-bound).
 _VECTOR_MULTIPLE = 64  # elements: a multiple of twice the widest SIMD vector torch uses
-_PIECE = 6144  # elements per epilogue call: at most torch's thresholds for threading (GELU: 6144), so one thread
 _ALIGN = 64  # bytes
 # one rounding (or none) per element, the same in torch's SIMD and scalar code
 _EXACT_PER_ELEMENT = frozenset({"relu", "leaky_relu"})
+_GRAIN = 32768  # torch's grain size: an elementwise call on fewer elements runs in one thread
+_GELU_GRAIN = 6144  # torch threads GELU above this many elements
+
+
+def _piece_length(activation: str, dtype: Any) -> int | None:
+    """Elements per epilogue call for ``activation``: a multiple of ``_VECTOR_MULTIPLE`` small enough
+    to run in one thread, or None for one call on the whole buffer. float32 GELU runs in oneDNN,
+    whose kernel rounds every element alike wherever it falls (masked vector tails, tested), and
+    costs about 18 us a call on this VM whatever its length, so pieces would cost a lot."""
+    import torch
+
+    if activation == "gelu":
+        return None if dtype == torch.float32 else _GELU_GRAIN
+    return _GELU_GRAIN if activation == "gelu_tanh" else _GRAIN
 
 
 class TilePlan(NamedTuple):
@@ -158,7 +173,8 @@ def _apply_epilogue_(flat: Any, out: Any, bias: Any, activation: str | None, pre
     ``out`` before the activation is appended to it.
 
     The bias, ReLU and leaky ReLU are exact per element, so they run as one call (all threads).
-    The other activations run in serial pieces under torch's grain size (module docstring)."""
+    The other activations run in serial pieces under torch's threading thresholds (module
+    docstring), or in one call where :func:`_piece_length` says so."""
     if bias is not None:
         out += bias
     if preactivation is not None:
@@ -169,8 +185,12 @@ def _apply_epilogue_(flat: Any, out: Any, bias: Any, activation: str | None, pre
         TABLE[activation].torch_(out)
         return
     in_place = TABLE[activation].torch_
-    for start in range(0, flat.shape[0], _PIECE):
-        in_place(flat[start : start + _PIECE])
+    piece = _piece_length(activation, flat.dtype)
+    if piece is None:
+        in_place(flat)
+        return
+    for start in range(0, flat.shape[0], piece):
+        in_place(flat[start : start + piece])
 
 
 def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
