@@ -20,7 +20,7 @@ import clisonix_gpu as cg
 from clisonix_gpu import mesh
 
 SIZES = [4 << 10, 256 << 10, 4 << 20]  # bytes per tensor
-ROUND_TRIPS = 20 if TINY else 200
+ROUND_TRIPS = 20 if TINY else 1000
 
 
 def _free_port() -> int:
@@ -64,7 +64,7 @@ def bench_mesh_round_trip():
     """Blocks of mesh round trips alternate with blocks of raw ping-pong, both kept running, so
     both sides see the same machine conditions."""
     sizes = SIZES[:1] if TINY else SIZES
-    blocks = 2 if TINY else 5
+    blocks = 2 if TINY else 20
     ctx = mp.get_context("spawn")
     ours_end, raw_end = ctx.Pipe()
     pair = mp.start_processes(_ping_pong_pair, args=(_free_port(), raw_end), nprocs=2, start_method="spawn", join=False)

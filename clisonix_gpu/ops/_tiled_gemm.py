@@ -153,8 +153,9 @@ def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> tuple[Any, Any]:
             split += size
     tail = x
     if split < rows:
-        tail = torch.zeros((rows - split, k), dtype=x.dtype)
+        tail = torch.empty((rows - split, k), dtype=x.dtype)
         tail[: m - split].copy_(x[split:] if split else x)
+        tail[m - split :].zero_()
     wt = w.t()
     if len(tiles) == 1:  # the common small batch: no views to make
         torch.mm(tail, wt, out=out)
