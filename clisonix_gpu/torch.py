@@ -104,7 +104,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     x, w, bias, activation = inputs
     # an activation whose derivative is a function of its output keeps the output: no GEMM to
     # recompute the pre-activation in backward
-    keep_output = _ACTIVATIONS[activation or None].backward_from_output is not None
+    keep_output = bool(activation) and _ACTIVATIONS[activation].backward_from_output is not None
     ctx.save_for_backward(x, w, bias, output if keep_output else None)
     ctx.activation = activation or None
     ctx.has_bias = bias is not None
@@ -165,7 +165,7 @@ def _keep_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor,
 
 def _keep_backward(ctx: Any, grad: Tensor, grad_preactivation: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
     x, w, preactivation = ctx.saved_tensors
-    grad = _ACTIVATIONS[ctx.activation].backward(grad, preactivation)
+    grad = _ACTIVATIONS[ctx.activation or None].backward(grad, preactivation)
     if grad_preactivation is not None:
         grad = grad + grad_preactivation
     return _linear_backward(ctx, grad, x, w)
