@@ -178,3 +178,15 @@ def test_wide_outputs_every_batch_size(rng, threads, activation):
     """N = 1000: from M = 7 on, the output crosses torch's threading thresholds for elementwise ops."""
     x, w, b = _inputs(rng, "torch", "float32", 300, 64, 1000)
     _sweep(x, w, b, [1, 2, 7, 15, 16, 17, 33, 64, 65, 127, 200, 299, 300], activations=(activation,))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_torch_op_and_layers_give_the_bits_of_the_top_level_op(rng, threads, dtype):
+    """``cg.torch.transform_matrix`` (what the layers call) takes a shorter road to the same tiles:
+    every M, every activation, the same bits as ``cg.transform_matrix``."""
+    x, w, b = _inputs(rng, "torch", dtype, 300, 129, 7)
+    for m in list(range(1, 40)) + [63, 64, 65, 127, 128, 129, 255, 256, 257, 300]:
+        act = ACTS[m % len(ACTS)]
+        expected = _bits(cg.transform_matrix(x[:m], w, b, act))
+        assert np.array_equal(_bits(cg.torch.transform_matrix(x[:m], w, b, act)), expected), (m, act)
+        assert np.array_equal(_bits(cg.torch.transform_matrix(x[:m].t().contiguous().t(), w, b, act)), expected), (m, act)

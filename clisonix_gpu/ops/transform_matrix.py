@@ -213,10 +213,21 @@ def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | No
     """:func:`transform_matrix` for CPU torch tensors without the dispatch layer (the torch op's
     CPU kernel): checks, the CPU path, the result in ``x``'s dtype. With ``keep_preactivation``,
     ``(output, x @ w.T + bias)``: the output has the same bits as without it."""
+    import torch
+
     if not _plain_cpu_tensors(x, w, bias):  # the general check names what is wrong (e.g. sparse)
         _dispatch.common_kind(("x", "w", "bias"), (x, w, bias), optional=("bias",))
     validate(x, w, bias, activation)
-    out, pre = _cpu_path(x.detach(), w.detach(), None if bias is None else bias.detach(), activation, keep_preactivation)
+    x, w, bias = x.detach(), w.detach(), None if bias is None else bias.detach()
+    if x.ndim == 2 and w.ndim == 2 and x.dtype in (torch.float32, torch.float64):
+        # a layer's call: what _cpu_path would do, without its reshapes, casts and type switches
+        from ._tiled_gemm import plan_for, tiled_transform_matrix
+
+        plan = plan_for(x.shape[1], w.shape[0], x.dtype)
+        if plan is not None:
+            out, pre = tiled_transform_matrix(x, w, bias, activation, plan, keep_preactivation)
+            return (out, pre) if keep_preactivation else out
+    out, pre = _cpu_path(x, w, bias, activation, keep_preactivation)
     if keep_preactivation:
         return _dispatch.cast_like(out, x), _dispatch.cast_like(pre, x)
     return _dispatch.cast_like(out, x)
