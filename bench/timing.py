@@ -44,14 +44,22 @@ def measure(benchmark: Any, fn: Callable[[], Any], device: str, rounds: int) -> 
         benchmark.extra_info["do_bench_median_ms"] = ms
         benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=1, iterations=1)
         return ms / 1e3
-    import time
-
-    start = time.perf_counter()
-    fn()  # warm-up, and a first look at how long one call takes
-    if time.perf_counter() - start > 2.0:
-        rounds = min(rounds, 2)  # slow peers (exact SVD, brute force) get fewer rounds
+    rounds = _warm_up([fn], rounds)
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
     return float(benchmark.stats.stats.median)
+
+
+def _warm_up(fns: list[Callable[[], Any]], rounds: int) -> int:
+    """Call each of ``fns`` once (warm-up, and a first look at how long a call takes); the rounds
+    to time: at most 2 when any call took over 2 s (exact SVD, brute force)."""
+    import time
+
+    for fn in fns:
+        start = time.perf_counter()
+        fn()
+        if time.perf_counter() - start > 2.0:
+            rounds = min(rounds, 2)
+    return rounds
 
 
 # Between blocks of two implementations: longer than a BLAS pool spins before it sleeps (OpenBLAS,
@@ -73,11 +81,7 @@ def measure_alternating(fns: dict[str, Callable[[], Any]], device: str, rounds: 
     import time
 
     names = list(fns)
-    for name in names:
-        start = time.perf_counter()
-        fns[name]()  # warm-up, and a first look at how long one call takes
-        if time.perf_counter() - start > 2.0:
-            rounds = min(rounds, 2)  # slow peers (exact SVD, brute force) get fewer rounds
+    rounds = _warm_up(list(fns.values()), rounds)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for turn in range(rounds):
         for name in names[turn % len(names) :] + names[: turn % len(names)]:

@@ -364,20 +364,24 @@ class Mesh:
                     cond.wait(left)
                 status, results = worker.replies.pop(request_id)
                 worker.answered += 1
-                worker.in_flight -= 1  # the slot is free: in the same hold of the lock as the reply
-                worker.awaited.discard(request_id)
-                cond.notify_all()
+                self._free_slot_locked(worker, request_id)  # in the same hold of the lock as the reply
                 answered = True
         finally:
             if not answered:
                 with cond:
-                    worker.in_flight -= 1
-                    worker.awaited.discard(request_id)
-                    worker.replies.pop(request_id, None)
-                    cond.notify_all()
+                    self._free_slot_locked(worker, request_id)
         if status != wire.STATUS_OK:
             raise MeshError(f"worker {worker.rank}: {bytes(results[0].tolist()).decode(errors='replace')}")
         return results
+
+    @staticmethod
+    def _free_slot_locked(worker: WorkerLink, request_id: int) -> None:
+        """Holding ``worker.cond``: request ``request_id`` no longer occupies a slot or waits for a
+        reply (a late one is dropped)."""
+        worker.in_flight -= 1
+        worker.awaited.discard(request_id)
+        worker.replies.pop(request_id, None)
+        worker.cond.notify_all()
 
     def _send(self, worker: WorkerLink, words: list[int], payload: wire.Payload, sent_at: float) -> None:
         """Send under the worker's deadline: waits for the send lock or a buffer end when the

@@ -49,14 +49,15 @@ _GELU_GRAIN = 6144  # torch threads GELU above this many elements
 
 def _piece_length(activation: str, dtype: Any) -> int | None:
     """Elements per epilogue call for ``activation``: a multiple of ``_VECTOR_MULTIPLE`` small enough
-    to run in one thread, or None for one call on the whole buffer. float32 GELU runs in oneDNN,
-    whose kernel rounds every element alike wherever it falls (masked vector tails, tested), and
-    costs about 18 us a call on this VM whatever its length, so pieces would cost a lot."""
+    to run in one thread, or None for one call on the whole buffer. ReLU and leaky ReLU round alike
+    in any code; float32 GELU runs in oneDNN, whose kernel rounds every element alike wherever it
+    falls (masked vector tails, tested), and costs about 18 us a call on this VM whatever its
+    length, so pieces would cost a lot."""
     import torch
 
-    if activation == "gelu":
-        return None if dtype == torch.float32 else _GELU_GRAIN
-    return _GELU_GRAIN if activation == "gelu_tanh" else _GRAIN
+    if activation in _EXACT_PER_ELEMENT or (activation == "gelu" and dtype == torch.float32):
+        return None
+    return _GELU_GRAIN if activation in ("gelu", "gelu_tanh") else _GRAIN
 
 
 class TilePlan(NamedTuple):
@@ -168,30 +169,27 @@ def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> tuple[Any, Any]:
     return flat, out
 
 
-def _apply_epilogue_(flat: Any, out: Any, bias: Any, activation: str | None, preactivation: list[Any] | None = None) -> None:
+def _apply_epilogue_(flat: Any, out: Any, bias: Any, activation: str | None, keep_preactivation: bool = False) -> Any:
     """Bias and activation in place on ``out``, the (rows, N) view at the start of ``flat``, whose
-    length is a multiple of ``_VECTOR_MULTIPLE``. With ``preactivation`` (a list), a copy of
-    ``out`` before the activation is appended to it.
+    length is a multiple of ``_VECTOR_MULTIPLE``; returns a copy of ``out`` before the activation
+    with ``keep_preactivation``, else None.
 
-    The bias, ReLU and leaky ReLU are exact per element, so they run as one call (all threads).
-    The other activations run in serial pieces under torch's threading thresholds (module
-    docstring), or in one call where :func:`_piece_length` says so."""
+    The bias runs as one call (all threads: exact per element). The activation runs in serial
+    pieces under torch's threading thresholds (module docstring), or in one call where
+    :func:`_piece_length` says so."""
     if bias is not None:
         out += bias
-    if preactivation is not None:
-        preactivation.append(out.clone())
+    preactivation = out.clone() if keep_preactivation else None
     if activation is None:
-        return
-    if activation in _EXACT_PER_ELEMENT:
-        TABLE[activation].torch_(out)
-        return
+        return preactivation
     in_place = TABLE[activation].torch_
     piece = _piece_length(activation, flat.dtype)
     if piece is None:
         in_place(flat)
-        return
-    for start in range(0, flat.shape[0], piece):
-        in_place(flat[start : start + piece])
+    else:
+        for start in range(0, flat.shape[0], piece):
+            in_place(flat[start : start + piece])
+    return preactivation
 
 
 def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
@@ -259,7 +257,6 @@ def tiled_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, pl
     float32): (M, N) in that dtype, and ``x @ w.T + bias`` with ``keep_preactivation`` (else None)."""
     w = w if w.is_contiguous() else w.contiguous()
     flat, out = _gemm_tiles(x, w, plan)
-    kept: list[Any] | None = [] if keep_preactivation else None
-    _apply_epilogue_(flat, out, bias, activation, kept)
+    preactivation = _apply_epilogue_(flat, out, bias, activation, keep_preactivation)
     m = x.shape[0]
-    return out[:m], (kept[0][:m] if kept else None)
+    return out[:m], None if preactivation is None else preactivation[:m]

@@ -215,36 +215,18 @@ def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | No
     ``(output, x @ w.T + bias)``: the output has the same bits as without it."""
     import torch
 
-    if not _plain_cpu_tensors(x, w, bias):  # the general check names what is wrong (e.g. sparse)
+    if x is None or w is None or not _dispatch.dense_cpu_tensors(x, w, bias):  # the general check names what is wrong
         _dispatch.common_kind(("x", "w", "bias"), (x, w, bias), optional=("bias",))
     validate(x, w, bias, activation)
     x, w, bias = x.detach(), w.detach(), None if bias is None else bias.detach()
     if x.ndim == 2 and w.ndim == 2 and x.dtype in (torch.float32, torch.float64):
-        # a layer's call: what _cpu_path would do, without its reshapes, casts and type switches
-        from ._tiled_gemm import plan_for, tiled_transform_matrix
-
-        plan = plan_for(x.shape[1], w.shape[0], x.dtype)
-        if plan is not None:
-            out, pre = tiled_transform_matrix(x, w, bias, activation, plan, keep_preactivation)
-            return (out, pre) if keep_preactivation else out
+        # a layer's call: one 2-D problem in the output dtype, without the batch path's reshapes and casts
+        out, pre = _transform_matrix_2d(x, w, bias, activation, keep_preactivation)
+        return (out, pre) if keep_preactivation else out
     out, pre = _cpu_path(x, w, bias, activation, keep_preactivation)
     if keep_preactivation:
         return _dispatch.cast_like(out, x), _dispatch.cast_like(pre, x)
     return _dispatch.cast_like(out, x)
-
-
-def _plain_cpu_tensors(x: Any, w: Any, bias: Any) -> bool:
-    """All present arguments are dense CPU tensors (the common case, checked cheaply)."""
-    import torch
-
-    return (
-        all(
-            a is None or (type(a) in (torch.Tensor, torch.nn.Parameter) and a.layout == torch.strided and a.device.type == "cpu")
-            for a in (x, w, bias)
-        )
-        and x is not None
-        and w is not None
-    )
 
 
 @_dispatch.register("transform_matrix", "numpy", takes_cpu_tensors=True)
