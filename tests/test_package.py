@@ -29,7 +29,7 @@ def test_cli_info_reports_backends():
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     assert "numpy   usable" in out
     assert "triton" in out and "cupy" in out and "torch" in out
-    assert "CPU transform_matrix" in out and "K=N=1024 float32: BLAS on fixed" in out
+    assert "CPU transform_matrix" in out and "K=N=1024 float32: MKL packed GEMM" in out and "K=N=1024 float64: BLAS on fixed" in out
 
 
 def test_ops_do_not_import_torch_library_alda_or_mesh():

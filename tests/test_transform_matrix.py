@@ -55,11 +55,10 @@ def _triton(*arrays):
 # ----------------------------------------------------------------------------- NumPy path
 
 
-@pytest.fixture(params=["tiled", "exact"])
+@pytest.fixture(params=["auto", "tiles", "exact"])
 def cpu_gemm(request, monkeypatch):
-    """Both CPU methods: BLAS on checked row tiles, and the exact fallback."""
-    if request.param == "exact":
-        monkeypatch.setenv("CLISONIX_CPU_GEMM", "exact")
+    """Every CPU method: packed weights (float32), BLAS on checked row tiles, the exact fallback."""
+    monkeypatch.setenv("CLISONIX_CPU_GEMM", request.param)
     return request.param
 
 
@@ -171,7 +170,7 @@ def _run(backend, x, w, b=None, activation=None):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_invariance_bitwise(rng, backend, cpu_gemm):
-    if backend == "triton" and cpu_gemm == "exact":
+    if backend == "triton" and cpu_gemm != "auto":
         pytest.skip("the CPU method does not reach the Triton path")
     m, k, n = 300, (1003 if backend == "numpy" else 33), (129 if backend == "numpy" else 17)
     x, w, b = _inputs(rng, m, k, n)
@@ -223,7 +222,7 @@ def test_batched_weights(rng, backend):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's NumPy sees NaN
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_and_inf_propagate(rng, backend, cpu_gemm):
-    if backend == "triton" and cpu_gemm == "exact":
+    if backend == "triton" and cpu_gemm != "auto":
         pytest.skip("the CPU method does not reach the Triton path")
     x, w, b = _inputs(rng, 6, 9, 4)
     x[1, 3], x[2, 0], w[3, 5] = np.nan, np.inf, -np.inf

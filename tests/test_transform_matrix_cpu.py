@@ -18,7 +18,7 @@ import torch
 
 import clisonix_gpu as cg
 from clisonix_gpu.baselines import reference_transform_matrix
-from clisonix_gpu.ops import _tiled_gemm
+from clisonix_gpu.ops import _cpu_epilogue, _packed_gemm, _tiled_gemm
 
 ACTS = cg.ACTIVATIONS
 ALL_M = list(range(1, 301))
@@ -122,9 +122,11 @@ def test_exact_fallback_is_batch_invariant_and_used_for_every_row(rng, monkeypat
     assert np.abs(exact - ref).max() <= np.abs(tiled - ref).max()
 
 
-def test_failed_check_sends_the_case_to_the_exact_path(rng, monkeypatch):
+def test_failed_checks_send_the_case_to_the_exact_path(rng, monkeypatch):
     monkeypatch.setattr(_tiled_gemm, "_check", lambda *args: False)
     monkeypatch.setattr(_tiled_gemm, "_plans", {})
+    monkeypatch.setattr(_packed_gemm, "_check", lambda *args: False)
+    monkeypatch.setattr(_packed_gemm, "_verdicts", {})
     assert cg.transform_matrix_cpu_method(40, 3).startswith("exact float64 slices (BLAS failed")
     x, w, b = _inputs(rng, "torch", "float32", 20, 40, 3)
     monkeypatch.setenv("CLISONIX_CPU_GEMM", "exact")
@@ -158,16 +160,17 @@ def test_check_rejects_a_position_dependent_gemm(monkeypatch):
 @pytest.mark.parametrize("activation", ACTS)
 def test_epilogue_rounds_every_element_as_a_lone_simd_vector_does(rng, activation, dtype, count):
     """The epilogue on buffers of many lengths (one piece, many pieces, torch's threading
-    thresholds crossed) against the activation on 64-element pieces, which only the SIMD code
-    computes: whatever the buffer's length, an element's bits are the same."""
+    thresholds crossed, a tail short of 64) against the activation on 64-element pieces, which
+    only the SIMD code computes: whatever the buffer's length, an element's bits are the same."""
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
-        for length in (64, 6144, 6208, 32768, 32832, 64 * 1999, 64 * 4097):
+        for length in (1, 63, 64, 65, 6144, 6208, 6211, 32768, 32832, 64 * 1999 + 5, 64 * 4097):
             z = torch.from_numpy(rng.standard_normal(length) * 4).to(dtype)
-            expected = torch.cat([cg.ops.activations.TABLE[activation].torch(piece) for piece in z.split(64)])
+            padded = torch.cat([z, torch.zeros(-length % 64, dtype=dtype)])
+            expected = torch.cat([cg.ops.activations.TABLE[activation].torch(piece) for piece in padded.split(64)])[:length]
             flat = z.clone()
-            _tiled_gemm._apply_epilogue_(flat, flat.view(-1, 64), None, activation)
+            _cpu_epilogue.apply_epilogue_(flat.view(1, -1), None, activation)
             assert torch.equal(flat, expected), (activation, length, int((flat != expected).sum()))
     finally:
         torch.set_num_threads(before)

@@ -16,13 +16,7 @@ same bits; tile sizes fall into classes (float32 at K = N = 4096: 2-14 rows and 
 two different roundings); the class boundary moves with the thread count, hence the thread count
 in the key. One row alone (GEMV) rounds differently again, so a single row is padded to ``small``.
 
-The epilogue: adding the bias, ReLU and leaky ReLU are exact per element. torch's SIMD and scalar
-code for erf, exp and tanh-based activations differ in the last bit, and torch runs the scalar
-code on the tail of each thread's chunk of a tensor, so a row's bits would depend on where the
-tensor ends. Those activations run on the flat output in serial pieces whose lengths are multiples
-of 64 elements (the buffer is padded to one), so every element takes the SIMD code. float32 GELU
-is the exception: torch hands it to oneDNN, whose kernel rounds every element alike wherever a
-call or a thread's share ends, so it runs as one call (measured; the tests pin it).
+The epilogue (bias, activation) is ``_cpu_epilogue``'s, shared with the packed-weight path.
 """
 
 from __future__ import annotations
@@ -32,32 +26,13 @@ import os
 import threading
 from typing import Any, NamedTuple
 
-from .activations import TABLE
-from .utils import cdiv
+from ._cpu_epilogue import apply_epilogue_
 
-__all__ = ["TilePlan", "case_key", "method_description", "plan_for", "tiled_transform_matrix"]
+__all__ = ["TilePlan", "case_key", "compute_dtype", "cpu_gemm_mode", "plan_for", "tiled_transform_matrix"]
 
 # Tried in order; the first plan whose check passes serves the case. 64-row tiles cost 0.86-0.94x
 # of one GEMM over thousands of rows; 16 rows pad a single row to 16 (a few rows are GEMV-bound).
-_VECTOR_MULTIPLE = 64  # elements: a multiple of twice the widest SIMD vector torch uses
 _ALIGN = 64  # bytes
-# one rounding (or none) per element, the same in torch's SIMD and scalar code
-_EXACT_PER_ELEMENT = frozenset({"relu", "leaky_relu"})
-_GRAIN = 32768  # torch's grain size: an elementwise call on fewer elements runs in one thread
-_GELU_GRAIN = 6144  # torch threads GELU above this many elements
-
-
-def _piece_length(activation: str, dtype: Any) -> int | None:
-    """Elements per epilogue call for ``activation``: a multiple of ``_VECTOR_MULTIPLE`` small enough
-    to run in one thread, or None for one call on the whole buffer. ReLU and leaky ReLU round alike
-    in any code; float32 GELU runs in oneDNN, whose kernel rounds every element alike wherever it
-    falls (masked vector tails, tested), and costs about 18 us a call on this VM whatever its
-    length, so pieces would cost a lot."""
-    import torch
-
-    if activation in _EXACT_PER_ELEMENT or (activation == "gelu" and dtype == torch.float32):
-        return None
-    return _GELU_GRAIN if activation in ("gelu", "gelu_tanh") else _GRAIN
 
 
 class TilePlan(NamedTuple):
@@ -110,26 +85,33 @@ def _candidates(k: int, n: int) -> list[TilePlan]:
     return ladders + [TilePlan((size,), call_rows) for size in (64, 8, 4)]
 
 
-def _compute_dtype(dtype: Any) -> Any:
+def compute_dtype(dtype: Any) -> Any:
     import torch
 
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _forced_exact() -> bool:
-    return os.environ.get("CLISONIX_CPU_GEMM", "auto") == "exact"
+_MODES = ("auto", "tiles", "exact")
+
+
+def cpu_gemm_mode() -> str:
+    """``CLISONIX_CPU_GEMM``: ``auto`` (default: packed weights, else row tiles, else exact),
+    ``tiles`` (row tiles, else exact) or ``exact`` (the exact path for every case)."""
+    mode = os.environ.get("CLISONIX_CPU_GEMM", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"CLISONIX_CPU_GEMM must be one of {', '.join(_MODES)}; got {mode!r}")
+    return mode
 
 
 def case_key(k: int, n: int, dtype: Any) -> tuple[Any, ...]:
     """What a plan depends on: shape class, compute dtype, thread count, fp32 matmul precision."""
     import torch
 
-    return (k, n, str(_compute_dtype(dtype)), torch.get_num_threads(), torch.get_float32_matmul_precision())
+    return (k, n, str(compute_dtype(dtype)), torch.get_num_threads(), torch.get_float32_matmul_precision())
 
 
-def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> tuple[Any, Any]:
-    """``x`` (M, K) @ ``w.T`` in the plan's tiles, into a flat buffer padded to a multiple of
-    ``_VECTOR_MULTIPLE``; returns the buffer and its leading (rows, N) view, whole tiles (rows >= M).
+def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> Any:
+    """``x`` (M, K) @ ``w.T`` in the plan's tiles: a contiguous (rows, N) tensor, whole tiles (rows >= M).
     Whole tiles read ``x`` in place when it is contiguous and aligned; the rest go through a fresh
     aligned buffer, zero-padded."""
     import torch
@@ -138,12 +120,9 @@ def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> tuple[Any, Any]:
     n = w.shape[0]
     tiles = plan.tiles(m)
     rows = sum(tiles)
-    length = cdiv(rows * n, _VECTOR_MULTIPLE) * _VECTOR_MULTIPLE
-    flat = torch.empty(length, dtype=x.dtype)
-    out = (flat if length == rows * n else flat[: rows * n]).view(rows, n)
+    out = torch.empty((rows, n), dtype=x.dtype)
     if k == 0 or rows == 0:
-        out.zero_()
-        return flat, out
+        return out.zero_()
     # rows read in place: the whole tiles that lie inside x, if it is contiguous and aligned (tile
     # starts stay aligned: tile sizes are multiples of 16 rows); the rest are copied
     split = 0
@@ -160,36 +139,13 @@ def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> tuple[Any, Any]:
     wt = w.t()
     if len(tiles) == 1:  # the common small batch: no views to make
         torch.mm(tail, wt, out=out)
-        return flat, out
+        return out
     start = 0
     for size in tiles:
         source = x[start : start + size] if start + size <= split else tail[start - split : start - split + size]
         torch.mm(source, wt, out=out[start : start + size])
         start += size
-    return flat, out
-
-
-def _apply_epilogue_(flat: Any, out: Any, bias: Any, activation: str | None, keep_preactivation: bool = False) -> Any:
-    """Bias and activation in place on ``out``, the (rows, N) view at the start of ``flat``, whose
-    length is a multiple of ``_VECTOR_MULTIPLE``; returns a copy of ``out`` before the activation
-    with ``keep_preactivation``, else None.
-
-    The bias runs as one call (all threads: exact per element). The activation runs in serial
-    pieces under torch's threading thresholds (module docstring), or in one call where
-    :func:`_piece_length` says so."""
-    if bias is not None:
-        out += bias
-    preactivation = out.clone() if keep_preactivation else None
-    if activation is None:
-        return preactivation
-    in_place = TABLE[activation].torch_
-    piece = _piece_length(activation, flat.dtype)
-    if piece is None:
-        in_place(flat)
-    else:
-        for start in range(0, flat.shape[0], piece):
-            in_place(flat[start : start + piece])
-    return preactivation
+    return out
 
 
 def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
@@ -203,52 +159,38 @@ def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
     w = w_misaligned.clone()
     count = 2 * plan.sizes[-1]
     x = torch.randn(count, k, generator=gen, dtype=dtype)
-    reference = _gemm_tiles(x, w, plan)[1][:count]
+    reference = _gemm_tiles(x, w, plan)[:count]
     shift = plan.sizes[0] // 2 + 1
-    moved = _gemm_tiles(torch.roll(x, shift, 0), w, plan)[1][:count]
+    moved = _gemm_tiles(torch.roll(x, shift, 0), w, plan)[:count]
     if not torch.equal(moved, torch.roll(reference, shift, 0)):
         return False
     neighbours = x.clone()
     neighbours[1::2] = torch.randn(neighbours[1::2].shape, generator=gen, dtype=dtype)
-    if not torch.equal(_gemm_tiles(neighbours, w, plan)[1][0:count:2], reference[0::2]):
+    if not torch.equal(_gemm_tiles(neighbours, w, plan)[0:count:2], reference[0::2]):
         return False
     for size in plan.sizes:  # each size alone, over two tiles
-        if not torch.equal(_gemm_tiles(x[: 2 * size], w, TilePlan((size,), plan.call_rows))[1][: 2 * size], reference[: 2 * size]):
+        if not torch.equal(_gemm_tiles(x[: 2 * size], w, TilePlan((size,), plan.call_rows))[: 2 * size], reference[: 2 * size]):
             return False
         # the last row alone, zero-padded
-        if not torch.equal(_gemm_tiles(x[count - 1 :], w, TilePlan((size,), plan.call_rows))[1][0], reference[count - 1]):
+        if not torch.equal(_gemm_tiles(x[count - 1 :], w, TilePlan((size,), plan.call_rows))[0], reference[count - 1]):
             return False
-    return torch.equal(_gemm_tiles(x[:shift], w_misaligned, plan)[1][:shift], reference[:shift])
+    return torch.equal(_gemm_tiles(x[:shift], w_misaligned, plan)[:shift], reference[:shift])
 
 
 def plan_for(k: int, n: int, dtype: Any) -> TilePlan | None:
     """The tile plan for this case under torch's current thread count, checked on first use and
     cached; ``None`` where no candidate passes or ``CLISONIX_CPU_GEMM=exact`` (the exact path
     serves the case)."""
-    if _forced_exact():
+    if cpu_gemm_mode() == "exact":
         return None
     key = case_key(k, n, dtype)
     if key in _plans:
         return _plans[key]
     with _lock:
         if key not in _plans:
-            compute = _compute_dtype(dtype)
+            compute = compute_dtype(dtype)
             _plans[key] = next((p for p in _candidates(k, n) if _check(p, k, n, compute)), None)
         return _plans[key]
-
-
-def method_description(k: int, n: int, dtype: Any) -> str:
-    """One line: which method this case gets on CPU and why (runs the check if not yet done)."""
-    import torch
-
-    plan = plan_for(k, n, dtype)
-    threads = torch.get_num_threads()
-    if _forced_exact():
-        return "exact float64 slices (CLISONIX_CPU_GEMM=exact)"
-    if plan is None:
-        return f"exact float64 slices (BLAS failed the tile check for K={k}, N={n}, {threads} threads)"
-    tiles = "/".join(map(str, plan.sizes))
-    return f"BLAS on fixed {tiles}-row tiles (checked for K={k}, N={n}, {str(_compute_dtype(dtype)).removeprefix('torch.')}, {threads} threads)"
 
 
 def tiled_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, plan: TilePlan, keep_preactivation: bool = False) -> tuple[Any, Any]:
@@ -256,7 +198,7 @@ def tiled_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, pl
     (N, K), ``bias`` (N,) or None, all float32 or float64 (the caller widens float16/bfloat16 to
     float32): (M, N) in that dtype, and ``x @ w.T + bias`` with ``keep_preactivation`` (else None)."""
     w = w if w.is_contiguous() else w.contiguous()
-    flat, out = _gemm_tiles(x, w, plan)
-    preactivation = _apply_epilogue_(flat, out, bias, activation, keep_preactivation)
+    out = _gemm_tiles(x, w, plan)
+    preactivation = apply_epilogue_(out, bias, activation, keep_preactivation)
     m = x.shape[0]
     return out[:m], None if preactivation is None else preactivation[:m]

@@ -133,23 +133,34 @@ def transform_matrix_cpu_method(k: int, n: int, dtype: Any = "float32") -> str:
     """Which method the CPU path uses for ``transform_matrix`` with ``w`` (N, K) of ``dtype``
     under torch's current thread count, as one line of text.
 
-    ``dtype``: a NumPy or torch dtype or its name. The first call for a case runs the tile check
+    ``dtype``: a NumPy or torch dtype or its name. The first call for a case runs the checks
     (a few GEMMs of that shape) and caches the answer, as the op itself does.
-    ``CLISONIX_CPU_GEMM=exact`` sends every case to the exact path.
+    ``CLISONIX_CPU_GEMM=tiles`` skips the packed-weight method, ``CLISONIX_CPU_GEMM=exact`` sends
+    every case to the exact path.
 
     Example:
 
     >>> cg.transform_matrix_cpu_method(64, 10, "float32")  # doctest: +ELLIPSIS
-    'BLAS on fixed ...-row tiles (checked for K=64, N=10, float32, ... threads)'
+    'MKL packed GEMM, w packed once per weight (checked for K=64, N=10, float32, ... threads)'
     """
     if not _torch_available():
-        return "exact float64 slices (torch is not installed: no tiled BLAS path)"
+        return "exact float64 slices (torch is not installed: no BLAS path)"
     import torch
 
-    from ._tiled_gemm import method_description
+    from ._packed_gemm import packed_ok
+    from ._tiled_gemm import compute_dtype, cpu_gemm_mode, plan_for
 
     name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else np.dtype(dtype).name
-    return method_description(k, n, getattr(torch, name))
+    compute = compute_dtype(getattr(torch, name))
+    checked = f"checked for K={k}, N={n}, {str(compute).removeprefix('torch.')}, {torch.get_num_threads()} threads"
+    if packed_ok(k, n, compute):
+        return f"MKL packed GEMM, w packed once per weight ({checked})"
+    plan = plan_for(k, n, compute)
+    if plan is not None:
+        return f"BLAS on fixed {'/'.join(map(str, plan.sizes))}-row tiles ({checked})"
+    if cpu_gemm_mode() == "exact":
+        return "exact float64 slices (CLISONIX_CPU_GEMM=exact)"
+    return f"exact float64 slices (BLAS failed the checks for K={k}, N={n}, {torch.get_num_threads()} threads)"
 
 
 def _exact_cpu(
@@ -188,18 +199,17 @@ def _as_torch(a: Any) -> Any:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool) -> tuple[Any, Any]:
+def _transform_matrix_2d(
+    x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool, source: Any = None
+) -> tuple[Any, Any]:
     """One (M, K) x (N, K) problem of NumPy arrays or CPU tensors: ``(output, preactivation)``, the
     second None unless ``keep_preactivation``; same array type back, float32 for float16/bfloat16
-    input (the caller casts)."""
+    input (the caller casts). ``source``: the weight as the caller passed it (default ``w``), the
+    packed-weight cache's key."""
     if _torch_available():
-        import torch
-
-        from ._tiled_gemm import plan_for, tiled_transform_matrix
-
-        plan = plan_for(x.shape[1], w.shape[0], torch.float64 if x.dtype in (np.float64, torch.float64) else torch.float32)
-        if plan is not None:
-            out, pre = tiled_transform_matrix(_as_torch(x), _as_torch(w), _as_torch(bias), activation, plan, keep_preactivation)
+        found = _blas_2d(_as_torch(x), _as_torch(w), _as_torch(bias), activation, keep_preactivation, w if source is None else source)
+        if found is not None:
+            out, pre = found
             return (out.numpy(), None if pre is None else pre.numpy()) if isinstance(x, np.ndarray) else (out, pre)
     out, pre = _exact_cpu(_as_numpy(x), _as_numpy(w), _as_numpy(bias), activation, keep_preactivation)
     if isinstance(x, np.ndarray):
@@ -207,6 +217,19 @@ def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None, keep
     import torch
 
     return torch.from_numpy(out), None if pre is None else torch.from_numpy(pre)
+
+
+def _blas_2d(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool, source: Any) -> tuple[Any, Any] | None:
+    """The BLAS methods on float32/float64 tensors, in order: packed weights, then row tiles;
+    None where neither serves the case (its checks failed, or ``CLISONIX_CPU_GEMM``)."""
+    from ._packed_gemm import packed_ok, packed_transform_matrix
+    from ._tiled_gemm import plan_for, tiled_transform_matrix
+
+    k, n = x.shape[1], w.shape[0]
+    if packed_ok(k, n, x.dtype):
+        return packed_transform_matrix(x, w, bias, activation, source, keep_preactivation)
+    plan = plan_for(k, n, x.dtype)
+    return None if plan is None else tiled_transform_matrix(x, w, bias, activation, plan, keep_preactivation)
 
 
 def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | None, *, keep_preactivation: bool = False) -> Any:
@@ -218,12 +241,13 @@ def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | No
     if x is None or w is None or not _dispatch.dense_cpu_tensors(x, w, bias):  # the general check names what is wrong
         _dispatch.common_kind(("x", "w", "bias"), (x, w, bias), optional=("bias",))
     validate(x, w, bias, activation)
+    source = w
     x, w, bias = x.detach(), w.detach(), None if bias is None else bias.detach()
     if x.ndim == 2 and w.ndim == 2 and x.dtype in (torch.float32, torch.float64):
         # a layer's call: one 2-D problem in the output dtype, without the batch path's reshapes and casts
-        out, pre = _transform_matrix_2d(x, w, bias, activation, keep_preactivation)
+        out, pre = _transform_matrix_2d(x, w, bias, activation, keep_preactivation, source)
         return (out, pre) if keep_preactivation else out
-    out, pre = _cpu_path(x, w, bias, activation, keep_preactivation)
+    out, pre = _cpu_path(x, w, bias, activation, keep_preactivation, source)
     if keep_preactivation:
         return _dispatch.cast_like(out, x), _dispatch.cast_like(pre, x)
     return _dispatch.cast_like(out, x)
@@ -234,11 +258,12 @@ def _transform_matrix_cpu(x: Any, w: Any, bias: Any, *, activation: str | None) 
     return _cpu_path(x, w, bias, activation, keep_preactivation=False)[0]
 
 
-def _cpu_path(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool) -> tuple[Any, Any]:
-    """NumPy arrays or CPU tensors of any batch shape: ``(output, preactivation or None)``."""
+def _cpu_path(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool, source: Any = None) -> tuple[Any, Any]:
+    """NumPy arrays or CPU tensors of any batch shape: ``(output, preactivation or None)``;
+    ``source``: the 2-D weight as the caller passed it (default ``w``)."""
     k, n = w.shape[-1], w.shape[-2]
     if w.ndim == 2:
-        out, pre = _transform_matrix_2d(x.reshape(math.prod(x.shape[:-1]), k), w, bias, activation, keep_preactivation)
+        out, pre = _transform_matrix_2d(x.reshape(math.prod(x.shape[:-1]), k), w, bias, activation, keep_preactivation, source)
         shape = tuple(x.shape[:-1]) + (n,)
         return out.reshape(shape), None if pre is None else pre.reshape(shape)
     parts = [_transform_matrix_2d(x[b], w[b], bias, activation, keep_preactivation) for b in range(w.shape[0])]

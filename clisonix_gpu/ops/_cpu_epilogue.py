@@ -1,0 +1,71 @@
+"""Bias and activation, in place, on a CPU GEMM's output, rounding every element alike wherever it lies.
+
+Adding the bias, ReLU and leaky ReLU are exact per element. torch's SIMD and scalar code for the
+erf, exp and tanh-based activations differ in the last bit, and torch runs the scalar code on the
+tail of each thread's chunk of a tensor, so an element's bits would depend on where the tensor (or
+a thread's share) ends, hence on the batch size. Those activations run in serial pieces whose
+lengths are multiples of 64 elements, under torch's threading thresholds; the last elements that do
+not fill 64 go through a zero-padded 64-element scratch buffer. So every element takes the SIMD
+code. float32 GELU runs as one call on the whole vectors: torch hands it to oneDNN, whose kernel
+rounds every element alike wherever a call or a thread's share ends (measured; the tests pin it);
+a call on fewer than 64 elements takes other code, hence the scratch buffer there too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .activations import TABLE
+
+__all__ = ["VECTOR_MULTIPLE", "apply_epilogue_"]
+
+VECTOR_MULTIPLE = 64  # elements: a multiple of twice the widest SIMD vector torch uses
+# one rounding (or none) per element, the same in torch's SIMD and scalar code
+_EXACT_PER_ELEMENT = frozenset({"relu", "leaky_relu"})
+_GRAIN = 32768  # torch's grain size: an elementwise call on fewer elements runs in one thread
+_GELU_GRAIN = 6144  # torch threads GELU above this many elements
+
+
+def _piece_length(activation: str, dtype: Any) -> int | None:
+    """Elements per epilogue call for ``activation`` (not ReLU or leaky ReLU, which round alike in
+    any code): a multiple of ``VECTOR_MULTIPLE`` small enough to run in one thread, or None for one
+    call on all whole vectors. float32 GELU runs in oneDNN, whose kernel rounds every element alike
+    wherever a call of whole vectors ends (tested), and costs about 18 us a call on this VM
+    whatever its length, so pieces would cost a lot."""
+    import torch
+
+    if activation == "gelu" and dtype == torch.float32:
+        return None
+    return _GELU_GRAIN if activation in ("gelu", "gelu_tanh") else _GRAIN
+
+
+def apply_epilogue_(out: Any, bias: Any, activation: str | None, keep_preactivation: bool = False) -> Any:
+    """Bias and activation in place on ``out``, a contiguous (rows, N) CPU tensor, float32 or
+    float64; ``bias`` (N,) or None. Returns a copy of ``out`` before the activation with
+    ``keep_preactivation``, else None.
+
+    The bias runs as one call (all threads: exact per element). The activation runs in serial
+    pieces under torch's threading thresholds (module docstring), or in one call where
+    :func:`_piece_length` says so."""
+    import torch
+
+    if bias is not None:
+        out += bias
+    preactivation = out.clone() if keep_preactivation else None
+    if activation is None or out.numel() == 0:
+        return preactivation
+    in_place = TABLE[activation].torch_
+    flat = out.view(-1)
+    if activation in _EXACT_PER_ELEMENT:
+        in_place(flat)
+        return preactivation
+    whole = flat.shape[0] - flat.shape[0] % VECTOR_MULTIPLE
+    piece = _piece_length(activation, out.dtype) or max(whole, 1)
+    for start in range(0, whole, piece):
+        in_place(flat[start : min(start + piece, whole)])
+    if whole < flat.shape[0]:
+        scratch = torch.zeros(VECTOR_MULTIPLE, dtype=flat.dtype)
+        scratch[: flat.shape[0] - whole] = flat[whole:]
+        in_place(scratch)
+        flat[whole:] = scratch[: flat.shape[0] - whole]
+    return preactivation

@@ -1,0 +1,286 @@
+"""Batch-invariant ``activation(x @ w.T + bias)`` on CPU from MKL's packed GEMM, ``w`` packed once.
+
+MKL's packed GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, reached through torch's
+``torch.ops.mkl._mkl_reorder_linear_weight`` and ``_mkl_linear``) lays ``w`` out once in the panels
+its kernels read, then multiplies any number of rows by it. Measured with torch 2.13's MKL (2 cores,
+AVX-512): its rows come out bit-identical for every M from 1 up (one row included: no GEMV
+kernel), at every position, beside any neighbours, with misaligned rows, for packs made with any
+batch-size hint from 2 up, and under 1 and 2 threads. N = 1 is the exception seen (rows differ with
+M). So the whole batch is one call, without the row tiles, padding and per-tile re-packing of
+``_tiled_gemm``, and one row costs a GEMV's time, not a 16-row GEMM's.
+
+MKL promises none of this, so :func:`packed_ok` *checks* it per case (K, N, thread count, fp32
+matmul precision) on random rows the first time the case is met, and caches the verdict; a case
+that fails goes to the row tiles (or the exact path). float32 only (float16/bfloat16 are widened to
+float32 by the caller); float64 keeps the tiles.
+
+The pack costs about one pass over ``w`` (and, for a fresh 86 MB buffer at 4096x4096, 25 ms of
+page faults), so it is cached per weight object (:func:`packed_weight`), and reused only while the
+weight is unchanged:
+
+- a torch tensor whose memory torch allocated: same object (held weakly: the entry goes when the
+  tensor does), same data pointer, shape, strides, dtype and version counter -- the counter autograd
+  uses to catch in-place writes, bumped by every write through the tensor or its views -- and the
+  same bits at 64 fixed sample positions, which catches whole-weight rewrites that bypass the counter
+  (through ``.data``);
+- a NumPy array, or a tensor over memory torch did not allocate (``torch.from_numpy``, DLPack),
+  which can change with no counter to show it: same object, and the same bits as a private copy
+  kept at pack time (one pass over two copies of ``w`` per call).
+
+Writes that bypass the version counter and change only a few elements of a torch-allocated weight
+are not seen: call :func:`release_packed_weights` after such a write, or set
+``CLISONIX_PACK_CACHE_MB=0`` (pack on every call) or ``CLISONIX_CPU_GEMM=tiles``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import weakref
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._cpu_epilogue import apply_epilogue_
+from ._tiled_gemm import case_key, cpu_gemm_mode
+
+__all__ = ["cache_info", "packed_ok", "packed_transform_matrix", "packed_weight", "release_packed_weights"]
+
+_MIN_HINT, _MAX_HINT = 16, 1024  # batch-size hints for MKL's pack (1 selects another kernel)
+_SAMPLES = 64  # positions of a torch-allocated weight compared on every reuse
+_DEFAULT_CACHE_MB = 1024
+_verdicts: dict[tuple[Any, ...], bool] = {}
+_lock = threading.RLock()  # re-entered when a weight dies (its weak reference's callback) under it
+
+
+def _mkl_ops() -> tuple[Any, Any] | None:
+    """torch's MKL pack and packed-linear ops, or None where this torch build lacks them."""
+    import torch
+
+    if not torch.backends.mkl.is_available() or not hasattr(torch.ops.mkl, "_mkl_linear"):
+        return None
+    try:
+        return torch.ops.mkl._mkl_reorder_linear_weight.default, torch.ops.mkl._mkl_linear.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _hint(m: int) -> int:
+    """The batch-size hint for a pack first made for ``m`` rows: MKL picks its kernel by it (a hint
+    of 4096 makes one row 2x slower than a hint of 16), never the rounding (checked)."""
+    return min(max(_MIN_HINT, 1 << max(m - 1, 0).bit_length()), _MAX_HINT)
+
+
+def _pack(w: Any, hint: int) -> Any:
+    ops = _mkl_ops()
+    assert ops is not None
+    return ops[0](w, hint)
+
+
+def _compute(x: Any, pack: Any, w: Any) -> Any:
+    """``x @ w.T`` from ``pack`` (of ``w``): (M, N) float32; ``x`` contiguous, M >= 1, K >= 1."""
+    ops = _mkl_ops()
+    assert ops is not None
+    return ops[1](x, pack, w, None, x.shape[0])
+
+
+def _check(k: int, n: int) -> bool:
+    """Does MKL's packed GEMM give every row the same bits at other positions, beside other rows,
+    in batches of 1 to a few hundred rows, from misaligned rows, with another pack hint and from a
+    misaligned ``w``? Random float32 rows of this case's shape."""
+    import torch
+
+    gen = torch.Generator().manual_seed(4321)
+    spare = torch.randn(n * k + 1, generator=gen)
+    w_misaligned = spare[1:].view(n, k)
+    w = w_misaligned.clone()
+    # rows: at least 48, up to 1024 while the check stays under 2^30 multiply-adds
+    count = max(48, min(1024, (1 << 30) // max(k * n, 1)))
+    x = torch.randn(count, k, generator=gen)
+    pack = _pack(w, _MIN_HINT)
+    reference = _compute(x, pack, w)
+    if not torch.equal(_compute(torch.roll(x, 5, 0), pack, w), torch.roll(reference, 5, 0)):
+        return False
+    neighbours = x.clone()
+    neighbours[1::2] = torch.randn(neighbours[1::2].shape, generator=gen)
+    if not torch.equal(_compute(neighbours, pack, w)[0::2], reference[0::2]):
+        return False
+    # small batches at odd offsets: unaligned row starts whenever K is odd
+    for rows, start in ((1, 0), (1, count - 1), (2, 3), (3, 7), (5, 11), (15, 13), (17, 29), (33, 14)):
+        if not torch.equal(_compute(x[start : start + rows], pack, w), reference[start : start + rows]):
+            return False
+    shifted = torch.empty(count * k + 1)[1:].view(count, k)
+    shifted.copy_(x)
+    if not torch.equal(_compute(shifted, pack, w), reference):
+        return False
+    if not torch.equal(_compute(x, _pack(w, _MAX_HINT), w), reference):
+        return False
+    return torch.equal(_compute(x, _pack(w_misaligned, _MIN_HINT), w_misaligned), reference)
+
+
+def packed_ok(k: int, n: int, dtype: Any) -> bool:
+    """Whether the packed path serves this case under torch's current thread count: float32 compute
+    (``dtype`` float32, float16 or bfloat16), MKL's packed ops present, ``CLISONIX_CPU_GEMM`` auto,
+    and the check passed (run on first use, cached)."""
+    import torch
+
+    if dtype == torch.float64 or cpu_gemm_mode() != "auto" or k == 0 or n == 0 or _mkl_ops() is None:
+        return False
+    key = case_key(k, n, torch.float32)
+    if key in _verdicts:
+        return _verdicts[key]
+    with _lock:
+        if key not in _verdicts:
+            _verdicts[key] = _check(k, n)
+        return _verdicts[key]
+
+
+# ----------------------------------------------------------------------------- the weight cache
+
+
+class _Entry(NamedTuple):
+    source: weakref.ref[Any]
+    stamp: tuple[Any, ...]
+    proof: Any  # sample positions and their bits (torch-allocated), or a private copy (else)
+    pack: Any
+    nbytes: int
+
+
+_cache: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
+_cached_bytes = 0
+
+
+def _cache_limit() -> int:
+    """Bytes the cache may hold (``CLISONIX_PACK_CACHE_MB``, default 1024; 0 packs on every call)."""
+    text = os.environ.get("CLISONIX_PACK_CACHE_MB", str(_DEFAULT_CACHE_MB))
+    try:
+        megabytes = float(text)
+    except ValueError:
+        raise ValueError(f"CLISONIX_PACK_CACHE_MB must be a number of megabytes, got {text!r}") from None
+    return max(0, int(megabytes * (1 << 20)))
+
+
+def _raw(source: Any) -> np.ndarray:
+    """``source`` as a NumPy array of unsigned integers of its item size (its bits, no copy)."""
+    if isinstance(source, np.ndarray):
+        return source.view(f"u{source.dtype.itemsize}")
+    import torch
+
+    integer = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[source.element_size()]
+    return source.detach().view(integer).numpy()
+
+
+def _tracked(source: Any) -> bool:
+    """Whether every write to ``source``'s memory through torch bumps a version counter we can read:
+    a tensor whose storage torch allocated (NumPy's and DLPack's memory is not resizable)."""
+    return not isinstance(source, np.ndarray) and source.untyped_storage().resizable()
+
+
+def _stamp(source: Any) -> tuple[Any, ...]:
+    import torch
+
+    threads = torch.get_num_threads()
+    if isinstance(source, np.ndarray):
+        return (None, source.__array_interface__["data"][0], source.shape, source.strides, source.dtype.str, threads)
+    return (source._version, source.data_ptr(), tuple(source.shape), source.stride(), source.dtype, threads)
+
+
+def _sample_positions(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, shape[0], _SAMPLES), rng.integers(0, shape[1], _SAMPLES)
+
+
+def _proof(source: Any) -> Any:
+    if _tracked(source):
+        rows, cols = _sample_positions(tuple(source.shape))
+        return rows, cols, _raw(source)[rows, cols].tobytes()
+    return _raw(source).copy()
+
+
+def _unchanged(source: Any, proof: Any) -> bool:
+    if isinstance(proof, tuple):
+        rows, cols, bits = proof
+        return bool(_raw(source)[rows, cols].tobytes() == bits)
+    return bool(np.array_equal(_raw(source), proof))
+
+
+def _forget(key: int) -> None:
+    global _cached_bytes
+    with _lock:
+        entry = _cache.pop(key, None)
+        if entry is not None:
+            _cached_bytes -= entry.nbytes
+
+
+def packed_weight(source: Any, w: Any, rows: int) -> Any:
+    """MKL's pack of ``w`` (N, K) float32 contiguous, the float32 form of ``source`` (the weight as
+    the caller passed it: a NumPy array or CPU tensor of shape (N, K)), from the cache while
+    ``source`` is unchanged (module docstring), else packed now for a batch of ``rows`` and cached.
+    """
+    key = id(source)
+    stamp = _stamp(source)
+    with _lock:
+        entry = _cache.get(key)
+        if entry is not None and entry.source() is source and entry.stamp == stamp:
+            _cache.move_to_end(key)
+            hit = entry
+        else:
+            hit = None
+    if hit is not None and _unchanged(source, hit.proof):
+        return hit.pack
+    pack = _pack(w, _hint(rows))
+    limit = _cache_limit()
+    if w.numel() * w.element_size() > limit:
+        return pack
+    proof = _proof(source)
+    nbytes = w.numel() * w.element_size() + (0 if isinstance(proof, tuple) else proof.nbytes)
+    if nbytes > limit:
+        return pack
+    try:
+        source_ref = weakref.ref(source, lambda _: _forget(key))
+    except TypeError:  # an object without weak references: not cached
+        return pack
+    global _cached_bytes
+    with _lock:
+        old = _cache.pop(key, None)
+        if old is not None:
+            _cached_bytes -= old.nbytes
+        _cache[key] = _Entry(source_ref, stamp, proof, pack, nbytes)
+        _cached_bytes += nbytes
+        while _cached_bytes > limit and _cache:
+            _cached_bytes -= _cache.popitem(last=False)[1].nbytes
+    return pack
+
+
+def release_packed_weights() -> None:
+    """Drop every cached weight pack (they are rebuilt on the next call that needs them)."""
+    global _cached_bytes
+    with _lock:
+        _cache.clear()
+        _cached_bytes = 0
+
+
+def cache_info() -> dict[str, int]:
+    """``{"weights": cached packs, "bytes": the weights' bytes they account for, "limit": bytes}``."""
+    with _lock:
+        return {"weights": len(_cache), "bytes": _cached_bytes, "limit": _cache_limit()}
+
+
+def packed_transform_matrix(
+    x: Any, w: Any, bias: Any, activation: str | None, source: Any, keep_preactivation: bool = False
+) -> tuple[Any, Any]:
+    """``(activation(x @ w.T + bias), preactivation)`` for torch CPU tensors ``x`` (M, K), ``w``
+    (N, K), ``bias`` (N,) or None, all float32, ``w`` the float32 form of ``source`` (the weight
+    as passed, the cache's key): (M, N) float32, and ``x @ w.T + bias`` with
+    ``keep_preactivation`` (else None). The case must have passed :func:`packed_ok`."""
+    import torch
+
+    m = x.shape[0]
+    if m == 0:
+        out = torch.zeros((0, w.shape[0]), dtype=torch.float32)
+    else:
+        w = w if w.is_contiguous() else w.contiguous()
+        out = _compute(x if x.is_contiguous() else x.contiguous(), packed_weight(source, w, m), w)
+    preactivation = apply_epilogue_(out, bias, activation, keep_preactivation)
+    return out, preactivation
