@@ -87,7 +87,8 @@ def bench_transform_matrix(quick, m, k, n, activation, kind, dtype, in_quick):
     w = rng.standard_normal((n, k), dtype=np.float32) / np.float32(np.sqrt(k))
     b = rng.standard_normal(n, dtype=np.float32)
     if kind != "numpy":
-        x, w, b = (torch.from_numpy(a).to(DEVICE, dtype) for a in (x, w, b))
+        # tensors in torch's own memory, as a model's are (not views of NumPy's: see README, packed weights)
+        x, w, b = (torch.tensor(a, device=DEVICE, dtype=dtype) for a in (x, w, b))
     dt = str(dtype).removeprefix("torch.")
     case = case_name(m, k, n, dt, activation, kind)
     impls = {"clisonix": _ours, **TRANSFORM_MATRIX_PEERS[kind]}

@@ -61,8 +61,9 @@ _TAKES_CPU_TENSORS: set[str] = set()
 def register(op: str, backend: str, *, takes_cpu_tensors: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn`` as the ``backend`` implementation of ``op``.
 
-    ``takes_cpu_tensors`` (numpy backend only): CPU torch tensors reach ``fn`` as they are, for
-    ops where torch's own CPU kernels beat a NumPy view.
+    ``takes_cpu_tensors`` (numpy backend only): CPU torch tensors reach ``fn`` as they are (the
+    caller's objects, not detached: ``fn`` detaches what it computes on), for ops where torch's own
+    CPU kernels beat a NumPy view.
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
@@ -335,11 +336,11 @@ def call(op: str, names: tuple[str, ...], arrays: tuple[Any, ...], **params: Any
         backend, impl = "triton", _IMPLEMENTATIONS.get((op, "triton"))  # zero-copy through DLPack
     if impl is None:
         raise BackendUnavailable(f"op {op!r} has no {backend!r} implementation")
-    if backend == "numpy" and not (kind == "torch-cpu" and op in _TAKES_CPU_TENSORS):
-        convert = _to_numpy
+    if backend == "numpy" and kind == "torch-cpu" and op in _TAKES_CPU_TENSORS:
+        inputs = arrays
     else:
-        convert = _to_torch
-    inputs = tuple(None if a is None else convert(a, kind) for a in arrays)
+        convert = _to_numpy if backend == "numpy" else _to_torch
+        inputs = tuple(None if a is None else convert(a, kind) for a in arrays)
     like = next(a for a in arrays if a is not None)
     return _restore(impl(*inputs, **params), kind, like)
 

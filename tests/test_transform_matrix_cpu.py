@@ -165,7 +165,7 @@ def test_epilogue_rounds_every_element_as_a_lone_simd_vector_does(rng, activatio
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
-        for length in (1, 63, 64, 65, 6144, 6208, 6211, 32768, 32832, 64 * 1999 + 5, 64 * 4097):
+        for length in (1, 63, 64, 65, 6144, 6208, 6211, 12352, 18496, 32768, 32832, 64 * 1999 + 5, 64 * 4097, 3 * 32768 + 6208 + 7):
             z = torch.from_numpy(rng.standard_normal(length) * 4).to(dtype)
             padded = torch.cat([z, torch.zeros(-length % 64, dtype=dtype)])
             expected = torch.cat([cg.ops.activations.TABLE[activation].torch(piece) for piece in padded.split(64)])[:length]

@@ -3,10 +3,10 @@
 Adding the bias, ReLU and leaky ReLU are exact per element. torch's SIMD and scalar code for the
 erf, exp and tanh-based activations differ in the last bit, and torch runs the scalar code on the
 tail of each thread's chunk of a tensor, so an element's bits would depend on where the tensor (or
-a thread's share) ends, hence on the batch size. Those activations run in serial pieces whose
-lengths are multiples of 64 elements, under torch's threading thresholds; the last elements that do
-not fill 64 go through a zero-padded 64-element scratch buffer. So every element takes the SIMD
-code. float32 GELU runs as one call on the whole vectors: torch hands it to oneDNN, whose kernel
+a thread's share) ends, hence on the batch size. Those activations run in pieces whose lengths
+torch's threading splits only at multiples of 64 elements (one grain per thread, or one thread);
+the last elements that do not fill 64 go through a zero-padded 64-element scratch buffer. So
+every element takes the SIMD code. float32 GELU runs as one call on the whole vectors: torch hands it to oneDNN, whose kernel
 rounds every element alike wherever a call or a thread's share ends (measured; the tests pin it);
 a call on fewer than 64 elements takes other code, hence the scratch buffer there too.
 """
@@ -26,17 +26,22 @@ _GRAIN = 32768  # torch's grain size: an elementwise call on fewer elements runs
 _GELU_GRAIN = 6144  # torch threads GELU above this many elements
 
 
-def _piece_length(activation: str, dtype: Any) -> int | None:
-    """Elements per epilogue call for ``activation`` (not ReLU or leaky ReLU, which round alike in
-    any code): a multiple of ``VECTOR_MULTIPLE`` small enough to run in one thread, or None for one
-    call on all whole vectors. float32 GELU runs in oneDNN, whose kernel rounds every element alike
-    wherever a call of whole vectors ends (tested), and costs about 18 us a call on this VM
-    whatever its length, so pieces would cost a lot."""
+def _piece_lengths(activation: str, dtype: Any) -> tuple[int, int] | None:
+    """(parallel piece, serial piece) in elements for ``activation`` (not ReLU or leaky ReLU, which
+    round alike in any code), or None for one call on all whole vectors.
+
+    torch splits an elementwise call of L elements over min(threads, ceil(L / grain)) threads in
+    chunks of ceil(L / threads): a piece of ``threads * grain`` elements gives each thread exactly
+    ``grain`` of them (a multiple of 64), and a piece of at most ``grain`` runs in one thread, so
+    no chunk ends inside a SIMD vector. float32 GELU runs in oneDNN, whose kernel rounds every
+    element alike wherever a call of whole vectors ends (tested), and costs about 18 us a call on
+    this VM whatever its length, so pieces would cost a lot."""
     import torch
 
     if activation == "gelu" and dtype == torch.float32:
         return None
-    return _GELU_GRAIN if activation in ("gelu", "gelu_tanh") else _GRAIN
+    grain = _GELU_GRAIN if activation in ("gelu", "gelu_tanh") else _GRAIN
+    return grain * torch.get_num_threads(), grain
 
 
 def apply_epilogue_(out: Any, bias: Any, activation: str | None, keep_preactivation: bool = False) -> Any:
@@ -44,9 +49,9 @@ def apply_epilogue_(out: Any, bias: Any, activation: str | None, keep_preactivat
     float64; ``bias`` (N,) or None. Returns a copy of ``out`` before the activation with
     ``keep_preactivation``, else None.
 
-    The bias runs as one call (all threads: exact per element). The activation runs in serial
-    pieces under torch's threading thresholds (module docstring), or in one call where
-    :func:`_piece_length` says so."""
+    The bias runs as one call (all threads: exact per element). The activation runs in pieces that
+    torch's threading splits only at whole vectors (:func:`_piece_lengths`), or in one call where
+    that says so."""
     import torch
 
     if bias is not None:
@@ -60,9 +65,13 @@ def apply_epilogue_(out: Any, bias: Any, activation: str | None, keep_preactivat
         in_place(flat)
         return preactivation
     whole = flat.shape[0] - flat.shape[0] % VECTOR_MULTIPLE
-    piece = _piece_length(activation, out.dtype) or max(whole, 1)
-    for start in range(0, whole, piece):
-        in_place(flat[start : min(start + piece, whole)])
+    pieces = _piece_lengths(activation, out.dtype)
+    parallel, serial = pieces if pieces is not None else (max(whole, 1), 1)
+    threaded = whole - whole % parallel
+    for start in range(0, threaded, parallel):
+        in_place(flat[start : start + parallel])
+    for start in range(threaded, whole, serial):
+        in_place(flat[start : min(start + serial, whole)])
     if whole < flat.shape[0]:
         scratch = torch.zeros(VECTOR_MULTIPLE, dtype=flat.dtype)
         scratch[: flat.shape[0] - whole] = flat[whole:]

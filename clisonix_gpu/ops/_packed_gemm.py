@@ -4,9 +4,9 @@ MKL's packed GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, reached throu
 ``torch.ops.mkl._mkl_reorder_linear_weight`` and ``_mkl_linear``) lays ``w`` out once in the panels
 its kernels read, then multiplies any number of rows by it. Measured with torch 2.13's MKL (2 cores,
 AVX-512): its rows come out bit-identical for every M from 1 up (one row included: no GEMV
-kernel), at every position, beside any neighbours, with misaligned rows, for packs made with any
-batch-size hint from 2 up, and under 1 and 2 threads. N = 1 is the exception seen (rows differ with
-M). So the whole batch is one call, without the row tiles, padding and per-tile re-packing of
+kernel), at every position, beside any neighbours, with misaligned rows, for packs made with a
+batch-size hint of 256 or more, and under 1 and 2 threads. N = 1 is the exception seen (rows differ
+with M). So the whole batch is one call, without the row tiles, padding and per-tile re-packing of
 ``_tiled_gemm``, and one row costs a GEMV's time, not a 16-row GEMM's.
 
 MKL promises none of this, so :func:`packed_ok` *checks* it per case (K, N, thread count, fp32
@@ -47,7 +47,9 @@ from ._tiled_gemm import case_key, cpu_gemm_mode
 
 __all__ = ["cache_info", "packed_ok", "packed_transform_matrix", "packed_weight", "release_packed_weights"]
 
-_MIN_HINT, _MAX_HINT = 16, 1024  # batch-size hints for MKL's pack (1 selects another kernel)
+# batch-size hints for MKL's pack: below 256 some shapes (K=129, N=33) get kernels whose one-row
+# results differ from their many-row results; 1024 suits batches of a thousand rows and more
+_MIN_HINT, _MAX_HINT = 256, 1024
 _SAMPLES = 64  # positions of a torch-allocated weight compared on every reuse
 _DEFAULT_CACHE_MB = 1024
 _verdicts: dict[tuple[Any, ...], bool] = {}
@@ -58,7 +60,7 @@ def _mkl_ops() -> tuple[Any, Any] | None:
     """torch's MKL pack and packed-linear ops, or None where this torch build lacks them."""
     import torch
 
-    if not torch.backends.mkl.is_available() or not hasattr(torch.ops.mkl, "_mkl_linear"):
+    if not torch.backends.mkl.is_available() or not hasattr(torch.ops.mkl, "_mkl_linear"):  # type: ignore[no-untyped-call]
         return None
     try:
         return torch.ops.mkl._mkl_reorder_linear_weight.default, torch.ops.mkl._mkl_linear.default
@@ -67,9 +69,9 @@ def _mkl_ops() -> tuple[Any, Any] | None:
 
 
 def _hint(m: int) -> int:
-    """The batch-size hint for a pack first made for ``m`` rows: MKL picks its kernel by it (a hint
-    of 4096 makes one row 2x slower than a hint of 16), never the rounding (checked)."""
-    return min(max(_MIN_HINT, 1 << max(m - 1, 0).bit_length()), _MAX_HINT)
+    """The batch-size hint for a pack first made for ``m`` rows: MKL picks its kernels by it (a hint
+    of 4096 makes one row 2x slower), never the rounding of the hints used here (checked)."""
+    return _MAX_HINT if m >= _MAX_HINT else _MIN_HINT
 
 
 def _pack(w: Any, hint: int) -> Any:
@@ -168,7 +170,7 @@ def _raw(source: Any) -> np.ndarray:
     import torch
 
     integer = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[source.element_size()]
-    return source.detach().view(integer).numpy()
+    return np.asarray(source.detach().view(integer).numpy())
 
 
 def _tracked(source: Any) -> bool:
@@ -267,9 +269,7 @@ def cache_info() -> dict[str, int]:
         return {"weights": len(_cache), "bytes": _cached_bytes, "limit": _cache_limit()}
 
 
-def packed_transform_matrix(
-    x: Any, w: Any, bias: Any, activation: str | None, source: Any, keep_preactivation: bool = False
-) -> tuple[Any, Any]:
+def packed_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, source: Any, keep_preactivation: bool = False) -> tuple[Any, Any]:
     """``(activation(x @ w.T + bias), preactivation)`` for torch CPU tensors ``x`` (M, K), ``w``
     (N, K), ``bias`` (N,) or None, all float32, ``w`` the float32 form of ``source`` (the weight
     as passed, the cache's key): (M, N) float32, and ``x @ w.T + bias`` with

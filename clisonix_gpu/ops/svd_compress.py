@@ -330,7 +330,7 @@ def _compute_dtype(name: str) -> str:
 @_dispatch.register("svd_compress", "numpy", takes_cpu_tensors=True)
 def _svd_compress_numpy(a: Any, **params: Any) -> _Factors:
     if not isinstance(a, np.ndarray):  # CPU torch tensor: torch's LAPACK beats a NumPy view here
-        return _svd_compress_torch(a, _TorchCpuOps, **params)
+        return _svd_compress_torch(a.detach(), _TorchCpuOps, **params)
     lead, (m, n) = a.shape[:-2], a.shape[-2:]
     stack = a.reshape((math.prod(lead), m, n)).astype(_compute_dtype(a.dtype.name), copy=False)
     u, s, vh, ranks, err = _randomized_svd(stack, _NumpyOps, **params)

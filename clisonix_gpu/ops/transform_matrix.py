@@ -199,9 +199,7 @@ def _as_torch(a: Any) -> Any:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _transform_matrix_2d(
-    x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool, source: Any = None
-) -> tuple[Any, Any]:
+def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool, source: Any = None) -> tuple[Any, Any]:
     """One (M, K) x (N, K) problem of NumPy arrays or CPU tensors: ``(output, preactivation)``, the
     second None unless ``keep_preactivation``; same array type back, float32 for float16/bfloat16
     input (the caller casts). ``source``: the weight as the caller passed it (default ``w``), the
@@ -255,7 +253,10 @@ def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | No
 
 @_dispatch.register("transform_matrix", "numpy", takes_cpu_tensors=True)
 def _transform_matrix_cpu(x: Any, w: Any, bias: Any, *, activation: str | None) -> Any:
-    return _cpu_path(x, w, bias, activation, keep_preactivation=False)[0]
+    if isinstance(x, np.ndarray):
+        return _cpu_path(x, w, bias, activation, keep_preactivation=False)[0]
+    detached = None if bias is None else bias.detach()
+    return _cpu_path(x.detach(), w.detach(), detached, activation, keep_preactivation=False, source=w)[0]
 
 
 def _cpu_path(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool, source: Any = None) -> tuple[Any, Any]:

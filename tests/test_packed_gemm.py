@@ -1,0 +1,183 @@
+"""The packed-weight CPU method: its first-use check, and its cache of packed weights, which must
+never serve a weight that changed (whatever wrote it) nor keep one that is gone."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+import clisonix_gpu as cg
+from clisonix_gpu.ops import _packed_gemm
+
+pytestmark = pytest.mark.skipif(_packed_gemm._mkl_ops() is None, reason="this torch build has no MKL packed GEMM")
+
+K, N = 129, 33
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    _packed_gemm.release_packed_weights()
+    yield
+    _packed_gemm.release_packed_weights()
+
+
+def _fresh(x, w, b=None, activation="silu"):
+    """The op's answer on a private copy of ``w``: a new object, so nothing cached applies."""
+    copy = w.copy() if isinstance(w, np.ndarray) else w.detach().clone()
+    return cg.transform_matrix(x, copy, b, activation)
+
+
+def _same(a, b):
+    a, b = (t.numpy() if isinstance(t, torch.Tensor) else t for t in (a, b))
+    return np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_float32_cases_take_the_packed_method_and_float64_the_tiles():
+    assert cg.transform_matrix_cpu_method(K, N, "float32").startswith("MKL packed GEMM")
+    assert cg.transform_matrix_cpu_method(K, N, "bfloat16").startswith("MKL packed GEMM")
+    assert "row tiles" in cg.transform_matrix_cpu_method(K, N, "float64")
+
+
+def test_a_weight_is_packed_once_and_reused(rng):
+    x = torch.from_numpy(rng.standard_normal((20, K), dtype=np.float32))
+    w = torch.randn(N, K)
+    first = cg.transform_matrix(x, w, None, "gelu")
+    assert _packed_gemm.cache_info()["weights"] == 1
+    calls = []
+    real_pack = _packed_gemm._pack
+    try:
+        _packed_gemm._pack = lambda *args: calls.append(args) or real_pack(*args)
+        again = cg.transform_matrix(x, w, None, "gelu")
+        single = cg.transform_matrix(x[7:8], w, None, "gelu")
+    finally:
+        _packed_gemm._pack = real_pack
+    assert calls == [] and _same(first, again) and _same(first[7:8], single)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda w: w.mul_(2),  # through the tensor: its version counter moves
+        lambda w: w[3].add_(1),  # through a view: the same counter
+        lambda w: w.data.normal_(),  # through .data: no counter, every element changes (sampled)
+        lambda w: setattr(w, "data", torch.randn(N, K)),  # new memory behind the same object
+    ],
+    ids=["in-place", "view", "data-rewrite", "data-rebind"],
+)
+def test_a_changed_torch_weight_is_packed_again(rng, write):
+    x = torch.from_numpy(rng.standard_normal((9, K), dtype=np.float32))
+    w = torch.randn(N, K)
+    cg.transform_matrix(x, w, None, "silu")
+    with torch.no_grad():
+        write(w)
+    assert _same(cg.transform_matrix(x, w, None, "silu"), _fresh(x, w))
+
+
+def test_a_changed_numpy_weight_is_packed_again_even_one_element(rng):
+    x = rng.standard_normal((9, K), dtype=np.float32)
+    w = rng.standard_normal((N, K), dtype=np.float32)
+    before = cg.transform_matrix(x, w, None, "silu")
+    w[5, 100] += 1.0
+    after = cg.transform_matrix(x, w, None, "silu")
+    assert _same(after, _fresh(x, w)) and not _same(after, before)
+
+
+def test_a_tensor_over_numpy_memory_is_compared_in_full(rng):
+    """``torch.from_numpy`` shares memory that NumPy can write with no version counter moving."""
+    x = torch.from_numpy(rng.standard_normal((9, K), dtype=np.float32))
+    array = rng.standard_normal((N, K), dtype=np.float32)
+    w = torch.from_numpy(array)
+    before = cg.transform_matrix(x, w, None, "tanh")
+    array[N - 1, K - 1] *= -1
+    after = cg.transform_matrix(x, w, None, "tanh")
+    assert _same(after, _fresh(x, w, activation="tanh")) and not _same(after, before)
+
+
+def test_thread_count_change_repacks_and_keeps_the_bits(rng):
+    x = torch.from_numpy(rng.standard_normal((40, K), dtype=np.float32))
+    w = torch.randn(N, K)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = cg.transform_matrix(x, w, None, "gelu")
+        torch.set_num_threads(1)
+        one = cg.transform_matrix(x[:3], w, None, "gelu")
+        assert _same(one, _fresh(x[:3], w, activation="gelu"))
+    finally:
+        torch.set_num_threads(before)
+    assert two.shape == (40, N)
+
+
+def test_a_weight_that_dies_leaves_the_cache(rng):
+    x = torch.randn(4, K)
+    w = torch.randn(N, K)
+    cg.transform_matrix(x, w)
+    assert _packed_gemm.cache_info()["weights"] == 1
+    del w
+    gc.collect()
+    assert _packed_gemm.cache_info() == {"weights": 0, "bytes": 0, "limit": _packed_gemm.cache_info()["limit"]}
+
+
+def test_cache_limit_zero_packs_every_call_and_bad_settings_are_named(rng, monkeypatch):
+    x = torch.randn(4, K)
+    w = torch.randn(N, K)
+    monkeypatch.setenv("CLISONIX_PACK_CACHE_MB", "0")
+    y = cg.transform_matrix(x, w, None, "relu")
+    assert _packed_gemm.cache_info()["weights"] == 0 and _same(y, _fresh(x, w, activation="relu"))
+    monkeypatch.setenv("CLISONIX_PACK_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="CLISONIX_PACK_CACHE_MB"):
+        cg.transform_matrix(x, w)
+    monkeypatch.delenv("CLISONIX_PACK_CACHE_MB")
+    monkeypatch.setenv("CLISONIX_CPU_GEMM", "fast")
+    with pytest.raises(ValueError, match="CLISONIX_CPU_GEMM"):
+        cg.transform_matrix(x, w)
+
+
+def test_the_cache_evicts_the_least_recently_used_weight(monkeypatch):
+    weights = [torch.randn(N, K) for _ in range(3)]
+    monkeypatch.setenv("CLISONIX_PACK_CACHE_MB", str(2.5 * N * K * 4 / (1 << 20)))
+    for w in weights:
+        cg.transform_matrix(torch.randn(2, K), w)
+    assert _packed_gemm.cache_info()["weights"] == 2
+
+
+def test_inputs_are_never_modified(rng):
+    x = torch.randn(30, K)
+    w = torch.randn(N, K)
+    b = torch.randn(N)
+    copies = [t.clone() for t in (x, w, b)]
+    for _ in range(2):
+        cg.transform_matrix(x, w, b, "sigmoid")
+    assert all(torch.equal(a, c) for a, c in zip((x, w, b), copies, strict=True))
+    assert w._version == 0
+
+
+def test_check_rejects_a_position_dependent_packed_gemm(monkeypatch):
+    """The check is not vacuous: a packed GEMM whose last row rounds differently fails it."""
+    real = _packed_gemm._compute
+
+    def position_dependent(x, pack, w):
+        out = real(x, pack, w)
+        out[-1] = torch.nextafter(out[-1], torch.full_like(out[-1], np.inf))
+        return out
+
+    monkeypatch.setattr(_packed_gemm, "_compute", position_dependent)
+    assert not _packed_gemm._check(33, 5)
+
+
+def test_training_a_layer_repacks_after_every_step(rng):
+    """An optimizer step writes the weight in place: the next forward packs the new weight."""
+    layer = cg.nn.LIAMLinear(K, N, activation="gelu")
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(16, K)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(x).square().sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            served = layer(x)
+            expected = cg.transform_matrix(x, layer.weight.detach().clone(), layer.bias.detach().clone(), "gelu")
+        assert _same(served, expected)
