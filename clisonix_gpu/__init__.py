@@ -26,7 +26,7 @@ from .ops.binary import (
     unpack_bits,
 )
 from .ops.svd_compress import LowRank, svd_compress
-from .ops.transform_matrix import transform_matrix, transform_matrix_cpu_method
+from .ops.transform_matrix import release_packed_weights, transform_matrix, transform_matrix_cpu_method
 from .opset import BinaryAlgebra, OpSet
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ __all__ = [
     "svd_compress",
     "transform_matrix",
     "transform_matrix_cpu_method",
+    "release_packed_weights",
     "unpack_bits",
     "__version__",
     "alda",

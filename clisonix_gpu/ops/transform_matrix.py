@@ -17,11 +17,20 @@ import numpy as np
 from .. import _dispatch
 from ..errors import ShapeError
 from ._exact_gemm import exact_matmul_blocks
+from ._packed_gemm import release_packed_weights
 from ._validate import dtype_name, mantissa_bits, require_float
 from .activations import ACTIVATIONS, apply_activation_, check_activation
 from .utils import cdiv, interpreter_enabled, launch
 
-__all__ = ["ACTIVATIONS", "launch_transform_matrix", "torch_op_route", "transform_matrix", "transform_matrix_cpu_method", "validate"]
+__all__ = [
+    "ACTIVATIONS",
+    "launch_transform_matrix",
+    "release_packed_weights",
+    "torch_op_route",
+    "transform_matrix",
+    "transform_matrix_cpu_method",
+    "validate",
+]
 
 # Rows of x handled by one exact GEMM on the NumPy path: bounds the float64 temporaries.
 _NUMPY_ROW_BLOCK = 4096
