@@ -256,7 +256,15 @@ def packed_weight(source: Any, w: Any, rows: int) -> Any:
 
 
 def release_packed_weights() -> None:
-    """Drop every cached weight pack (they are rebuilt on the next call that needs them)."""
+    """Drop every cached packed weight: they are rebuilt on the next call that needs them. Call it
+    after writing a weight in a way its version counter does not see (``.data``, a ``.numpy()``
+    view), or to free the cache's memory.
+
+    >>> w = torch.randn(8, 4)
+    >>> _ = cg.transform_matrix(torch.randn(2, 4), w)
+    >>> w.data[0, 0] = 5.0  # bypasses w's version counter
+    >>> cg.release_packed_weights()
+    """
     global _cached_bytes
     with _lock:
         _cache.clear()
