@@ -60,6 +60,7 @@ _verdicts: dict[tuple[Any, ...], bool] = {}
 _lock = threading.RLock()  # re-entered when a weight dies (its weak reference's callback) under it
 
 
+@functools.cache
 def _mkl_ops() -> tuple[Any, Any] | None:
     """torch's MKL pack and packed-linear ops, or None where this torch build lacks them."""
     import torch
@@ -216,6 +217,7 @@ def _digest(source: Any) -> tuple[int, ...]:
 
 
 class _Sample(NamedTuple):
+    raw: np.ndarray  # the weight's memory as integers: valid while its stamp (data pointer, shape, strides) holds
     rows: np.ndarray
     cols: np.ndarray
     bits: bytes
@@ -225,14 +227,15 @@ def _proof(source: Any) -> _Sample | tuple[int, ...]:
     """What shows later that ``source`` is unchanged (module docstring): sampled bits of a weight in
     torch's memory, else hashes of all its bits."""
     if _tracked(source):
+        raw = _raw(source)
         rows, cols = _sample_positions(tuple(source.shape))
-        return _Sample(rows, cols, _raw(source)[rows, cols].tobytes())
+        return _Sample(raw, rows, cols, raw[rows, cols].tobytes())
     return _digest(source)
 
 
 def _unchanged(source: Any, proof: _Sample | tuple[int, ...]) -> bool:
     if isinstance(proof, _Sample):
-        return bool(_raw(source)[proof.rows, proof.cols].tobytes() == proof.bits)
+        return bool(proof.raw[proof.rows, proof.cols].tobytes() == proof.bits)
     return _digest(source) == proof
 
 
