@@ -85,7 +85,7 @@ def test_a_changed_numpy_weight_is_packed_again_even_one_element(rng):
     assert _same(after, _fresh(x, w)) and not _same(after, before)
 
 
-def test_a_tensor_over_numpy_memory_is_compared_in_full(rng):
+def test_a_tensor_over_numpy_memory_is_hashed_in_full(rng):
     """``torch.from_numpy`` shares memory that NumPy can write with no version counter moving."""
     x = torch.from_numpy(rng.standard_normal((9, K), dtype=np.float32))
     array = rng.standard_normal((N, K), dtype=np.float32)
@@ -94,6 +94,18 @@ def test_a_tensor_over_numpy_memory_is_compared_in_full(rng):
     array[N - 1, K - 1] *= -1
     after = cg.transform_matrix(x, w, None, "tanh")
     assert _same(after, _fresh(x, w, activation="tanh")) and not _same(after, before)
+
+
+def test_an_inference_mode_weight_is_hashed(rng):
+    """Inference tensors have no version counter: they are checked like NumPy memory."""
+    with torch.inference_mode():
+        x = torch.randn(9, K)
+        w = torch.randn(N, K)
+        before = cg.transform_matrix(x, w, None, "gelu")
+        w[2, 3] += 1.0
+        after = cg.transform_matrix(x, w, None, "gelu")
+        assert _same(after, _fresh(x, w, activation="gelu")) and not _same(after, before)
+    assert _same(cg.transform_matrix(x, w, None, "gelu"), after)
 
 
 def test_thread_count_change_repacks_and_keeps_the_bits(rng):

@@ -23,8 +23,8 @@ weight is unchanged:
   uses to catch in-place writes, bumped by every write through the tensor or its views -- and the
   same bits at 64 fixed sample positions, which catches whole-weight rewrites that bypass the counter
   (through ``.data``);
-- a NumPy array, or a tensor over memory torch did not allocate (``torch.from_numpy``, DLPack),
-  which can change with no counter to show it: same object, and the same 128-bit xxh3 hash of its
+- a NumPy array, a tensor over memory torch did not allocate (``torch.from_numpy``, DLPack), or
+  an inference-mode tensor, which can change with no counter to show it: same object, and the same 128-bit xxh3 hash of its
   bytes as at pack time, computed on every call in one piece per torch thread (xxhash releases the
   GIL): about 2 ms for 64 MB on 2 cores; a change goes unseen only on a hash collision.
 
@@ -180,8 +180,9 @@ def _raw(source: Any) -> np.ndarray:
 
 def _tracked(source: Any) -> bool:
     """Whether every write to ``source``'s memory through torch bumps a version counter we can read:
-    a tensor whose storage torch allocated (NumPy's and DLPack's memory is not resizable)."""
-    return not isinstance(source, np.ndarray) and source.untyped_storage().resizable()
+    a tensor whose storage torch allocated (NumPy's and DLPack's memory is not resizable), outside
+    inference mode (inference tensors have no version counter)."""
+    return not isinstance(source, np.ndarray) and not source.is_inference() and source.untyped_storage().resizable()
 
 
 def _stamp(source: Any) -> tuple[Any, ...]:
@@ -190,7 +191,8 @@ def _stamp(source: Any) -> tuple[Any, ...]:
     threads = torch.get_num_threads()
     if isinstance(source, np.ndarray):
         return (None, source.__array_interface__["data"][0], source.shape, source.strides, source.dtype.str, threads)
-    return (source._version, source.data_ptr(), tuple(source.shape), source.stride(), source.dtype, threads)
+    version = None if source.is_inference() else source._version
+    return (version, source.data_ptr(), tuple(source.shape), source.stride(), source.dtype, threads)
 
 
 def _sample_positions(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
