@@ -177,7 +177,20 @@ def test_check_rejects_a_position_dependent_packed_gemm(monkeypatch):
         return out
 
     monkeypatch.setattr(_packed_gemm, "_compute", position_dependent)
-    assert not _packed_gemm._check(33, 5)
+    assert _packed_gemm._check(33, 5) == 0
+
+
+def test_large_batches_go_in_checked_calls(rng, monkeypatch):
+    """A batch larger than the check covers runs in calls of the checked size, with the same rows."""
+    x = torch.randn(2500, K)
+    w = torch.randn(N, K)
+    full = cg.transform_matrix(x, w, None, "sigmoid")
+    calls = []
+    real = _packed_gemm._compute
+    monkeypatch.setattr(_packed_gemm, "_compute", lambda x, pack, w: calls.append(x.shape[0]) or real(x, pack, w))
+    again = cg.transform_matrix(x, w, None, "sigmoid")
+    assert calls == [1024, 1024, 452] and _same(full, again)
+    assert _same(cg.transform_matrix(x[1000:1100], w, None, "sigmoid"), full[1000:1100])
 
 
 def test_training_a_layer_repacks_after_every_step(rng):

@@ -3,10 +3,11 @@
 MKL's packed GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, reached through torch's
 ``torch.ops.mkl._mkl_reorder_linear_weight`` and ``_mkl_linear``) lays ``w`` out once in the panels
 its kernels read, then multiplies any number of rows by it. Measured with torch 2.13's MKL (2 cores,
-AVX-512): its rows come out bit-identical for every M from 1 up (one row included: no GEMV
-kernel), at every position, beside any neighbours, with misaligned rows, for packs made with a
+AVX-512): its rows come out bit-identical for every M from 1 to thousands (one row included: no
+GEMV kernel), at every position, beside any neighbours, with misaligned rows, for packs made with a
 batch-size hint of 256 or more, and under 1 and 2 threads. N = 1 is the exception seen (rows differ
-with M). So the whole batch is one call, without the row tiles, padding and per-tile re-packing of
+with M). So a batch of up to 1024 rows is one call (larger ones go in calls of 1024 rows, the
+largest call the check covers), without the row tiles, padding and per-tile re-packing of
 ``_tiled_gemm``, and one row costs a GEMV's time, not a 16-row GEMM's.
 
 MKL promises none of this, so :func:`packed_ok` *checks* it per case (K, N, thread count, fp32
@@ -53,10 +54,12 @@ __all__ = ["cache_info", "packed_ok", "packed_transform_matrix", "packed_weight"
 # batch-size hints for MKL's pack: below 256 some shapes (K=129, N=33) get kernels whose one-row
 # results differ from their many-row results; 1024 suits batches of a thousand rows and more
 _MIN_HINT, _MAX_HINT = 256, 1024
+_MAX_CALL_ROWS = 1024  # rows of one packed call: larger batches go in calls of this many (checked)
+_CHECK_MIN_ROWS = 48
 _SAMPLES = 64  # positions of a torch-allocated weight compared on every reuse
 _HASH_PIECE = 1 << 22  # bytes: a weight this size or larger is hashed by every torch thread
 _DEFAULT_CACHE_MB = 1024
-_verdicts: dict[tuple[Any, ...], bool] = {}
+_verdicts: dict[tuple[Any, ...], int] = {}  # rows a call may take per case; 0: the check failed
 _lock = threading.RLock()  # re-entered when a weight dies (its weak reference's callback) under it
 
 
@@ -92,48 +95,62 @@ def _compute(x: Any, pack: Any, w: Any) -> Any:
     return ops[1](x, pack, w, None, x.shape[0])
 
 
-def _check(k: int, n: int) -> bool:
+def _call_rows(k: int, n: int) -> int:
+    """The most rows one packed call of this case takes (larger batches go in calls of this many):
+    1024, or fewer where checking a call that size would pass 2^33 multiply-adds."""
+    return max(_CHECK_MIN_ROWS, min(_MAX_CALL_ROWS, (1 << 33) // max(k * n, 1)))
+
+
+def _check(k: int, n: int) -> int:
     """Does MKL's packed GEMM give every row the same bits at other positions, beside other rows,
-    in batches of 1 to a few hundred rows, from misaligned rows, with another pack hint and from a
-    misaligned ``w``? Random float32 rows of this case's shape."""
+    in batches of 1 row to :func:`_call_rows`, from misaligned rows, with another pack hint and
+    from a misaligned ``w``? Random float32 rows of this case's shape. Returns the rows a call may
+    take, 0 where the check fails."""
     import torch
 
     gen = torch.Generator().manual_seed(4321)
     spare = torch.randn(n * k + 1, generator=gen)
     w_misaligned = spare[1:].view(n, k)
     w = w_misaligned.clone()
-    # rows: at least 48, up to 1024 while the check stays under 2^30 multiply-adds
-    count = max(48, min(1024, (1 << 30) // max(k * n, 1)))
-    x = torch.randn(count, k, generator=gen)
+    # most checks on 48 to 1024 rows, within 2^30 multiply-adds; one call of the largest batch
+    count = max(_CHECK_MIN_ROWS, min(_MAX_CALL_ROWS, (1 << 30) // max(k * n, 1)))
+    call_rows = _call_rows(k, n)
+    rows_all = torch.randn(max(count, call_rows), k, generator=gen)
+    x = rows_all[:count]
     pack = _pack(w, _MIN_HINT)
     reference = _compute(x, pack, w)
     if not torch.equal(_compute(torch.roll(x, 5, 0), pack, w), torch.roll(reference, 5, 0)):
-        return False
+        return 0
     neighbours = x.clone()
     neighbours[1::2] = torch.randn(neighbours[1::2].shape, generator=gen)
     if not torch.equal(_compute(neighbours, pack, w)[0::2], reference[0::2]):
-        return False
+        return 0
     # small batches at odd offsets: unaligned row starts whenever K is odd
     for rows, start in ((1, 0), (1, count - 1), (2, 3), (3, 7), (5, 11), (15, 13), (17, 29), (33, 14)):
         if not torch.equal(_compute(x[start : start + rows], pack, w), reference[start : start + rows]):
-            return False
+            return 0
     shifted = torch.empty(count * k + 1)[1:].view(count, k)
     shifted.copy_(x)
     if not torch.equal(_compute(shifted, pack, w), reference):
-        return False
+        return 0
     if not torch.equal(_compute(x, _pack(w, _MAX_HINT), w), reference):
-        return False
-    return torch.equal(_compute(x, _pack(w_misaligned, _MIN_HINT), w_misaligned), reference)
+        return 0
+    if not torch.equal(_compute(x, _pack(w_misaligned, _MIN_HINT), w_misaligned), reference):
+        return 0
+    if call_rows > count and not torch.equal(_compute(rows_all, pack, w)[:count], reference):
+        return 0
+    return call_rows
 
 
-def packed_ok(k: int, n: int, dtype: Any) -> bool:
-    """Whether the packed path serves this case under torch's current thread count: float32 compute
-    (``dtype`` float32, float16 or bfloat16), MKL's packed ops present, ``CLISONIX_CPU_GEMM`` auto,
-    and the check passed (run on first use, cached)."""
+def packed_ok(k: int, n: int, dtype: Any) -> int:
+    """The rows one packed call may take in this case under torch's current thread count (truthy:
+    the packed path serves it), or 0: float32 compute (``dtype`` float32, float16 or bfloat16),
+    MKL's packed ops present, ``CLISONIX_CPU_GEMM`` auto, and the check passed (run on first use,
+    cached)."""
     import torch
 
     if dtype == torch.float64 or cpu_gemm_mode() != "auto" or k == 0 or n == 0 or _mkl_ops() is None:
-        return False
+        return 0
     key = case_key(k, n, torch.float32)
     if key in _verdicts:
         return _verdicts[key]
@@ -309,11 +326,13 @@ def cache_info() -> dict[str, int]:
         return {"weights": len(_cache), "bytes": _cached_bytes, "limit": _cache_limit()}
 
 
-def packed_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, source: Any, keep_preactivation: bool = False) -> tuple[Any, Any]:
+def packed_transform_matrix(
+    x: Any, w: Any, bias: Any, activation: str | None, source: Any, call_rows: int, keep_preactivation: bool = False
+) -> tuple[Any, Any]:
     """``(activation(x @ w.T + bias), preactivation)`` for torch CPU tensors ``x`` (M, K), ``w``
     (N, K), ``bias`` (N,) or None, all float32, ``w`` the float32 form of ``source`` (the weight
     as passed, the cache's key): (M, N) float32, and ``x @ w.T + bias`` with
-    ``keep_preactivation`` (else None). The case must have passed :func:`packed_ok`."""
+    ``keep_preactivation`` (else None). ``call_rows``: what :func:`packed_ok` returned for the case."""
     import torch
 
     m = x.shape[0]
@@ -321,6 +340,13 @@ def packed_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, s
         out = torch.zeros((0, w.shape[0]), dtype=torch.float32)
     else:
         w = w if w.is_contiguous() else w.contiguous()
-        out = _compute(x if x.is_contiguous() else x.contiguous(), packed_weight(source, w, m), w)
+        x = x if x.is_contiguous() else x.contiguous()
+        pack = packed_weight(source, w, m)
+        if m <= call_rows:
+            out = _compute(x, pack, w)
+        else:
+            out = torch.empty((m, w.shape[0]), dtype=torch.float32)
+            for start in range(0, m, call_rows):
+                out[start : start + call_rows] = _compute(x[start : start + call_rows], pack, w)
     preactivation = apply_epilogue_(out, bias, activation, keep_preactivation)
     return out, preactivation

@@ -235,8 +235,9 @@ def _blas_2d(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivati
     from ._tiled_gemm import plan_for, tiled_transform_matrix
 
     k, n = x.shape[1], w.shape[0]
-    if packed_ok(k, n, x.dtype):
-        return packed_transform_matrix(x, w, bias, activation, source, keep_preactivation)
+    call_rows = packed_ok(k, n, x.dtype)
+    if call_rows:
+        return packed_transform_matrix(x, w, bias, activation, source, call_rows, keep_preactivation)
     plan = plan_for(k, n, x.dtype)
     return None if plan is None else tiled_transform_matrix(x, w, bias, activation, plan, keep_preactivation)
 
