@@ -206,3 +206,20 @@ def test_training_a_layer_repacks_after_every_step(rng):
             served = layer(x)
             expected = cg.transform_matrix(x, layer.weight.detach().clone(), layer.bias.detach().clone(), "gelu")
         assert _same(served, expected)
+
+
+def _child_digest(w):
+    return _packed_gemm._digest(w)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_hashes_large_weights(rng):
+    """The hashing threads of a parent do not exist in a forked child: it must not wait for them.
+    (MKL itself may hang in a child forked after the parent ran it threaded; that is torch's.)"""
+    import multiprocessing
+
+    w = rng.standard_normal((1100, 1000), dtype=np.float32)  # over the size hashed in pieces
+    expected = _packed_gemm._digest(w)
+    assert len(expected) == torch.get_num_threads()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_child_digest, (w,)).get(timeout=60) == expected

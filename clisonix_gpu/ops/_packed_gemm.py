@@ -218,7 +218,9 @@ def _sample_positions(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _hash_pool(threads: int) -> ThreadPoolExecutor:
+def _hash_pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """Threads that hash pieces of a weight; one pool per process (a forked child has none of its
+    parent's threads, so it gets its own)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="clisonix-hash")
 
 
@@ -232,7 +234,7 @@ def _digest(source: Any) -> tuple[int, ...]:
     if threads == 1 or flat.nbytes < _HASH_PIECE:
         return (xxhash.xxh3_128_intdigest(flat.data),)
     pieces = np.array_split(flat, threads)
-    return tuple(_hash_pool(threads).map(lambda piece: xxhash.xxh3_128_intdigest(piece.data), pieces))
+    return tuple(_hash_pool(threads, os.getpid()).map(lambda piece: xxhash.xxh3_128_intdigest(piece.data), pieces))
 
 
 class _Sample(NamedTuple):
