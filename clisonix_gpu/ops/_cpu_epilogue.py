@@ -6,9 +6,10 @@ tail of each thread's chunk of a tensor, so an element's bits would depend on wh
 a thread's share) ends, hence on the batch size. Those activations run in pieces whose lengths
 torch's threading splits only at multiples of 64 elements (one grain per thread, or one thread);
 the last elements that do not fill 64 go through a zero-padded 64-element scratch buffer. So
-every element takes the SIMD code. float32 GELU runs as one call on the whole vectors: torch hands it to oneDNN, whose kernel
-rounds every element alike wherever a call or a thread's share ends (measured; the tests pin it);
-a call on fewer than 64 elements takes other code, hence the scratch buffer there too.
+every element takes the SIMD code. float32 GELU runs as one call on the whole vectors: torch hands
+it to oneDNN, whose kernel rounds every element alike wherever a call or a thread's share ends
+(measured; the tests pin it); a call on fewer than 64 elements takes other code, hence the scratch
+buffer there too.
 """
 
 from __future__ import annotations
