@@ -283,7 +283,8 @@ def _to_numpy(a: Any, kind: str) -> np.ndarray:
     t = a.detach()
     if not _torch_dtype_is_numpy_native(t):
         t = t.float()  # NumPy has no bfloat16; every bfloat16 value is exact in float32
-    return cast(np.ndarray, t.cpu().numpy())
+    # DLPack shares the memory as .numpy() does, without marking the caller's storage not resizable for good
+    return cast(np.ndarray, np.from_dlpack(t.cpu()))
 
 
 def _to_torch(a: Any, kind: str) -> Any:

@@ -167,6 +167,20 @@ def test_inputs_are_never_modified(rng):
     assert w._version == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensors_are_not_exported_to_numpy(dtype):
+    """``Tensor.numpy()`` would mark a storage not resizable for good: the caller's tensors stay
+    resizable, whether their weight is sampled or (in inference mode) hashed."""
+    x, w, b = torch.randn(5, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    for _ in range(2):
+        cg.transform_matrix(x, w, b, "gelu")
+    with torch.inference_mode():
+        wi = torch.randn(N, K, dtype=dtype)
+        cg.transform_matrix(x, wi, b, "gelu")
+    assert all(t.untyped_storage().resizable() for t in (x, w, b, wi))
+    w.resize_(N + 1, K)  # what a non-resizable storage refuses
+
+
 def test_check_rejects_a_position_dependent_packed_gemm(monkeypatch):
     """The check is not vacuous: a packed GEMM whose last row rounds differently fails it."""
     real = _packed_gemm._compute

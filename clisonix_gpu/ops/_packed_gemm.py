@@ -37,6 +37,7 @@ are not seen: call :func:`release_packed_weights` after such a write, or set
 from __future__ import annotations
 
 import collections
+import ctypes
 import functools
 import os
 import threading
@@ -185,14 +186,20 @@ def _cache_limit() -> int:
     return max(0, int(megabytes * (1 << 20)))
 
 
-def _raw(source: Any) -> np.ndarray:
-    """``source`` as a NumPy array of unsigned integers of its item size (its bits, no copy)."""
+def _bytes_of(source: Any) -> tuple[Any, memoryview]:
+    """(keeper, ``source``'s bytes in memory order as a flat memoryview), copied only where
+    ``source`` is not contiguous; ``keeper`` holds the memory while the view is in use. A tensor is
+    read through its data pointer, never exported to NumPy: ``Tensor.numpy()`` marks the storage
+    not resizable for good, a change to the caller's tensor."""
     if isinstance(source, np.ndarray):
-        return source.view(f"u{source.dtype.itemsize}")
-    import torch
-
-    integer = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[source.element_size()]
-    return np.asarray(source.detach().view(integer).numpy())
+        flat = np.ascontiguousarray(source).reshape(-1).view(np.uint8)
+        return flat, flat.data
+    t = source.detach()
+    t = t if t.is_contiguous() else t.contiguous()
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return t, memoryview(b"")
+    return t, memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
 
 
 def _tracked(source: Any) -> bool:
@@ -229,34 +236,42 @@ def _digest(source: Any) -> tuple[int, ...]:
     import torch
     import xxhash
 
-    flat = np.ascontiguousarray(_raw(source)).reshape(-1).view(np.uint8)
+    keeper, flat = _bytes_of(source)
     threads = torch.get_num_threads()
     if threads == 1 or flat.nbytes < _HASH_PIECE:
-        return (xxhash.xxh3_128_intdigest(flat.data),)
-    pieces = np.array_split(flat, threads)
-    return tuple(_hash_pool(threads, os.getpid()).map(lambda piece: xxhash.xxh3_128_intdigest(piece.data), pieces))
+        return (xxhash.xxh3_128_intdigest(flat),)
+    step = -(-flat.nbytes // threads)
+    pieces = [flat[start : start + step] for start in range(0, flat.nbytes, step)]
+    digests = tuple(_hash_pool(threads, os.getpid()).map(xxhash.xxh3_128_intdigest, pieces))
+    del keeper  # the memory the pieces read stays alive until here
+    return digests
 
 
 class _Sample(NamedTuple):
-    raw: np.ndarray  # the weight's memory as integers: valid while its stamp (data pointer, shape, strides) holds
-    rows: np.ndarray
-    cols: np.ndarray
-    bits: bytes
+    raw: Any  # the weight as integers of its item size (a view): valid while its stamp holds
+    rows: Any
+    cols: Any
+    bits: Any
 
 
 def _proof(source: Any) -> _Sample | tuple[int, ...]:
     """What shows later that ``source`` is unchanged (module docstring): sampled bits of a weight in
     torch's memory, else hashes of all its bits."""
     if _tracked(source):
-        raw = _raw(source)
-        rows, cols = _sample_positions(tuple(source.shape))
-        return _Sample(raw, rows, cols, raw[rows, cols].tobytes())
+        import torch
+
+        integer = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[source.element_size()]
+        raw = source.detach().view(integer)
+        rows, cols = (torch.from_numpy(a) for a in _sample_positions(tuple(source.shape)))
+        return _Sample(raw, rows, cols, raw[rows, cols])
     return _digest(source)
 
 
 def _unchanged(source: Any, proof: _Sample | tuple[int, ...]) -> bool:
     if isinstance(proof, _Sample):
-        return bool(proof.raw[proof.rows, proof.cols].tobytes() == proof.bits)
+        import torch
+
+        return bool(torch.equal(proof.raw[proof.rows, proof.cols], proof.bits))
     return _digest(source) == proof
 
 

@@ -196,7 +196,8 @@ def _as_numpy(a: Any) -> Any:
         return a
     import torch
 
-    return (a.float() if a.dtype == torch.bfloat16 else a).numpy()  # bfloat16 is exact in float32
+    # bfloat16 is exact in float32; DLPack, not .numpy(), which marks the storage not resizable for good
+    return np.from_dlpack((a.float() if a.dtype == torch.bfloat16 else a).detach())
 
 
 def _as_torch(a: Any) -> Any:
