@@ -237,3 +237,30 @@ def test_a_forked_child_hashes_large_weights(rng):
     assert len(expected) == torch.get_num_threads()
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply_async(_child_digest, (w,)).get(timeout=60) == expected
+
+
+def test_concurrent_calls_share_the_cache_and_the_bits(rng):
+    """Threads calling with the same weights (torch and NumPy) at once: every row has the bits of
+    a lone call."""
+    import threading
+
+    w = torch.randn(300, 200)
+    wn = rng.standard_normal((300, 200), dtype=np.float32)
+    x = torch.randn(64, 200)
+    ref, refn = _fresh(x, w, activation="gelu"), _fresh(x.numpy().copy(), wn, activation="gelu")
+    bad = []
+
+    def work(seed):
+        for j in range(30):
+            m = 1 + (seed * 7 + j) % 64
+            if not _same(cg.transform_matrix(x[:m], w, None, "gelu"), ref[:m]):
+                bad.append(("torch", m))
+            if not _same(cg.transform_matrix(x.numpy()[:m].copy(), wn, None, "gelu"), refn[:m]):
+                bad.append(("numpy", m))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
