@@ -25,9 +25,10 @@ weight is unchanged:
   same bits at 64 fixed sample positions, which catches whole-weight rewrites that bypass the counter
   (through ``.data``);
 - a NumPy array, a tensor over memory torch did not allocate (``torch.from_numpy``, DLPack), or
-  an inference-mode tensor, which can change with no counter to show it: same object, and the same 128-bit xxh3 hash of its
-  bytes as at pack time, computed on every call in one piece per torch thread (xxhash releases the
-  GIL): about 2 ms for 64 MB on 2 cores; a change goes unseen only on a hash collision.
+  an inference-mode tensor, which can change with no counter to show it: same object, and the
+  same 128-bit xxh3 hash of its bytes as at pack time, computed on every call in one piece per
+  torch thread (xxhash releases the GIL): about 2 ms for 64 MB on 2 cores; a change goes unseen
+  only on a hash collision.
 
 Writes that bypass the version counter and change only a few elements of a torch-allocated weight
 are not seen: call :func:`release_packed_weights` after such a write, or set
@@ -299,16 +300,16 @@ def packed_weight(source: Any, w: Any, rows: int) -> Any:
             hit = None
     if hit is not None and _unchanged(source, hit.proof):
         return hit.pack
-    pack = _pack(w, _hint(rows))
     limit = _cache_limit()
-    if w.numel() * w.element_size() > limit:
-        return pack
-    proof = _proof(source)
     nbytes = w.numel() * w.element_size()
+    if nbytes > limit:
+        return _pack(w, _hint(rows))
     try:
         source_ref = weakref.ref(source, lambda _: _forget(key))
     except TypeError:  # an object without weak references: not cached
-        return pack
+        return _pack(w, _hint(rows))
+    proof = _proof(source)  # before the pack: a write in between makes the next call pack again
+    pack = _pack(w, _hint(rows))
     global _cached_bytes
     with _lock:
         old = _cache.pop(key, None)
