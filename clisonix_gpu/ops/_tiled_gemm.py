@@ -28,10 +28,8 @@ from typing import Any, NamedTuple
 
 from ._cpu_epilogue import apply_epilogue_
 
-__all__ = ["TilePlan", "case_key", "compute_dtype", "cpu_gemm_mode", "plan_for", "tiled_transform_matrix"]
+__all__ = ["TilePlan", "case_key", "compute_dtype", "cpu_gemm_mode", "plan_for", "rows_independent", "tiled_transform_matrix"]
 
-# Tried in order; the first plan whose check passes serves the case. 64-row tiles cost 0.86-0.94x
-# of one GEMM over thousands of rows; 16 rows pad a single row to 16 (a few rows are GEMV-bound).
 _ALIGN = 64  # bytes
 
 
@@ -63,6 +61,8 @@ def _cover(sizes: tuple[int, ...], call_rows: int, left: int) -> tuple[int, tupl
     return min(options)
 
 
+# Tried in order; the first plan whose check passes serves the case. 64-row tiles cost 0.86-0.94x
+# of one GEMM over thousands of rows; 16 rows pad a single row to 16 (a few rows are GEMV-bound).
 _SMALLEST = 16  # one row alone is GEMV to MKL and rounds differently; 4-15 rows take a slow path
 # The largest tile: bounded so that a tile of the case costs at most this many multiply-adds
 # (the first-use check runs a few), and never below 64 rows (0.86-0.94x of one GEMM at scale).
@@ -148,6 +148,21 @@ def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> Any:
     return out
 
 
+def rows_independent(gemm: Any, x: Any, reference: Any, shift: int, gen: Any) -> bool:
+    """Whether ``gemm`` (rows -> their products with a fixed ``w``, at least as many rows back)
+    gives ``reference`` (its result on ``x``) for every row moved down by ``shift`` places, and
+    for every even row when the odd rows are new random ones: a row's bits depend on that row
+    alone. The common part of both BLAS methods' first-use checks."""
+    import torch
+
+    count = x.shape[0]
+    if not torch.equal(gemm(torch.roll(x, shift, 0))[:count], torch.roll(reference, shift, 0)):
+        return False
+    neighbours = x.clone()
+    neighbours[1::2] = torch.randn(neighbours[1::2].shape, generator=gen, dtype=x.dtype)
+    return torch.equal(gemm(neighbours)[0:count:2], reference[0::2])
+
+
 def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
     """Does BLAS round every row the same at other positions, beside other rows, in every tile
     size of the plan and with a misaligned ``w``? Random rows of this case's shape."""
@@ -161,12 +176,7 @@ def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
     x = torch.randn(count, k, generator=gen, dtype=dtype)
     reference = _gemm_tiles(x, w, plan)[:count]
     shift = plan.sizes[0] // 2 + 1
-    moved = _gemm_tiles(torch.roll(x, shift, 0), w, plan)[:count]
-    if not torch.equal(moved, torch.roll(reference, shift, 0)):
-        return False
-    neighbours = x.clone()
-    neighbours[1::2] = torch.randn(neighbours[1::2].shape, generator=gen, dtype=dtype)
-    if not torch.equal(_gemm_tiles(neighbours, w, plan)[0:count:2], reference[0::2]):
+    if not rows_independent(lambda rows: _gemm_tiles(rows, w, plan), x, reference, shift, gen):
         return False
     for size in plan.sizes:  # each size alone, over two tiles
         if not torch.equal(_gemm_tiles(x[: 2 * size], w, TilePlan((size,), plan.call_rows))[: 2 * size], reference[: 2 * size]):

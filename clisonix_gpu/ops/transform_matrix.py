@@ -17,7 +17,8 @@ import numpy as np
 from .. import _dispatch
 from ..errors import ShapeError
 from ._exact_gemm import exact_matmul_blocks
-from ._packed_gemm import release_packed_weights
+from ._packed_gemm import packed_ok, packed_transform_matrix, release_packed_weights
+from ._tiled_gemm import TilePlan, compute_dtype, cpu_gemm_mode, plan_for, tiled_transform_matrix
 from ._validate import dtype_name, mantissa_bits, require_float
 from .activations import ACTIVATIONS, apply_activation_, check_activation
 from .utils import cdiv, interpreter_enabled, launch
@@ -158,17 +159,14 @@ def transform_matrix_cpu_method(k: int, n: int, dtype: Any = "float32") -> str:
         return "exact float64 slices (torch is not installed: no BLAS path)"
     import torch
 
-    from ._packed_gemm import packed_ok
-    from ._tiled_gemm import compute_dtype, cpu_gemm_mode, plan_for
-
     name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else np.dtype(dtype).name
     compute = compute_dtype(getattr(torch, name))
     checked = f"checked for K={k}, N={n}, {str(compute).removeprefix('torch.')}, {torch.get_num_threads()} threads"
-    if packed_ok(k, n, compute):
+    method = _blas_method(k, n, compute)
+    if isinstance(method, TilePlan):
+        return f"BLAS on fixed {'/'.join(map(str, method.sizes))}-row tiles ({checked})"
+    if method is not None:
         return f"MKL packed GEMM, w packed once per weight ({checked})"
-    plan = plan_for(k, n, compute)
-    if plan is not None:
-        return f"BLAS on fixed {'/'.join(map(str, plan.sizes))}-row tiles ({checked})"
     if cpu_gemm_mode() == "exact":
         return "exact float64 slices (CLISONIX_CPU_GEMM=exact)"
     return f"exact float64 slices (BLAS failed the checks for K={k}, N={n}, {torch.get_num_threads()} threads)"
@@ -229,18 +227,21 @@ def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None, keep
     return torch.from_numpy(out), None if pre is None else torch.from_numpy(pre)
 
 
-def _blas_2d(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool, source: Any) -> tuple[Any, Any] | None:
-    """The BLAS methods on float32/float64 tensors, in order: packed weights, then row tiles;
-    None where neither serves the case (its checks failed, or ``CLISONIX_CPU_GEMM``)."""
-    from ._packed_gemm import packed_ok, packed_transform_matrix
-    from ._tiled_gemm import plan_for, tiled_transform_matrix
+def _blas_method(k: int, n: int, dtype: Any) -> int | TilePlan | None:
+    """The BLAS method serving this case, in order of preference: packed weights (the rows one
+    packed call may take), row tiles (their plan), or None where neither does (checks failed, or
+    ``CLISONIX_CPU_GEMM``)."""
+    return packed_ok(k, n, dtype) or plan_for(k, n, dtype)
 
-    k, n = x.shape[1], w.shape[0]
-    call_rows = packed_ok(k, n, x.dtype)
-    if call_rows:
-        return packed_transform_matrix(x, w, bias, activation, source, call_rows, keep_preactivation)
-    plan = plan_for(k, n, x.dtype)
-    return None if plan is None else tiled_transform_matrix(x, w, bias, activation, plan, keep_preactivation)
+
+def _blas_2d(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool, source: Any) -> tuple[Any, Any] | None:
+    """The BLAS method of this case on float32/float64 tensors; None where none serves it."""
+    method = _blas_method(x.shape[1], w.shape[0], x.dtype)
+    if isinstance(method, TilePlan):
+        return tiled_transform_matrix(x, w, bias, activation, method, keep_preactivation)
+    if method is not None:
+        return packed_transform_matrix(x, w, bias, activation, source, method, keep_preactivation)
+    return None
 
 
 def transform_matrix_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | None, *, keep_preactivation: bool = False) -> Any:
