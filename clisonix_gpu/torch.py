@@ -204,7 +204,7 @@ def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activatio
     activation = None if isinstance(activation, str) and not activation else activation  # the schema's "" is None
     check_activation(activation)
     # torch.compile traces the op itself (the backend switch below is a ContextVar dynamo cannot read)
-    if not torch.compiler.is_compiling() and x.device.type == "cpu" and _dispatch.select_backend("torch-cpu") != "triton":
+    if not torch.compiler.is_compiling() and x.is_cpu and _dispatch.select_backend("torch-cpu") != "triton":
         route = _tm.torch_op_route(x, w, bias)
         if route is None and not _modes_active():
             return cast(Tensor, _tm.transform_matrix_cpu_tensors(x, w, bias, activation))

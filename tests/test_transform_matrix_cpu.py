@@ -165,7 +165,9 @@ def test_epilogue_rounds_every_element_as_a_lone_simd_vector_does(rng, activatio
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
-        for length in (1, 63, 64, 65, 6144, 6208, 6211, 12352, 18496, 32768, 32832, 64 * 1999 + 5, 64 * 4097, 3 * 32768 + 6208 + 7):
+        # 131072 and 192000 split at whole vectors under 1-3 threads (one call) or not (pieces)
+        lengths = (1, 63, 64, 65, 6144, 6208, 6211, 12352, 18496, 32768, 32832, 65600, 64 * 1999 + 5, 131072, 192000, 64 * 4097, 3 * 32768 + 6208 + 7)
+        for length in lengths:
             z = torch.from_numpy(rng.standard_normal(length) * 4).to(dtype)
             padded = torch.cat([z, torch.zeros(-length % 64, dtype=dtype)])
             expected = torch.cat([cg.ops.activations.TABLE[activation].torch(piece) for piece in padded.split(64)])[:length]

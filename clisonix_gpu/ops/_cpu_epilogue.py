@@ -27,22 +27,27 @@ _GRAIN = 32768  # torch's grain size: an elementwise call on fewer elements runs
 _GELU_GRAIN = 6144  # torch threads GELU above this many elements
 
 
-def _piece_lengths(activation: str, dtype: Any) -> tuple[int, int] | None:
+def _piece_lengths(activation: str, dtype: Any, length: int) -> tuple[int, int]:
     """(parallel piece, serial piece) in elements for ``activation`` (not ReLU or leaky ReLU, which
-    round alike in any code), or None for one call on all whole vectors.
+    round alike in any code) on ``length`` elements, a multiple of 64: pieces that torch's threading
+    splits only at whole vectors.
 
-    torch splits an elementwise call of L elements over min(threads, ceil(L / grain)) threads in
-    chunks of ceil(L / threads): a piece of ``threads * grain`` elements gives each thread exactly
-    ``grain`` of them (a multiple of 64), and a piece of at most ``grain`` runs in one thread, so
-    no chunk ends inside a SIMD vector. float32 GELU runs in oneDNN, whose kernel rounds every
-    element alike wherever a call of whole vectors ends (tested), and costs about 18 us a call on
-    this VM whatever its length, so pieces would cost a lot."""
+    torch splits an elementwise call of L elements over T = min(threads, ceil(L / grain)) threads in
+    chunks of ceil(L / T) (one thread when T = 1). Where that chunk is a multiple of 64, the whole
+    length is one call. Otherwise a piece of ``threads * grain`` elements gives each thread exactly
+    ``grain`` of them (a multiple of 64), and a piece of at most ``grain`` runs in one thread. float32
+    GELU runs in oneDNN, whose kernel rounds every element alike wherever a call of whole vectors ends
+    (tested), and costs about 18 us a call on this VM whatever its length: always one call."""
     import torch
 
     if activation == "gelu" and dtype == torch.float32:
-        return None
+        return max(length, 1), 1
     grain = _GELU_GRAIN if activation in ("gelu", "gelu_tanh") else _GRAIN
-    return grain * torch.get_num_threads(), grain
+    threads = torch.get_num_threads()
+    tasks = min(threads, -(-length // grain))
+    if tasks <= 1 or (-(-length // tasks)) % VECTOR_MULTIPLE == 0:
+        return max(length, 1), 1
+    return grain * threads, grain
 
 
 def apply_epilogue_(out: Any, bias: Any, activation: str | None, keep_preactivation: bool = False) -> Any:
@@ -53,29 +58,32 @@ def apply_epilogue_(out: Any, bias: Any, activation: str | None, keep_preactivat
     The bias runs as one call (all threads: exact per element). The activation runs in pieces that
     torch's threading splits only at whole vectors (:func:`_piece_lengths`), or in one call where
     that says so."""
-    import torch
-
     if bias is not None:
         out += bias
     preactivation = out.clone() if keep_preactivation else None
     if activation is None or out.numel() == 0:
         return preactivation
     in_place = TABLE[activation].torch_
-    flat = out.view(-1)
     if activation in _EXACT_PER_ELEMENT:
-        in_place(flat)
+        in_place(out)
         return preactivation
-    whole = flat.shape[0] - flat.shape[0] % VECTOR_MULTIPLE
-    pieces = _piece_lengths(activation, out.dtype)
-    parallel, serial = pieces if pieces is not None else (max(whole, 1), 1)
+    import torch
+
+    numel = out.numel()
+    whole = numel - numel % VECTOR_MULTIPLE
+    parallel, serial = _piece_lengths(activation, out.dtype, whole)
+    if whole == numel and parallel == whole:
+        in_place(out)  # one call on all of it
+        return preactivation
+    flat = out.view(-1)
     threaded = whole - whole % parallel
     for start in range(0, threaded, parallel):
         in_place(flat[start : start + parallel])
     for start in range(threaded, whole, serial):
         in_place(flat[start : min(start + serial, whole)])
-    if whole < flat.shape[0]:
+    if whole < numel:
         scratch = torch.zeros(VECTOR_MULTIPLE, dtype=flat.dtype)
-        scratch[: flat.shape[0] - whole] = flat[whole:]
+        scratch[: numel - whole] = flat[whole:]
         in_place(scratch)
-        flat[whole:] = scratch[: flat.shape[0] - whole]
+        flat[whole:] = scratch[: numel - whole]
     return preactivation

@@ -212,12 +212,13 @@ def _stamp(source: Any) -> tuple[Any, ...]:
     if isinstance(source, np.ndarray):
         return (None, source.__array_interface__["data"][0], source.shape, source.strides, source.dtype.str, threads)
     version = None if source.is_inference() else source._version
-    return (version, source.data_ptr(), tuple(source.shape), source.stride(), source.dtype, threads)
+    return (version, source.data_ptr(), source.shape, source.stride(), source.dtype, threads)
 
 
-def _sample_positions(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _sample_positions(shape: tuple[int, ...]) -> np.ndarray:
+    """64 fixed flat positions (row-major over ``shape``) of a weight's elements."""
     rng = np.random.default_rng(0)
-    return rng.integers(0, shape[0], _SAMPLES), rng.integers(0, shape[1], _SAMPLES)
+    return rng.integers(0, shape[0], _SAMPLES) * shape[1] + rng.integers(0, shape[1], _SAMPLES)
 
 
 @functools.cache
@@ -244,10 +245,9 @@ def _digest(source: Any) -> tuple[int, ...]:
 
 
 class _Sample(NamedTuple):
-    raw: Any  # the weight as integers of its item size (a view): valid while its stamp holds
-    rows: Any
-    cols: Any
-    bits: Any
+    raw: np.ndarray  # the weight's memory as integers of its item size (a view), read while its stamp holds
+    positions: np.ndarray
+    bits: bytes
 
 
 def _proof(source: Any) -> _Sample | tuple[int, ...]:
@@ -257,17 +257,17 @@ def _proof(source: Any) -> _Sample | tuple[int, ...]:
         import torch
 
         integer = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[source.element_size()]
-        raw = source.detach().view(integer)
-        rows, cols = (torch.from_numpy(a) for a in _sample_positions(tuple(source.shape)))
-        return _Sample(raw, rows, cols, raw[rows, cols])
+        # a NumPy view through DLPack (not .numpy(), which marks the storage not resizable): a take
+        # of 64 elements and a bytes compare cost about 1 us, a quarter of torch's indexing
+        raw = np.from_dlpack(source.detach().view(integer))
+        positions = _sample_positions(tuple(source.shape))
+        return _Sample(raw, positions, raw.take(positions).tobytes())
     return _digest(source)
 
 
 def _unchanged(source: Any, proof: _Sample | tuple[int, ...]) -> bool:
     if isinstance(proof, _Sample):
-        import torch
-
-        return bool(torch.equal(proof.raw[proof.rows, proof.cols], proof.bits))
+        return proof.raw.take(proof.positions).tobytes() == proof.bits
     return _digest(source) == proof
 
 

@@ -107,7 +107,7 @@ def case_key(k: int, n: int, dtype: Any) -> tuple[Any, ...]:
     """What a plan depends on: shape class, compute dtype, thread count, fp32 matmul precision."""
     import torch
 
-    return (k, n, str(compute_dtype(dtype)), torch.get_num_threads(), torch.get_float32_matmul_precision())
+    return (k, n, compute_dtype(dtype), torch.get_num_threads(), torch.get_float32_matmul_precision())
 
 
 def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> Any:
