@@ -174,11 +174,6 @@ def _keep_backward(ctx: Any, grad: Tensor, grad_preactivation: Tensor | None) ->
 _transform_matrix_cpu_keep.register_autograd(_keep_backward, setup_context=_keep_setup_context)
 
 
-def _modes_active() -> bool:
-    """A torch function or dispatch mode (``torch.device`` context, fake or debug modes) is on."""
-    return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
-
-
 def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activation: str | None = None) -> Tensor:
     """``torch.ops.clisonix.transform_matrix``: :func:`clisonix_gpu.transform_matrix` as a
     differentiable, compilable torch op (same shapes, dtypes and errors).
@@ -198,6 +193,9 @@ def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activatio
     >>> x.grad.shape
     torch.Size([5, 8])
     """
+    shortcut = _tm.layer_call_shortcut(x, w, bias, activation)
+    if shortcut is not None:
+        return cast(Tensor, shortcut)
     for name, t in (("x", x), ("w", w), ("bias", bias)):
         if not isinstance(t, Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -206,7 +204,7 @@ def transform_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None, activatio
     # torch.compile traces the op itself (the backend switch below is a ContextVar dynamo cannot read)
     if not torch.compiler.is_compiling() and x.is_cpu and _dispatch.select_backend("torch-cpu") != "triton":
         route = _tm.torch_op_route(x, w, bias)
-        if route is None and not _modes_active():
+        if route is None and not _tm.modes_active(torch):
             return cast(Tensor, _tm.transform_matrix_cpu_tensors(x, w, bias, activation))
         if route == "autograd" and _ACTIVATIONS[activation].backward_from_output is None:
             return cast(Tensor, _transform_matrix_cpu_keep(x, w, bias, activation or "")[0])

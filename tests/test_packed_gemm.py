@@ -183,15 +183,15 @@ def test_tensors_are_not_exported_to_numpy(dtype):
 
 def test_check_rejects_a_position_dependent_packed_gemm(monkeypatch):
     """The check is not vacuous: a packed GEMM whose last row rounds differently fails it."""
-    real = _packed_gemm._compute
+    real = _packed_gemm.packed_compute
 
     def position_dependent(x, pack, w):
         out = real(x, pack, w)
         out[-1] = torch.nextafter(out[-1], torch.full_like(out[-1], np.inf))
         return out
 
-    monkeypatch.setattr(_packed_gemm, "_compute", position_dependent)
-    assert _packed_gemm._check(33, 5) == 0
+    monkeypatch.setattr(_packed_gemm, "packed_compute", position_dependent)
+    assert _packed_gemm._check(33, 5) is None
 
 
 def test_large_batches_go_in_checked_calls(rng, monkeypatch):
@@ -200,8 +200,8 @@ def test_large_batches_go_in_checked_calls(rng, monkeypatch):
     w = torch.randn(N, K)
     full = cg.transform_matrix(x, w, None, "sigmoid")
     calls = []
-    real = _packed_gemm._compute
-    monkeypatch.setattr(_packed_gemm, "_compute", lambda x, pack, w: calls.append(x.shape[0]) or real(x, pack, w))
+    real = _packed_gemm.packed_compute
+    monkeypatch.setattr(_packed_gemm, "packed_compute", lambda x, pack, w: calls.append(x.shape[0]) or real(x, pack, w))
     again = cg.transform_matrix(x, w, None, "sigmoid")
     assert calls == [1024, 1024, 452] and _same(full, again)
     assert _same(cg.transform_matrix(x[1000:1100], w, None, "sigmoid"), full[1000:1100])

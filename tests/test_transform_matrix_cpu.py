@@ -125,7 +125,7 @@ def test_exact_fallback_is_batch_invariant_and_used_for_every_row(rng, monkeypat
 def test_failed_checks_send_the_case_to_the_exact_path(rng, monkeypatch):
     monkeypatch.setattr(_tiled_gemm, "_check", lambda *args: False)
     monkeypatch.setattr(_tiled_gemm, "_plans", {})
-    monkeypatch.setattr(_packed_gemm, "_check", lambda *args: 0)
+    monkeypatch.setattr(_packed_gemm, "_check", lambda *args: None)
     monkeypatch.setattr(_packed_gemm, "_verdicts", {})
     assert cg.transform_matrix_cpu_method(40, 3).startswith("exact float64 slices (BLAS failed")
     x, w, b = _inputs(rng, "torch", "float32", 20, 40, 3)

@@ -51,17 +51,40 @@ import numpy as np
 from ._cpu_epilogue import apply_epilogue_
 from ._tiled_gemm import case_key, cpu_gemm_mode, rows_independent
 
-__all__ = ["cache_info", "packed_ok", "packed_transform_matrix", "packed_weight", "release_packed_weights"]
+__all__ = [
+    "PackedCase",
+    "cache_info",
+    "cached_pack",
+    "packed_compute",
+    "packed_ok",
+    "packed_rows",
+    "packed_transform_matrix",
+    "packed_weight",
+    "release_packed_weights",
+]
 
-# batch-size hints for MKL's pack: below 256 some shapes (K=129, N=33) get kernels whose one-row
-# results differ from their many-row results; 1024 suits batches of a thousand rows and more
-_MIN_HINT, _MAX_HINT = 256, 1024
+# batch-size hints for MKL's pack. MKL picks its kernels and its split over threads by the hint:
+# a pack for batches of about a hundred rows runs them up to 1.7x faster with hint 128 than with
+# 256, and a batch of a thousand rows 5% faster with 1024. Below 256 some shapes (K=129, N=33)
+# get kernels whose one-row results differ from their many-row results, so 128 serves only the
+# cases whose check passes with it.
+_SMALL_HINT, _MIN_HINT, _MAX_HINT = 128, 256, 1024
 _MAX_CALL_ROWS = 1024  # rows of one packed call: larger batches go in calls of this many (checked)
 _CHECK_MIN_ROWS = 48
 _SAMPLES = 64  # positions of a torch-allocated weight compared on every reuse
 _HASH_PIECE = 1 << 22  # bytes: a weight this size or larger is hashed by every torch thread
 _DEFAULT_CACHE_MB = 1024
-_verdicts: dict[tuple[Any, ...], int] = {}  # rows a call may take per case; 0: the check failed
+
+
+class PackedCase(NamedTuple):
+    """What the check established for one case."""
+
+    call_rows: int  # rows one packed call may take (larger batches go in calls of this many)
+    smallest_hint: int  # the smallest pack hint whose packs give the same bits (128 or 256)
+    pad_one_row: bool = False  # a one-row batch runs as two rows (it and a zero row): see _small_hint_case
+
+
+_verdicts: dict[tuple[Any, ...], PackedCase | None] = {}  # None: the check failed
 _lock = threading.RLock()  # re-entered when a weight dies (its weak reference's callback) under it
 
 
@@ -78,10 +101,12 @@ def _mkl_ops() -> tuple[Any, Any] | None:
         return None
 
 
-def _hint(m: int) -> int:
-    """The batch-size hint for a pack first made for ``m`` rows: MKL picks its kernels by it (a hint
-    of 4096 makes one row 2x slower), never the rounding of the hints used here (checked)."""
-    return _MAX_HINT if m >= _MAX_HINT else _MIN_HINT
+def _hint(m: int, case: PackedCase) -> int:
+    """The batch-size hint for a pack first made for ``m`` rows: MKL picks its kernels by it, never
+    the rounding of the hints this case may use (checked)."""
+    if m >= _MAX_HINT:
+        return _MAX_HINT
+    return _MIN_HINT if m >= 2 * _MIN_HINT else case.smallest_hint
 
 
 def _pack(w: Any, hint: int) -> Any:
@@ -90,7 +115,7 @@ def _pack(w: Any, hint: int) -> Any:
     return ops[0](w, hint)
 
 
-def _compute(x: Any, pack: Any, w: Any) -> Any:
+def packed_compute(x: Any, pack: Any, w: Any) -> Any:
     """``x @ w.T`` from ``pack`` (of ``w``): (M, N) float32; ``x`` contiguous, M >= 1, K >= 1."""
     ops = _mkl_ops()
     assert ops is not None
@@ -102,11 +127,11 @@ def _rows_within(k: int, n: int, macs: int) -> int:
     return max(_CHECK_MIN_ROWS, min(_MAX_CALL_ROWS, macs // max(k * n, 1)))
 
 
-def _check(k: int, n: int) -> int:
+def _check(k: int, n: int) -> PackedCase | None:
     """Does MKL's packed GEMM give every row the same bits at other positions, beside other rows,
     in batches of 1 row to the largest a call may take, from misaligned rows, with another pack hint and
     from a misaligned ``w``? Random float32 rows of this case's shape. Returns the rows a call may
-    take, 0 where the check fails."""
+    take and the smallest pack hint, None where the check fails."""
     import torch
 
     gen = torch.Generator().manual_seed(4321)
@@ -119,35 +144,78 @@ def _check(k: int, n: int) -> int:
     rows_all = torch.randn(max(count, call_rows), k, generator=gen)
     x = rows_all[:count]
     pack = _pack(w, _MIN_HINT)
-    reference = _compute(x, pack, w)
-    if not rows_independent(lambda rows: _compute(rows, pack, w), x, reference, 5, gen):
-        return 0
+    reference = packed_compute(x, pack, w)
+    if not rows_independent(lambda rows: packed_compute(rows, pack, w), x, reference, 5, gen):
+        return None
     # small batches at odd offsets: unaligned row starts whenever K is odd
-    for rows, start in ((1, 0), (1, count - 1), (2, 3), (3, 7), (5, 11), (15, 13), (17, 29), (33, 14)):
-        if not torch.equal(_compute(x[start : start + rows], pack, w), reference[start : start + rows]):
-            return 0
+    for rows, start in _small_batches(count):
+        if not torch.equal(packed_compute(x[start : start + rows], pack, w), reference[start : start + rows]):
+            return None
     shifted = torch.empty(count * k + 1)[1:].view(count, k)
     shifted.copy_(x)
-    if not torch.equal(_compute(shifted, pack, w), reference):
-        return 0
-    if not torch.equal(_compute(x, _pack(w, _MAX_HINT), w), reference):
-        return 0
-    if not torch.equal(_compute(x, _pack(w_misaligned, _MIN_HINT), w_misaligned), reference):
-        return 0
-    if call_rows > count and not torch.equal(_compute(rows_all, pack, w)[:count], reference):
-        return 0
-    return call_rows
+    if not torch.equal(packed_compute(shifted, pack, w), reference):
+        return None
+    if not torch.equal(packed_compute(x, _pack(w, _MAX_HINT), w), reference):
+        return None
+    if not torch.equal(packed_compute(x, _pack(w_misaligned, _MIN_HINT), w_misaligned), reference):
+        return None
+    if call_rows > count and not torch.equal(packed_compute(rows_all, pack, w)[:count], reference):
+        return None
+    pad = _small_hint_case(w, rows_all, reference)
+    return PackedCase(call_rows, _MIN_HINT) if pad is None else PackedCase(call_rows, _SMALL_HINT, pad)
 
 
-def packed_ok(k: int, n: int, dtype: Any) -> int:
-    """The rows one packed call may take in this case under torch's current thread count (truthy:
-    the packed path serves it), or 0: float32 compute (``dtype`` float32, float16 or bfloat16),
-    MKL's packed ops present, ``CLISONIX_CPU_GEMM`` auto, and the check passed (run on first use,
-    cached)."""
+def _small_hint_case(w: Any, rows_all: Any, reference: Any) -> bool | None:
+    """None where a pack of ``w`` made with the small hint gives other bits than ``reference`` for
+    batches of 2 to 33 rows, all the checked rows in one call, or the largest call; else whether a
+    one-row batch must run as two rows to give its bits. Some shapes (K=30, N=19; K=256, N=84) run
+    one row through another kernel under the small hint; two rows cost about the same."""
+    import torch
+
+    pack = _pack(w, _SMALL_HINT)
+    count = reference.shape[0]
+    for rows, start in _small_batches(count):
+        if rows > 1 and not torch.equal(packed_compute(rows_all[start : start + rows], pack, w), reference[start : start + rows]):
+            return None
+    if not torch.equal(packed_compute(rows_all, pack, w)[:count], reference):
+        return None
+    for pad in (False, True):
+        case = PackedCase(count, _SMALL_HINT, pad)
+        if all(torch.equal(packed_rows(rows_all[start : start + 1], pack, w, case), reference[start : start + 1]) for start in (0, 7, count - 1)):
+            return pad
+    return None
+
+
+def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
+    """``x @ w.T`` (M, N) float32 from ``pack`` (of ``w``) in the calls ``case`` allows: at most
+    ``case.call_rows`` rows each, one row as two where ``case.pad_one_row``; ``x`` (M, K) contiguous,
+    M >= 1."""
+    import torch
+
+    m = x.shape[0]
+    if m == 1 and case.pad_one_row:
+        return packed_compute(torch.cat([x, torch.zeros_like(x)]), pack, w)[:1]
+    if m <= case.call_rows:
+        return packed_compute(x, pack, w)
+    out = torch.empty((m, w.shape[0]), dtype=torch.float32)
+    for start in range(0, m, case.call_rows):
+        out[start : start + case.call_rows] = packed_compute(x[start : start + case.call_rows], pack, w)
+    return out
+
+
+def _small_batches(count: int) -> tuple[tuple[int, int], ...]:
+    """(rows, start) of the small batches the check runs: odd offsets, unaligned row starts whenever K is odd."""
+    return ((1, 0), (1, count - 1), (2, 3), (3, 7), (5, 11), (15, 13), (17, 29), (33, 14))
+
+
+def packed_ok(k: int, n: int, dtype: Any) -> PackedCase | None:
+    """What the check established for this case under torch's current thread count (the packed
+    path serves it), or None: float32 compute (``dtype`` float32, float16 or bfloat16), MKL's packed
+    ops present, ``CLISONIX_CPU_GEMM`` auto, and the check passed (run on first use, cached)."""
     import torch
 
     if dtype == torch.float64 or cpu_gemm_mode() != "auto" or k == 0 or n == 0 or _mkl_ops() is None:
-        return 0
+        return None
     key = case_key(k, n, torch.float32)
     if key in _verdicts:
         return _verdicts[key]
@@ -279,32 +347,38 @@ def _forget(key: int) -> None:
             _cached_bytes -= entry.nbytes
 
 
-def packed_weight(source: Any, w: Any, rows: int) -> Any:
-    """MKL's pack of ``w`` (N, K) float32 contiguous, the float32 form of ``source`` (the weight as
-    the caller passed it: a NumPy array or CPU tensor of shape (N, K)), from the cache while
-    ``source`` is unchanged (module docstring), else packed now for a batch of ``rows`` and cached.
-    """
+def cached_pack(source: Any) -> Any:
+    """The cached pack of ``source`` (the weight as the caller passed it) while it is unchanged
+    (module docstring), else None; no pack is made."""
     key = id(source)
     stamp = _stamp(source)
     with _lock:
         entry = _cache.get(key)
-        if entry is not None and entry.source() is source and entry.stamp == stamp:
-            _cache.move_to_end(key)
-            hit = entry
-        else:
-            hit = None
-    if hit is not None and _unchanged(source, hit.proof):
-        return hit.pack
+        if entry is None or entry.source() is not source or entry.stamp != stamp:
+            return None
+        _cache.move_to_end(key)
+    return entry.pack if _unchanged(source, entry.proof) else None
+
+
+def packed_weight(source: Any, w: Any, rows: int, case: PackedCase) -> Any:
+    """MKL's pack of ``w`` (N, K) float32 contiguous, the float32 form of ``source`` (the weight as
+    the caller passed it: a NumPy array or CPU tensor of shape (N, K)), from the cache while
+    ``source`` is unchanged (module docstring), else packed now for a batch of ``rows`` (with a
+    hint ``case`` allows) and cached."""
+    pack = cached_pack(source)
+    if pack is not None:
+        return pack
+    key, stamp = id(source), _stamp(source)  # the stamp before the proof, the proof before the pack
     limit = _cache_limit()
     nbytes = w.numel() * w.element_size()
     if nbytes > limit:
-        return _pack(w, _hint(rows))
+        return _pack(w, _hint(rows, case))
     try:
         source_ref = weakref.ref(source, lambda _: _forget(key))
     except TypeError:  # an object without weak references: not cached
-        return _pack(w, _hint(rows))
+        return _pack(w, _hint(rows, case))
     proof = _proof(source)  # before the pack: a write in between makes the next call pack again
-    pack = _pack(w, _hint(rows))
+    pack = _pack(w, _hint(rows, case))
     global _cached_bytes
     with _lock:
         old = _cache.pop(key, None)
@@ -340,12 +414,12 @@ def cache_info() -> dict[str, int]:
 
 
 def packed_transform_matrix(
-    x: Any, w: Any, bias: Any, activation: str | None, source: Any, call_rows: int, keep_preactivation: bool = False
+    x: Any, w: Any, bias: Any, activation: str | None, source: Any, case: PackedCase, keep_preactivation: bool = False
 ) -> tuple[Any, Any]:
     """``(activation(x @ w.T + bias), preactivation)`` for torch CPU tensors ``x`` (M, K), ``w``
     (N, K), ``bias`` (N,) or None, all float32, ``w`` the float32 form of ``source`` (the weight
     as passed, the cache's key): (M, N) float32, and ``x @ w.T + bias`` with
-    ``keep_preactivation`` (else None). ``call_rows``: what :func:`packed_ok` returned for the case."""
+    ``keep_preactivation`` (else None). ``case``: what :func:`packed_ok` returned for the case."""
     import torch
 
     m = x.shape[0]
@@ -354,12 +428,6 @@ def packed_transform_matrix(
     else:
         w = w if w.is_contiguous() else w.contiguous()
         x = x if x.is_contiguous() else x.contiguous()
-        pack = packed_weight(source, w, m)
-        if m <= call_rows:
-            out = _compute(x, pack, w)
-        else:
-            out = torch.empty((m, w.shape[0]), dtype=torch.float32)
-            for start in range(0, m, call_rows):
-                out[start : start + call_rows] = _compute(x[start : start + call_rows], pack, w)
+        out = packed_rows(x, packed_weight(source, w, m, case), w, case)
     preactivation = apply_epilogue_(out, bias, activation, keep_preactivation)
     return out, preactivation

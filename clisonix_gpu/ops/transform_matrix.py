@@ -16,8 +16,9 @@ import numpy as np
 
 from .. import _dispatch
 from ..errors import ShapeError
+from ._cpu_epilogue import apply_epilogue_
 from ._exact_gemm import exact_matmul_blocks
-from ._packed_gemm import packed_ok, packed_transform_matrix, release_packed_weights
+from ._packed_gemm import PackedCase, cached_pack, packed_ok, packed_rows, packed_transform_matrix, release_packed_weights
 from ._tiled_gemm import TilePlan, compute_dtype, cpu_gemm_mode, plan_for, tiled_transform_matrix
 from ._validate import dtype_name, mantissa_bits, require_float
 from .activations import ACTIVATIONS, apply_activation_, check_activation
@@ -26,6 +27,8 @@ from .utils import cdiv, interpreter_enabled, launch
 __all__ = [
     "ACTIVATIONS",
     "launch_transform_matrix",
+    "layer_call_shortcut",
+    "modes_active",
     "release_packed_weights",
     "torch_op_route",
     "transform_matrix",
@@ -82,6 +85,9 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
     >>> x.grad.tolist()
     [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
     """
+    shortcut = layer_call_shortcut(x, w, bias, activation)
+    if shortcut is not None:
+        return shortcut
     route = torch_op_route(x, w, bias)
     if (
         route is None
@@ -122,6 +128,59 @@ def torch_op_route(x: Any, w: Any, bias: Any) -> str | None:
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
         return "autograd"
     return None
+
+
+def layer_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
+    """The result of a layer's usual CPU call, or None where this call is not one.
+
+    A layer's usual call: float32 CPU tensors, ``x`` (M, K) contiguous with M >= 1, ``w`` (N, K) contiguous with its pack cached and unchanged, ``bias`` (N,) or None,
+    a valid activation; nothing records, traces or intercepts it (autograd, ``torch.compile``,
+    ``torch.jit``, functorch, torch function or dispatch modes); the CPU backend in use. Then it is
+    the packed GEMM and the epilogue, without the general path's layers (about 20 us a call less).
+    Any other call returns None and takes the general path, which gives the same bits (same pack,
+    GEMM and epilogue), makes the pack on a first call and raises the documented errors."""
+    torch = sys.modules.get("torch")  # no torch tensor can exist before torch is imported
+    if torch is None:
+        return None
+    plain, f32, strided = (torch.Tensor, torch.nn.Parameter), torch.float32, torch.strided
+    if (
+        type(x) not in plain
+        or type(w) not in plain
+        or x.dtype != f32
+        or w.dtype != f32
+        or x.ndim != 2
+        or w.ndim != 2
+        or not (x.is_cpu and w.is_cpu and x.layout == strided and w.layout == strided)
+        or not (x.is_contiguous() and w.is_contiguous())
+        or x.shape[1] != w.shape[1]
+        or x.shape[0] == 0
+        or activation not in ACTIVATIONS
+    ):
+        return None
+    if bias is not None and (
+        type(bias) not in plain or bias.dtype != f32 or bias.ndim != 1 or bias.shape[0] != w.shape[0] or not bias.is_cpu or bias.layout != strided
+    ):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active(torch) or modes_active(torch):
+        return None
+    if _dispatch.current_backend() not in ("auto", "numpy"):
+        return None
+    case = packed_ok(x.shape[1], w.shape[0], f32)
+    if case is None:
+        return None
+    pack = cached_pack(w)
+    if pack is None:
+        return None
+    out = packed_rows(x, pack, w, case)
+    apply_epilogue_(out, bias, activation)
+    return out
+
+
+def modes_active(torch: Any) -> bool:
+    """A torch function or dispatch mode (``torch.device`` context, fake or debug modes) is on."""
+    return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
 
 
 def _functorch_active(torch: Any) -> bool:
@@ -233,9 +292,9 @@ def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None, keep
     return torch.from_numpy(out), None if pre is None else torch.from_numpy(pre)
 
 
-def _blas_method(k: int, n: int, dtype: Any) -> int | TilePlan | None:
-    """The BLAS method serving this case, in order of preference: packed weights (the rows one
-    packed call may take), row tiles (their plan), or None where neither does (checks failed, or
+def _blas_method(k: int, n: int, dtype: Any) -> PackedCase | TilePlan | None:
+    """The BLAS method serving this case, in order of preference: packed weights (what their check
+    established), row tiles (their plan), or None where neither does (checks failed, or
     ``CLISONIX_CPU_GEMM``)."""
     return packed_ok(k, n, dtype) or plan_for(k, n, dtype)
 
