@@ -87,15 +87,23 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def images_per_hour(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
-    """Throughput on this device for batches of the test set (median of ``repeats`` runs)."""
-    model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def images_per_hour(models: list[nn.Module], x: torch.Tensor, rounds: int = 30, calls: int = 10) -> list[float]:
+    """Throughput of each of ``models`` on this device for batches ``x`` (the test set), one value
+    per model. The models take turns: every round times ``calls`` forwards of each, in an order
+    that rotates from round to round, so a slow spell of the machine falls on all of them alike;
+    the result is the median over ``rounds``."""
+    for model in models:
         model(x)
-        times.append(time.perf_counter() - start)
-    return x.shape[0] / float(np.median(times)) * 3600.0
+    seconds: list[list[float]] = [[] for _ in models]
+    for turn in range(rounds):
+        order = list(range(len(models)))
+        order = order[turn % len(order) :] + order[: turn % len(order)]
+        for i in order:
+            start = time.perf_counter()
+            for _ in range(calls):
+                models[i](x)
+            seconds[i].append((time.perf_counter() - start) / calls)
+    return [x.shape[0] / float(np.median(times)) * 3600.0 for times in seconds]
 
 
 def run_demo(datasets: tuple[str, ...] = ("digits", "breast_cancer"), ranks: tuple[int, ...] = (32, 16, 4),
@@ -126,13 +134,10 @@ def run_demo(datasets: tuple[str, ...] = ("digits", "breast_cancer"), ranks: tup
         torch.manual_seed(0)
         fit(model, x_train, y_train, epochs=100)  # straight-through fine-tuning of the 1-bit layers
         variants.append(("tanh MLP, binary + 100 STE epochs", model))
-        for variant, candidate in variants:
+        speeds = images_per_hour([candidate for _, candidate in variants], x_test)
+        for (variant, candidate), speed in zip(variants, speeds):
             size = liam_nn.model_size(candidate)  # inference state: latent STE weights are not counted
-            rows.append(
-                DemoRow(
-                    name, variant, accuracy(candidate, x_test, y_test), size.params, size.sign_bits, size.nbytes, images_per_hour(candidate, x_test)
-                )
-            )
+            rows.append(DemoRow(name, variant, accuracy(candidate, x_test, y_test), size.params, size.sign_bits, size.nbytes, speed))
     text = _markdown(rows)
     print(text)
     if out_dir is not None:

@@ -6,7 +6,7 @@ its kernels read, then multiplies any number of rows by it. Measured with torch 
 AVX-512): its rows come out bit-identical for every M from 1 to thousands (one row included: no
 GEMV kernel), at every position, beside any neighbours, with misaligned rows, for packs made with a
 batch-size hint of 256 or more, and under 1 and 2 threads. N = 1 is the exception seen (rows differ
-with M). So a batch of up to 1024 rows is one call (larger ones go in calls of 1024 rows, the
+with M): a one-row weight runs as two rows, the second zero, and keeps the first column. So a batch of up to 1024 rows is one call (larger ones go in calls of 1024 rows, the
 largest call the check covers), without the row tiles, padding and per-tile re-packing of
 ``_tiled_gemm``, and one row costs a GEMV's time, not a 16-row GEMM's.
 
@@ -186,10 +186,24 @@ def _small_hint_case(w: Any, rows_all: Any, reference: Any) -> bool | None:
     return None
 
 
+def _packable(w: Any) -> Any:
+    """``w`` (N, K) as it is packed: with a zero second row where N = 1 (the first column of that
+    product keeps its bits whatever the batch size; a one-column product does not)."""
+    import torch
+
+    return torch.cat([w, torch.zeros_like(w)]) if w.shape[0] == 1 else w
+
+
 def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
     """``x @ w.T`` (M, N) float32 from ``pack`` (of ``w``) in the calls ``case`` allows: at most
     ``case.call_rows`` rows each, one row as two where ``case.pad_one_row``; ``x`` (M, K) contiguous,
     M >= 1."""
+    if w.shape[0] == 1:
+        return _packed_rows(x, pack, _packable(w), case)[:, :1].contiguous()
+    return _packed_rows(x, pack, w, case)
+
+
+def _packed_rows(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
     import torch
 
     m = x.shape[0]
@@ -216,6 +230,7 @@ def packed_ok(k: int, n: int, dtype: Any) -> PackedCase | None:
 
     if dtype == torch.float64 or cpu_gemm_mode() != "auto" or k == 0 or n == 0 or _mkl_ops() is None:
         return None
+    n = max(n, 2)  # a one-row weight is packed with a zero second row (_packable)
     key = case_key(k, n, torch.float32)
     if key in _verdicts:
         return _verdicts[key]
@@ -372,13 +387,13 @@ def packed_weight(source: Any, w: Any, rows: int, case: PackedCase) -> Any:
     limit = _cache_limit()
     nbytes = w.numel() * w.element_size()
     if nbytes > limit:
-        return _pack(w, _hint(rows, case))
+        return _pack(_packable(w), _hint(rows, case))
     try:
         source_ref = weakref.ref(source, lambda _: _forget(key))
     except TypeError:  # an object without weak references: not cached
-        return _pack(w, _hint(rows, case))
+        return _pack(_packable(w), _hint(rows, case))
     proof = _proof(source)  # before the pack: a write in between makes the next call pack again
-    pack = _pack(w, _hint(rows, case))
+    pack = _pack(_packable(w), _hint(rows, case))
     global _cached_bytes
     with _lock:
         old = _cache.pop(key, None)
