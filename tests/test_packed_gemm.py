@@ -264,3 +264,91 @@ def test_concurrent_calls_share_the_cache_and_the_bits(rng):
     for t in threads:
         t.join()
     assert bad == []
+
+
+@pytest.mark.parametrize("k,n", [(30, 19), (256, 84), (129, 33), (4096, 33), (64, 1), (1, 2)])
+def test_packs_made_for_any_first_batch_give_the_same_rows(rng, k, n):
+    """A weight is packed for its first batch (hint 128, 256 or 1024 by its size, 128 only where
+    the check allows it); the rows come out the same whichever it was, in batches of 1 row to the
+    whole batch. On this MKL the first three shapes run one row as two under hint 128."""
+    x = torch.from_numpy(rng.standard_normal((1100, k), dtype=np.float32))
+    values = rng.standard_normal((n, k), dtype=np.float32)
+    b = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+    expected = None
+    for first in (1, 300, 600, 1100):
+        w = torch.tensor(values)  # a new weight object: packed for this first batch
+        cg.transform_matrix(x[:first], w, b, "gelu")
+        got = [cg.transform_matrix(x[:m], w, b, "gelu") for m in (1, 2, 3, 17, 40, 1100)]
+        assert all(_same(part, got[-1][: part.shape[0]]) for part in got), first
+        if expected is None:
+            expected = got
+        assert all(_same(a, e) for a, e in zip(got, expected)), first
+
+
+def _tagging_small_packs(monkeypatch):
+    """Packs made with the small hint, by id, as ``_pack`` makes them."""
+    small, real = set(), _packed_gemm._pack
+
+    def tagged(w, hint):
+        pack = real(w, hint)
+        if hint == _packed_gemm._SMALL_HINT:
+            small.add(id(pack))
+        return pack
+
+    monkeypatch.setattr(_packed_gemm, "_pack", tagged)
+    return small
+
+
+@pytest.mark.parametrize("differs_at,expected", [(None, (128, False)), ({1}, (128, True)), ({1, 2}, (256, False))])
+def test_check_takes_the_small_hint_only_with_the_same_bits(monkeypatch, differs_at, expected):
+    """A small-hint pack whose one-row calls round differently is used with one row run as two;
+    one whose two-row calls differ too is not used (the case keeps hint 256)."""
+    small, real = _tagging_small_packs(monkeypatch), _packed_gemm.packed_compute
+
+    def compute(x, pack, w):
+        out = real(x, pack, w)
+        if differs_at and id(pack) in small and x.shape[0] in differs_at:
+            out[0] = torch.nextafter(out[0], torch.full_like(out[0], np.inf))
+        return out
+
+    monkeypatch.setattr(_packed_gemm, "packed_compute", compute)
+    case = _packed_gemm._check(33, 5)
+    assert case is not None and (case.smallest_hint, case.pad_one_row) == expected
+
+
+def test_one_row_runs_as_two_rows_where_the_case_says_so(rng, monkeypatch):
+    x = torch.from_numpy(rng.standard_normal((1, K), dtype=np.float32))
+    w = torch.from_numpy(rng.standard_normal((N, K), dtype=np.float32))
+    pack, calls, real = _packed_gemm._pack(w, 128), [], _packed_gemm.packed_compute
+    monkeypatch.setattr(_packed_gemm, "packed_compute", lambda x, pack, w: calls.append(x.shape[0]) or real(x, pack, w))
+    padded = _packed_gemm.packed_rows(x, pack, w, _packed_gemm.PackedCase(1024, 128, True))
+    plain = _packed_gemm.packed_rows(x, pack, w, _packed_gemm.PackedCase(1024, 128, False))
+    assert calls == [2, 1] and padded.shape == (1, N) and padded.is_contiguous()
+    assert _same(padded, real(torch.cat([x, torch.zeros_like(x)]), pack, w)[:1])
+    assert torch.allclose(padded, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_call_shortcut_gives_the_general_paths_bits_and_declines_the_rest(rng):
+    """The shortcut serves the usual call once the weight is packed, with the general path's
+    bits; a call it cannot serve (first call, grad recording, float64, a non-contiguous x, an
+    unknown activation) returns None, and the general path answers it (or raises)."""
+    from clisonix_gpu.ops.transform_matrix import layer_call_shortcut
+
+    x = torch.from_numpy(rng.standard_normal((37, K), dtype=np.float32))
+    w = torch.from_numpy(rng.standard_normal((N, K), dtype=np.float32)).clone()
+    b = torch.from_numpy(rng.standard_normal(N, dtype=np.float32))
+    assert layer_call_shortcut(x, w, b, "gelu") is None  # nothing packed yet
+    general = cg.transform_matrix(x, w, b, "gelu")
+    assert _same(layer_call_shortcut(x, w, b, "gelu"), general)
+    assert _same(cg.torch.transform_matrix(x, w, b, "gelu"), general)
+    declined = [
+        (x.requires_grad_(True), w, b, "gelu"),
+        (x.detach().double(), w.double(), b.double(), "gelu"),
+        (x.detach().t().contiguous().t(), w, b, "gelu"),
+        (x.detach(), w, b, "swish"),
+        (x.detach(), w, b[:-1], "gelu"),
+    ]
+    for args in declined:
+        assert layer_call_shortcut(*args) is None
+    with pytest.raises(ValueError, match="unknown activation"):
+        cg.transform_matrix(x.detach(), w, b, "swish")
