@@ -82,6 +82,23 @@ def test_non_contiguous_bf16_and_bool_tensors_round_trip():
         assert got.dtype == sent.dtype and torch.equal(got, sent)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
+def test_encoding_leaves_the_callers_tensors_as_they_were(dtype):
+    """Bytes are read through the data pointer: the tensor stays resizable (``Tensor.numpy()``
+    would mark its storage not resizable for good), unmodified, and its view keeps it alive."""
+    t = torch.arange(300).to(dtype)
+    before = t.clone()
+    view = wire.byte_view(t)
+    wire.encode(7, 1, (t, t[::2]))
+    assert torch.equal(t, before) and view.nbytes == t.numel() * t.element_size()
+    t.resize_(4096)  # raises where the storage was marked not resizable
+    again = torch.arange(5).to(dtype)
+    kept = wire.byte_view(again)
+    del again
+    assert bytes(kept) == bytes(wire.byte_view(torch.arange(5).to(dtype)))
+    assert wire.byte_view(torch.empty(0, dtype=dtype)).size == 0
+
+
 def test_header_fields_sit_where_their_names_say():
     t = torch.zeros(2, 3, dtype=torch.int32)
     words = wire.header(42, 5, [t], [7, 8])

@@ -26,6 +26,7 @@ Header words, by name (the ``*_AT`` constants are their positions):
 
 from __future__ import annotations
 
+import ctypes
 import math
 import struct
 from collections.abc import Iterator, Sequence
@@ -144,15 +145,20 @@ def _check_specs(words: Sequence[int], count: int, max_bytes: int) -> Specs:
 
 
 def byte_view(t: torch.Tensor) -> np.ndarray:
-    """A tensor's bytes as a flat uint8 NumPy array; a view unless ``t`` is off the CPU or not contiguous."""
-    if t.is_cpu and t.dtype != torch.bfloat16 and not t.requires_grad and t.is_contiguous():
-        return t.numpy().reshape(-1).view(np.uint8)  # the usual case, in the fewest calls
-    t = t.detach()
+    """A tensor's bytes as a flat uint8 NumPy array: a view unless ``t`` is off the CPU or not
+    contiguous (then a copy's). Read through the data pointer, which also costs less than
+    ``Tensor.numpy()``: that marks the storage not resizable for good, a change to the caller's
+    tensor. The array holds the tensor alive."""
     if not t.is_cpu:
-        t = t.cpu()
-    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16; its bytes are those of an int16
-        t = t.contiguous().view(torch.int16)
-    return np.ascontiguousarray(t.numpy()).reshape(-1).view(np.uint8)
+        t = t.detach().cpu()
+    if not t.is_contiguous():
+        t = t.detach().contiguous()
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return np.empty(0, dtype=np.uint8)
+    memory = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    memory.keep = t  # type: ignore[attr-defined]  # the NumPy array holds ``memory``, which holds the tensor
+    return np.frombuffer(memoryview(memory).cast("B"), dtype=np.uint8)
 
 
 class Payload:
