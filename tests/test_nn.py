@@ -63,6 +63,11 @@ def test_binary_linear_is_the_scaled_sign_product(rng):
     sw = torch.where(w >= 0, 1.0, -1.0)
     expected = (sx @ sw.T) * x.abs().mean(1, keepdim=True) * w.abs().mean(1) + linear.bias.detach()
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    # the plain functions (nothing records) and the torch ops (autograd records) give the same bits
+    with torch.no_grad():
+        direct = layer(x)
+    recorded = layer(x.clone().requires_grad_(True))
+    assert recorded.grad_fn is not None and torch.equal(direct, recorded.detach())
 
 
 def test_binary_linear_trains_through_straight_through_estimator(rng):

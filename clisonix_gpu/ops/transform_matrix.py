@@ -107,9 +107,10 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
     return _dispatch.cast_like(out, x)
 
 
-def torch_op_route(x: Any, w: Any, bias: Any) -> str | None:
-    """``"traced"``, ``"autograd"`` or None: whether these arrays, if torch tensors, must take the
-    torch op (None for NumPy/CuPy arrays and for torch tensors nothing records or traces).
+def torch_op_route(*arrays: Any) -> str | None:
+    """``"traced"``, ``"autograd"`` or None: whether these arrays (None entries skipped), if torch
+    tensors, must take the torch op (None for NumPy/CuPy arrays and for torch tensors nothing
+    records or traces).
 
     The torch op's own CPU and CUDA kernels run with autograd off and outside tracing, so their
     calls back into this function take the dispatch path (no recursion).
@@ -118,14 +119,14 @@ def torch_op_route(x: Any, w: Any, bias: Any) -> str | None:
     if torch is None:
         return None
     plain = (torch.Tensor, torch.nn.Parameter)
-    if type(x) not in plain or type(w) not in plain or (bias is not None and type(bias) not in plain):
-        arrays = [a for a in (x, w, bias) if a is not None]
-        if not arrays or not all(isinstance(a, torch.Tensor) for a in arrays):
+    present = [a for a in arrays if a is not None]
+    if not present or any(type(a) not in plain for a in present):
+        if not present or not all(isinstance(a, torch.Tensor) for a in present):
             return None  # NumPy/CuPy, or mixed types: the dispatch path names the mix
         return "traced"  # fake, functional or user tensor subclasses: torch's dispatch handles them
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active(torch):
         return "traced"
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and any(a.requires_grad for a in present):
         return "autograd"
     return None
 
