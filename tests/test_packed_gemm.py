@@ -346,9 +346,12 @@ def test_layer_call_shortcut_gives_the_general_paths_bits_and_declines_the_rest(
         (x.detach().double(), w.double(), b.double(), "gelu"),
         (x.detach().t().contiguous().t(), w, b, "gelu"),
         (x.detach(), w, b, "swish"),
+        (x.detach(), w, b, np.array(["gelu", "relu"])),
         (x.detach(), w, b[:-1], "gelu"),
     ]
     for args in declined:
         assert layer_call_shortcut(*args) is None
     with pytest.raises(ValueError, match="unknown activation"):
         cg.transform_matrix(x.detach(), w, b, "swish")
+    with pytest.raises(TypeError, match="activation must be a str"):
+        cg.transform_matrix(x.detach(), w, b, np.array(["gelu", "relu"]))

@@ -133,9 +133,10 @@ def _rows_within(k: int, n: int, macs: int) -> int:
 
 def _check(k: int, n: int) -> PackedCase | None:
     """Does MKL's packed GEMM give every row the same bits at other positions, beside other rows,
-    in batches of 1 row to the largest a call may take, from misaligned rows, with another pack hint and
-    from a misaligned ``w``? Random float32 rows of this case's shape. Returns the rows a call may
-    take and the smallest pack hint, None where the check fails."""
+    in batches of 1 row to the largest a call may take, from misaligned rows, with packs made for
+    1024 rows and from a misaligned ``w``? Random float32 rows of this case's shape. Returns the
+    rows a call may take and the smallest pack hint that gives the same bits (128, with or without
+    one row run as two, else 256); None where the check fails."""
     import torch
 
     gen = torch.Generator().manual_seed(4321)

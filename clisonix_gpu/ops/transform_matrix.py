@@ -155,7 +155,7 @@ def layer_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
         or not (x.is_contiguous() and w.is_contiguous())
         or x.shape[1] != w.shape[1]
         or x.shape[0] == 0
-        or activation not in ACTIVATIONS
+        or not (activation is None or (type(activation) is str and activation in ACTIVATIONS))
     ):
         return None
     if bias is not None and (
