@@ -152,10 +152,8 @@ def _check(k: int, n: int) -> PackedCase | None:
     reference = packed_compute(x, pack, w)
     if not rows_independent(lambda rows: packed_compute(rows, pack, w), x, reference, 5, gen):
         return None
-    # small batches at odd offsets: unaligned row starts whenever K is odd
-    for rows, start in _small_batches(count):
-        if not torch.equal(packed_compute(x[start : start + rows], pack, w), reference[start : start + rows]):
-            return None
+    if not _small_batches_match(pack, w, x, reference, smallest=1):
+        return None
     shifted = torch.empty(count * k + 1)[1:].view(count, k)
     shifted.copy_(x)
     if not torch.equal(packed_compute(shifted, pack, w), reference):
@@ -179,9 +177,8 @@ def _small_hint_case(w: Any, rows_all: Any, reference: Any) -> bool | None:
 
     pack = _pack(w, _SMALL_HINT)
     count = reference.shape[0]
-    for rows, start in _small_batches(count):
-        if rows > 1 and not torch.equal(packed_compute(rows_all[start : start + rows], pack, w), reference[start : start + rows]):
-            return None
+    if not _small_batches_match(pack, w, rows_all, reference, smallest=2):
+        return None
     if not torch.equal(packed_compute(rows_all, pack, w)[:count], reference):
         return None
     for pad in (False, True):
@@ -222,9 +219,16 @@ def _packed_rows(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
     return out
 
 
-def _small_batches(count: int) -> tuple[tuple[int, int], ...]:
-    """(rows, start) of the small batches the check runs: odd offsets, unaligned row starts whenever K is odd."""
-    return ((1, 0), (1, count - 1), (2, 3), (3, 7), (5, 11), (15, 13), (17, 29), (33, 14))
+def _small_batches_match(pack: Any, w: Any, x: Any, reference: Any, smallest: int) -> bool:
+    """Whether batches of ``smallest`` to 33 rows of ``x`` at odd offsets (unaligned row starts
+    whenever K is odd) give the rows of ``reference`` from ``pack`` (of ``w``)."""
+    import torch
+
+    count = reference.shape[0]
+    batches = ((1, 0), (1, count - 1), (2, 3), (3, 7), (5, 11), (15, 13), (17, 29), (33, 14))
+    return all(
+        torch.equal(packed_compute(x[start : start + rows], pack, w), reference[start : start + rows]) for rows, start in batches if rows >= smallest
+    )
 
 
 def packed_ok(k: int, n: int, dtype: Any) -> PackedCase | None:
@@ -389,16 +393,17 @@ def packed_weight(source: Any, w: Any, rows: int, case: PackedCase) -> Any:
     if pack is not None:
         return pack
     key, stamp = id(source), _stamp(source)  # the stamp before the proof, the proof before the pack
+    packable, hint = _packable(w), _hint(rows, case)
     limit = _cache_limit()
     nbytes = w.numel() * w.element_size()
     if nbytes > limit:
-        return _pack(_packable(w), _hint(rows, case))
+        return _pack(packable, hint)
     try:
         source_ref = weakref.ref(source, lambda _: _forget(key))
     except TypeError:  # an object without weak references: not cached
-        return _pack(_packable(w), _hint(rows, case))
+        return _pack(packable, hint)
     proof = _proof(source)  # before the pack: a write in between makes the next call pack again
-    pack = _pack(_packable(w), _hint(rows, case))
+    pack = _pack(packable, hint)
     global _cached_bytes
     with _lock:
         old = _cache.pop(key, None)

@@ -141,32 +141,22 @@ def layer_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
     Any other call returns None and takes the general path, which gives the same bits (same pack,
     GEMM and epilogue), makes the pack on a first call and raises the documented errors."""
     torch = sys.modules.get("torch")  # no torch tensor can exist before torch is imported
-    if torch is None:
+    if torch is None or x is None or w is None or not _dispatch.dense_cpu_tensors(x, w, bias):
         return None
-    plain, f32, strided = (torch.Tensor, torch.nn.Parameter), torch.float32, torch.strided
+    f32 = torch.float32
     if (
-        type(x) not in plain
-        or type(w) not in plain
-        or x.dtype != f32
+        x.dtype != f32
         or w.dtype != f32
         or x.ndim != 2
         or w.ndim != 2
-        or not (x.is_cpu and w.is_cpu and x.layout == strided and w.layout == strided)
         or not (x.is_contiguous() and w.is_contiguous())
         or x.shape[1] != w.shape[1]
         or x.shape[0] == 0
         or not (activation is None or (type(activation) is str and activation in ACTIVATIONS))
+        or (bias is not None and (bias.dtype != f32 or bias.ndim != 1 or bias.shape[0] != w.shape[0]))
     ):
         return None
-    if bias is not None and (
-        type(bias) not in plain or bias.dtype != f32 or bias.ndim != 1 or bias.shape[0] != w.shape[0] or not bias.is_cpu or bias.layout != strided
-    ):
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
-        return None
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active(torch) or modes_active(torch):
-        return None
-    if _dispatch.current_backend() not in ("auto", "numpy"):
+    if torch_op_route(x, w, bias) is not None or modes_active(torch) or _dispatch.current_backend() not in ("auto", "numpy"):
         return None
     case = packed_ok(x.shape[1], w.shape[0], f32)
     if case is None:
@@ -329,8 +319,7 @@ def _checked_cpu_tensors(x: Any, w: Any, bias: Any, activation: str | None, keep
     bias = None if bias is None else _no_grad(bias)
     if x.ndim == 2 and w.ndim == 2 and x.dtype in (torch.float32, torch.float64):
         # a layer's call: one 2-D problem in the output dtype, without the batch path's reshapes and casts
-        found = _blas_2d(x, w, bias, activation, keep_preactivation, source)
-        out, pre = found if found is not None else _transform_matrix_2d(x, w, bias, activation, keep_preactivation, source)
+        out, pre = _transform_matrix_2d(x, w, bias, activation, keep_preactivation, source)
         return (out, pre) if keep_preactivation else out
     out, pre = _cpu_path(x, w, bias, activation, keep_preactivation, source)
     if keep_preactivation:
@@ -347,8 +336,7 @@ def _no_grad(t: Any) -> Any:
 def _transform_matrix_cpu(x: Any, w: Any, bias: Any, *, activation: str | None) -> Any:
     if isinstance(x, np.ndarray):
         return _cpu_path(x, w, bias, activation, keep_preactivation=False)[0]
-    detached = None if bias is None else bias.detach()
-    return _cpu_path(x.detach(), w.detach(), detached, activation, keep_preactivation=False, source=w)[0]
+    return _cpu_path(_no_grad(x), _no_grad(w), None if bias is None else _no_grad(bias), activation, keep_preactivation=False, source=w)[0]
 
 
 def _cpu_path(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool, source: Any = None) -> tuple[Any, Any]:
