@@ -130,7 +130,7 @@ def test_a_weight_that_dies_leaves_the_cache(rng):
     assert _packed_gemm.cache_info()["weights"] == 1
     del w
     gc.collect()
-    assert _packed_gemm.cache_info() == {"weights": 0, "bytes": 0, "limit": _packed_gemm.cache_info()["limit"]}
+    assert _packed_gemm.cache_info() == {"weights": 0, "bytes": 0, "limit": _packed_gemm.cache_info()["limit"], "watched": 0}
 
 
 def test_cache_limit_zero_packs_every_call_and_bad_settings_are_named(rng, monkeypatch):

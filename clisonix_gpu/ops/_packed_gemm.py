@@ -29,10 +29,14 @@ weight is unchanged:
   same bits at 64 fixed sample positions, which catches whole-weight rewrites that bypass the counter
   (through ``.data``);
 - a NumPy array, a tensor over memory torch did not allocate (``torch.from_numpy``, DLPack), or
-  an inference-mode tensor, which can change with no counter to show it: same object, and the
-  same 128-bit xxh3 hash of its bytes as at pack time, computed on every call in one piece per
-  torch thread (xxhash releases the GIL): about 2 ms for 64 MB on 2 cores; a change goes unseen
-  only on a hash collision.
+  an inference-mode tensor, which can change with no counter to show it: same object, and no write
+  to its memory since the pack, as the kernel records it (:mod:`._write_watch`: write-protect
+  tracking of its pages, read in 0.03-0.2 ms for 64 MB), for contiguous weights of 1 MiB or more
+  in private memory on Linux 6.7 or newer; else the same 128-bit xxh3 hash of its bytes as at pack
+  time, computed on every call in one piece per torch thread (xxhash releases the GIL): about 2 ms
+  for 64 MB on 2 cores; a change goes unseen only on a hash collision. The page record misses
+  only a device's DMA into pinned host memory (``cudaHostRegister``): call
+  :func:`release_packed_weights` after one.
 
 Writes that bypass the version counter and change only a few elements of a torch-allocated weight
 are not seen: call :func:`release_packed_weights` after such a write, or set
@@ -52,6 +56,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import _write_watch
 from ._cpu_epilogue import apply_epilogue_
 from ._tiled_gemm import case_key, cpu_gemm_mode, rows_independent
 
@@ -255,9 +260,14 @@ def packed_ok(k: int, n: int, dtype: Any) -> PackedCase | None:
 class _Entry(NamedTuple):
     source: weakref.ref[Any]
     stamp: tuple[Any, ...]
-    proof: _Sample | tuple[int, ...]
+    proof: _Proof
     pack: Any
     nbytes: int
+
+    def drop(self) -> None:
+        """Called once the entry leaves the cache: ends its page watch, if any."""
+        if isinstance(self.proof, _write_watch.PageWatch):
+            self.proof.close()
 
 
 _cache: collections.OrderedDict[int, _Entry] = collections.OrderedDict()
@@ -342,9 +352,12 @@ class _Sample(NamedTuple):
     bits: bytes
 
 
-def _proof(source: Any) -> _Sample | tuple[int, ...]:
+_Proof = _Sample | _write_watch.PageWatch | tuple[int, ...]
+
+
+def _proof(source: Any) -> _Proof:
     """What shows later that ``source`` is unchanged (module docstring): sampled bits of a weight in
-    torch's memory, else hashes of all its bits."""
+    torch's memory, else the kernel's record of writes to its pages, else hashes of all its bits."""
     if _tracked(source):
         import torch
 
@@ -354,12 +367,27 @@ def _proof(source: Any) -> _Sample | tuple[int, ...]:
         raw = np.from_dlpack(source.detach().view(integer))
         positions = _sample_positions(tuple(source.shape))
         return _Sample(raw, positions, raw.take(positions).tobytes())
-    return _digest(source)
+    page_watch = _watch_pages(source)
+    return page_watch if page_watch is not None else _digest(source)
 
 
-def _unchanged(source: Any, proof: _Sample | tuple[int, ...]) -> bool:
+def _watch_pages(source: Any) -> _write_watch.PageWatch | None:
+    """A record of writes to ``source``'s memory from now on, for a contiguous weight (a strided
+    one is hashed from a copy); None where the memory cannot be watched."""
+    if isinstance(source, np.ndarray):
+        if not source.flags.c_contiguous:
+            return None
+        return _write_watch.watch(source.__array_interface__["data"][0], source.nbytes)
+    if not source.is_contiguous():
+        return None
+    return _write_watch.watch(source.data_ptr(), source.numel() * source.element_size())
+
+
+def _unchanged(source: Any, proof: _Proof) -> bool:
     if isinstance(proof, _Sample):
         return proof.raw.take(proof.positions).tobytes() == proof.bits
+    if isinstance(proof, _write_watch.PageWatch):
+        return not proof.written()
     return _digest(source) == proof
 
 
@@ -369,6 +397,7 @@ def _forget(key: int) -> None:
         entry = _cache.pop(key, None)
         if entry is not None:
             _cached_bytes -= entry.nbytes
+            entry.drop()
 
 
 def cached_pack(source: Any) -> Any:
@@ -402,17 +431,18 @@ def packed_weight(source: Any, w: Any, rows: int, case: PackedCase) -> Any:
         source_ref = weakref.ref(source, lambda _: _forget(key))
     except TypeError:  # an object without weak references: not cached
         return _pack(packable, hint)
+    _forget(key)  # ends the stale entry's page watch, which would keep a new one off that memory
     proof = _proof(source)  # before the pack: a write in between makes the next call pack again
     pack = _pack(packable, hint)
     global _cached_bytes
     with _lock:
-        old = _cache.pop(key, None)
-        if old is not None:
-            _cached_bytes -= old.nbytes
+        _forget(key)  # an entry another thread made meanwhile
         _cache[key] = _Entry(source_ref, stamp, proof, pack, nbytes)
         _cached_bytes += nbytes
         while _cached_bytes > limit and _cache:
-            _cached_bytes -= _cache.popitem(last=False)[1].nbytes
+            evicted = _cache.popitem(last=False)[1]
+            _cached_bytes -= evicted.nbytes
+            evicted.drop()
     return pack
 
 
@@ -428,14 +458,18 @@ def release_packed_weights() -> None:
     """
     global _cached_bytes
     with _lock:
+        for entry in _cache.values():
+            entry.drop()
         _cache.clear()
         _cached_bytes = 0
 
 
 def cache_info() -> dict[str, int]:
-    """``{"weights": cached packs, "bytes": the weights' bytes they account for, "limit": bytes}``."""
+    """``{"weights": cached packs, "bytes": the weights' bytes they account for, "limit": bytes,
+    "watched": packs whose weights' pages the kernel watches for writes (not hashed per call)}``."""
     with _lock:
-        return {"weights": len(_cache), "bytes": _cached_bytes, "limit": _cache_limit()}
+        watched = sum(isinstance(entry.proof, _write_watch.PageWatch) for entry in _cache.values())
+        return {"weights": len(_cache), "bytes": _cached_bytes, "limit": _cache_limit(), "watched": watched}
 
 
 def packed_transform_matrix(
