@@ -12,7 +12,7 @@ import torch
 import clisonix_gpu as cg
 from clisonix_gpu.ops import _packed_gemm
 
-pytestmark = pytest.mark.skipif(_packed_gemm._mkl_ops() is None, reason="this torch build has no MKL packed GEMM")
+pytestmark = pytest.mark.skipif(_packed_gemm._mkl() is None, reason="this torch build has no MKL packed GEMM")
 
 K, N = 129, 33
 
