@@ -24,7 +24,8 @@ The bytes before the first and after the last whole page of the buffer share the
 other data, whose writes would mark those pages: they are compared byte for byte instead.
 
 Registering splits the memory's mapping (at most two more entries in ``/proc/self/maps`` per
-watch); :meth:`PageWatch.close` undoes it. Anything the kernel refuses (older kernels,
+watch), and while a watch lasts no other userfaultfd can register that memory (the weight's cache
+entry ends it: ``release_packed_weights()``); :meth:`PageWatch.close` undoes both. Anything the kernel refuses (older kernels,
 ``vm.unprivileged_userfaultfd`` rules, seccomp, other architectures) makes :func:`watch` return
 None, and the caller falls back to hashing.
 """
