@@ -355,3 +355,25 @@ def test_layer_call_shortcut_gives_the_general_paths_bits_and_declines_the_rest(
         cg.transform_matrix(x.detach(), w, b, "swish")
     with pytest.raises(TypeError, match="activation must be a str"):
         cg.transform_matrix(x.detach(), w, b, np.array(["gelu", "relu"]))
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * __import__("mmap").PAGESIZE
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc")
+def test_packs_of_small_weights_cost_only_the_pages_mkl_writes():
+    """MKL's pack size includes about 7.5 MB it never touches for a small weight: in huge pages
+    every such pack would cost 2 MB of memory, in 4 KiB pages under 0.1 MB."""
+    weights = [torch.randn(19, 30) for _ in range(40)]
+    before = _resident_bytes()
+    packs = [_packed_gemm._pack(w, 128) for w in weights]
+    grown = _resident_bytes() - before
+    assert grown < 20 << 20, f"40 packs of 2 KB weights took {grown / 2**20:.1f} MB"
+    assert all(pack.address % 64 == 0 for pack in packs)
+    big = torch.randn(2048, 1100)  # over 8 MiB: NumPy's memory (huge pages where the kernel gives them)
+    pack = _packed_gemm._pack(big, 256)
+    assert isinstance(pack.buffer, np.ndarray) and pack.address % 64 == 0
+    x = torch.randn(3, 1100)
+    assert torch.allclose(_packed_gemm.packed_compute(x, pack, big), x @ big.T, rtol=1e-4, atol=1e-3)

@@ -101,6 +101,7 @@ _lock = threading.RLock()  # re-entered when a weight dies (its weak reference's
 # <mkl_cblas.h>
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 _PACK_ALIGN = 64  # bytes: a pack starts on a cache line, as MKL's own allocations do
+_HUGE_PAGE_WEIGHT = 8 << 20  # bytes: a weight this large gets its pack in huge pages (_pack_buffer)
 
 
 class _Mkl(NamedTuple):
@@ -115,17 +116,15 @@ class _Mkl(NamedTuple):
 class Pack(NamedTuple):
     """A weight laid out by MKL's pack, in memory of our own."""
 
-    buffer: np.ndarray  # bytes, 64-byte aligned
-    address: int  # of buffer[0]
+    buffer: Any  # holds the memory: a NumPy array or a torch tensor of bytes (see _pack_buffer)
+    address: int  # where the pack starts, 64-byte aligned
 
 
 @functools.cache
 def _mkl() -> _Mkl | None:
     """MKL's packed-GEMM functions from the MKL inside torch's CPU library, or None where this
     torch build has none. Called directly rather than through torch's ``torch.ops.mkl`` ops so
-    that the pack lives in a NumPy buffer: NumPy backs buffers of 4 MB and more with huge pages
-    where the kernel allows, and one row, which reads the whole pack, runs about 10% faster from
-    them than from torch's allocation (measured at 4096x4096)."""
+    that the pack lives in memory we choose (:func:`_pack_buffer`)."""
     import glob
 
     import torch
@@ -157,19 +156,35 @@ def _hint(m: int, case: PackedCase) -> int:
     return _MIN_HINT if m >= 2 * _MIN_HINT else case.smallest_hint
 
 
+def _pack_buffer(nbytes: int, weight_nbytes: int) -> Pack:
+    """Memory for a pack of ``nbytes`` bytes, of a weight of ``weight_nbytes``.
+
+    MKL's pack size includes several MB it never touches for small weights (7.5 MB for any weight
+    under 100 KB), and memory costs only the pages touched. A weight of 8 MiB or more gets NumPy's
+    memory, which the kernel backs with 2 MB huge pages (NumPy asks for them from 4 MB up): one row
+    streams the whole pack, about 10% faster than through 4 KiB pages at 4096x4096. A smaller one
+    gets torch's allocator, whose 4 KiB pages keep its pack at the few pages MKL writes (with huge
+    pages each pack would cost at least 2 MB)."""
+    if weight_nbytes >= _HUGE_PAGE_WEIGHT:
+        raw = np.empty(nbytes + _PACK_ALIGN, np.uint8)
+        start = raw.ctypes.data
+    else:
+        import torch
+
+        raw = torch.empty(nbytes + _PACK_ALIGN, dtype=torch.uint8)
+        start = raw.data_ptr()
+    return Pack(raw, start + (-start % _PACK_ALIGN))
+
+
 def _pack(w: Any, hint: int) -> Pack:
     """MKL's pack of ``w`` (N, K), a contiguous float32 CPU tensor, for batches of about ``hint``
     rows."""
     mkl = _mkl()
     assert mkl is not None
     n, k = w.shape
-    nbytes = mkl.pack_size(_B_MATRIX, hint, n, k)
-    raw = np.empty(nbytes + _PACK_ALIGN, np.uint8)
-    start = -raw.ctypes.data % _PACK_ALIGN
-    buffer = raw[start : start + nbytes]
-    address = buffer.ctypes.data
-    mkl.pack(_ROW_MAJOR, _B_MATRIX, _TRANS, hint, n, k, 1.0, w.data_ptr(), k, address)
-    return Pack(buffer, address)
+    pack = _pack_buffer(mkl.pack_size(_B_MATRIX, hint, n, k), n * k * 4)
+    mkl.pack(_ROW_MAJOR, _B_MATRIX, _TRANS, hint, n, k, 1.0, w.data_ptr(), k, pack.address)
+    return pack
 
 
 def packed_compute(x: Any, pack: Pack, w: Any) -> Any:
