@@ -165,6 +165,7 @@ def _pack_buffer(nbytes: int, weight_nbytes: int) -> Pack:
     streams the whole pack, about 10% faster than through 4 KiB pages at 4096x4096. A smaller one
     gets torch's allocator, whose 4 KiB pages keep its pack at the few pages MKL writes (with huge
     pages each pack would cost at least 2 MB)."""
+    raw: Any
     if weight_nbytes >= _HUGE_PAGE_WEIGHT:
         raw = np.empty(nbytes + _PACK_ALIGN, np.uint8)
         start = raw.ctypes.data
