@@ -377,3 +377,18 @@ def test_packs_of_small_weights_cost_only_the_pages_mkl_writes():
     assert isinstance(pack.buffer, np.ndarray) and pack.address % 64 == 0
     x = torch.randn(3, 1100)
     assert torch.allclose(_packed_gemm.packed_compute(x, pack, big), x @ big.T, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_torch_device_context_changes_nothing(rng, dtype):
+    """``with torch.device("meta")`` makes torch's factories build tensors on that device: every
+    buffer of the CPU path (packs, outputs, the first-use check's rows) is made on the CPU all the
+    same, so NumPy and CPU tensor calls, first ones included, give the same bits as without it."""
+    k, n = (41, 23) if dtype == np.float32 else (43, 29)  # cases no other test meets: checked here
+    x = rng.standard_normal((1200, k)).astype(dtype)
+    w = rng.standard_normal((n, k)).astype(dtype)
+    with torch.device("meta"):
+        inside = cg.transform_matrix(x, w, None, "gelu")
+        inside_torch = cg.transform_matrix(torch.from_numpy(x).clone(), torch.from_numpy(w).clone(), None, "gelu")
+    assert inside_torch.device.type == "cpu"
+    assert _same(inside, cg.transform_matrix(x, w.copy(), None, "gelu")) and _same(inside_torch, inside)

@@ -82,7 +82,7 @@ def apply_epilogue_(out: Any, bias: Any, activation: str | None, keep_preactivat
     for start in range(threaded, whole, serial):
         in_place(flat[start : min(start + serial, whole)])
     if whole < numel:
-        scratch = torch.zeros(VECTOR_MULTIPLE, dtype=flat.dtype)
+        scratch = torch.zeros(VECTOR_MULTIPLE, dtype=flat.dtype, device="cpu")
         scratch[: numel - whole] = flat[whole:]
         in_place(scratch)
         flat[whole:] = scratch[: numel - whole]

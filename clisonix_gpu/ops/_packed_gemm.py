@@ -172,7 +172,7 @@ def _pack_buffer(nbytes: int, weight_nbytes: int) -> Pack:
     else:
         import torch
 
-        raw = torch.empty(nbytes + _PACK_ALIGN, dtype=torch.uint8)
+        raw = torch.empty(nbytes + _PACK_ALIGN, dtype=torch.uint8, device="cpu")
         start = raw.data_ptr()
     return Pack(raw, start + (-start % _PACK_ALIGN))
 
@@ -197,7 +197,7 @@ def packed_compute(x: Any, pack: Pack, w: Any) -> Any:
     assert mkl is not None
     m, k = x.shape
     n = w.shape[0]
-    out = torch.empty((m, n), dtype=torch.float32)
+    out = torch.empty((m, n), dtype=torch.float32, device="cpu")
     mkl.compute(_ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k, x.data_ptr(), k, pack.address, k, 0.0, out.data_ptr(), n)
     return out
 
@@ -216,13 +216,13 @@ def _check(k: int, n: int) -> PackedCase | None:
     import torch
 
     gen = torch.Generator().manual_seed(4321)
-    spare = torch.randn(n * k + 1, generator=gen)
+    spare = torch.randn(n * k + 1, generator=gen, device="cpu")
     w_misaligned = spare[1:].view(n, k)
     w = w_misaligned.clone()
     # most checks within 2^30 multiply-adds; one call of the largest batch a call may take (larger
     # batches go in calls of that many), within 2^33
     count, call_rows = _rows_within(k, n, 1 << 30), _rows_within(k, n, 1 << 33)
-    rows_all = torch.randn(max(count, call_rows), k, generator=gen)
+    rows_all = torch.randn(max(count, call_rows), k, generator=gen, device="cpu")
     x = rows_all[:count]
     pack = _pack(w, _MIN_HINT)
     reference = packed_compute(x, pack, w)
@@ -230,7 +230,7 @@ def _check(k: int, n: int) -> PackedCase | None:
         return None
     if not _small_batches_match(pack, w, x, reference, smallest=1):
         return None
-    shifted = torch.empty(count * k + 1)[1:].view(count, k)
+    shifted = torch.empty(count * k + 1, device="cpu")[1:].view(count, k)
     shifted.copy_(x)
     if not torch.equal(packed_compute(shifted, pack, w), reference):
         return None
@@ -289,7 +289,7 @@ def _packed_rows(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
         return packed_compute(torch.cat([x, torch.zeros_like(x)]), pack, w)[:1]
     if m <= case.call_rows:
         return packed_compute(x, pack, w)
-    out = torch.empty((m, w.shape[0]), dtype=torch.float32)
+    out = torch.empty((m, w.shape[0]), dtype=torch.float32, device="cpu")
     for start in range(0, m, case.call_rows):
         out[start : start + case.call_rows] = packed_compute(x[start : start + case.call_rows], pack, w)
     return out
@@ -554,7 +554,7 @@ def packed_transform_matrix(
 
     m = x.shape[0]
     if m == 0:
-        out = torch.zeros((0, w.shape[0]), dtype=torch.float32)
+        out = torch.zeros((0, w.shape[0]), dtype=torch.float32, device="cpu")
     else:
         w = w if w.is_contiguous() else w.contiguous()
         x = x if x.is_contiguous() else x.contiguous()

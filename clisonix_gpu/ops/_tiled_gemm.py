@@ -120,7 +120,7 @@ def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> Any:
     n = w.shape[0]
     tiles = plan.tiles(m)
     rows = sum(tiles)
-    out = torch.empty((rows, n), dtype=x.dtype)
+    out = torch.empty((rows, n), dtype=x.dtype, device="cpu")
     if k == 0 or rows == 0:
         return out.zero_()
     # rows read in place: the whole tiles that lie inside x, if it is contiguous and aligned (tile
@@ -133,7 +133,7 @@ def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> Any:
             split += size
     tail = x
     if split < rows:
-        tail = torch.empty((rows - split, k), dtype=x.dtype)
+        tail = torch.empty((rows - split, k), dtype=x.dtype, device="cpu")
         tail[: m - split].copy_(x[split:] if split else x)
         tail[m - split :].zero_()
     wt = w.t()
@@ -159,7 +159,7 @@ def rows_independent(gemm: Any, x: Any, reference: Any, shift: int, gen: Any) ->
     if not torch.equal(gemm(torch.roll(x, shift, 0))[:count], torch.roll(reference, shift, 0)):
         return False
     neighbours = x.clone()
-    neighbours[1::2] = torch.randn(neighbours[1::2].shape, generator=gen, dtype=x.dtype)
+    neighbours[1::2] = torch.randn(neighbours[1::2].shape, generator=gen, dtype=x.dtype, device="cpu")
     return torch.equal(gemm(neighbours)[0:count:2], reference[0::2])
 
 
@@ -169,11 +169,11 @@ def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:
     import torch
 
     gen = torch.Generator().manual_seed(1234)
-    spare = torch.randn(n * k + 1, generator=gen, dtype=dtype)
+    spare = torch.randn(n * k + 1, generator=gen, dtype=dtype, device="cpu")
     w_misaligned = spare[1:].view(n, k)
     w = w_misaligned.clone()
     count = 2 * plan.sizes[-1]
-    x = torch.randn(count, k, generator=gen, dtype=dtype)
+    x = torch.randn(count, k, generator=gen, dtype=dtype, device="cpu")
     reference = _gemm_tiles(x, w, plan)[:count]
     shift = plan.sizes[0] // 2 + 1
     if not rows_independent(lambda rows: _gemm_tiles(rows, w, plan), x, reference, shift, gen):
