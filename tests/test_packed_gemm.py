@@ -392,3 +392,21 @@ def test_a_torch_device_context_changes_nothing(rng, dtype):
         inside_torch = cg.transform_matrix(torch.from_numpy(x).clone(), torch.from_numpy(w).clone(), None, "gelu")
     assert inside_torch.device.type == "cpu"
     assert _same(inside, cg.transform_matrix(x, w.copy(), None, "gelu")) and _same(inside_torch, inside)
+
+
+def test_negative_views_are_read_as_their_values(rng):
+    """``z.conj().imag`` is a float tensor whose memory holds the values unnegated (its negative bit
+    says so): every method, which reads memory, must see the values."""
+    z = torch.randn(9, 1, 40, dtype=torch.complex64)
+    w = z.conj().imag[:, 0]  # (9, 40), negative bit set, strided
+    x = torch.randn(5, 1, 40, dtype=torch.complex64).conj().imag[:, 0]
+    one = torch.randn(1, 1, dtype=torch.complex64).conj().imag  # (1, 1): negative and contiguous
+    assert w.is_neg() and x.is_neg() and one.is_neg() and one.is_contiguous()
+    for xx, ww in ((x, w), (x.resolve_neg(), w), (one, torch.randn(3, 1)), (one, one)):
+        for _ in range(2):  # the second call would find a cached pack
+            got = cg.transform_matrix(xx, ww, None, "relu")
+            assert _same(got, cg.transform_matrix(xx.resolve_neg().clone(), ww.resolve_neg().clone(), None, "relu"))
+            assert torch.allclose(got, torch.relu(xx.resolve_neg() @ ww.resolve_neg().T), atol=1e-5)
+    with torch.no_grad():
+        layer = cg.nn.LIAMLinear(1, 3)
+        assert torch.allclose(layer(one), torch.nn.functional.linear(one.resolve_neg(), layer.weight, layer.bias), atol=1e-6)

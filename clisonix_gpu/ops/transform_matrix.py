@@ -158,6 +158,8 @@ def layer_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
         return None
     if torch_op_route(x, w, bias) is not None or modes_active(torch) or _dispatch.current_backend() not in ("auto", "numpy"):
         return None
+    if x.is_neg():  # a negative view (``z.conj().imag``): its memory holds the unnegated values
+        return None
     case = packed_ok(x.shape[1], w.shape[0], f32)
     if case is None:
         return None
@@ -251,7 +253,7 @@ def _as_numpy(a: Any) -> Any:
     import torch
 
     # bfloat16 is exact in float32; DLPack, not .numpy(), which marks the storage not resizable for good
-    return np.from_dlpack((a.float() if a.dtype == torch.bfloat16 else a).detach())
+    return np.from_dlpack((a.float() if a.dtype == torch.bfloat16 else a).detach().resolve_neg())
 
 
 def _as_torch(a: Any) -> Any:
@@ -261,7 +263,8 @@ def _as_torch(a: Any) -> Any:
 
     if a is None:
         return None
-    t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+    # a negative view (``z.conj().imag``) holds the unnegated values: the BLAS methods read memory
+    t = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a.resolve_neg()
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
@@ -271,7 +274,11 @@ def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None, keep
     input (the caller casts). ``source``: the weight as the caller passed it (default ``w``), the
     packed-weight cache's key."""
     if _torch_available():
-        found = _blas_2d(_as_torch(x), _as_torch(w), _as_torch(bias), activation, keep_preactivation, w if source is None else source)
+        source = w if source is None else source
+        if not isinstance(source, np.ndarray) and source.is_neg():
+            source = None  # a fresh resolved copy every call: never cached (its proof reads memory)
+        w_blas = _as_torch(w)
+        found = _blas_2d(_as_torch(x), w_blas, _as_torch(bias), activation, keep_preactivation, w_blas if source is None else source)
         if found is not None:
             out, pre = found
             return (out.numpy(), None if pre is None else pre.numpy()) if isinstance(x, np.ndarray) else (out, pre)
