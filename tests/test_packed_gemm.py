@@ -357,6 +357,40 @@ def test_layer_call_shortcut_gives_the_general_paths_bits_and_declines_the_rest(
         cg.transform_matrix(x.detach(), w, b, np.array(["gelu", "relu"]))
 
 
+def test_the_shortcut_serves_numpy_arrays_with_the_general_paths_bits(rng, tmp_path):
+    """NumPy float32 arrays take the shortcut once the weight is packed, with the general path's
+    bits (the shortcut switched off); whatever else returns None and the general path answers it."""
+    from clisonix_gpu.ops import transform_matrix as tm
+
+    x = rng.standard_normal((37, K), dtype=np.float32)
+    w = rng.standard_normal((N, K), dtype=np.float32)
+    b = rng.standard_normal(N, dtype=np.float32)
+    assert tm.layer_call_shortcut(x, w, b, "silu") is None  # nothing packed yet
+    first = cg.transform_matrix(x, w, b, "silu")
+    served = tm.layer_call_shortcut(x, w, b, "silu")
+    assert isinstance(served, np.ndarray) and served.dtype == np.float32 and _same(served, first)
+    assert _same(tm.layer_call_shortcut(x[5:6], w, None, None), cg.transform_matrix(x[5:6], w.copy()))
+    mapped = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    mapped[:] = x
+    declined = [
+        (x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), "silu"),
+        (np.asfortranarray(x), w, b, "silu"),  # not C-contiguous
+        (x[:, :-1], w[:, :-1], b, "silu"),  # strided views, K disagrees with nothing: still declined
+        (x, w, b[::-1], "silu"),
+        (x, torch.from_numpy(w), b, "silu"),  # mixed types: the general path names them
+        (mapped, w, b, "silu"),  # a NumPy subclass
+        (x[:0], w, b, "silu"),
+        (x, w, b, "swish"),
+    ]
+    for args in declined:
+        assert tm.layer_call_shortcut(*args) is None
+    assert _same(cg.transform_matrix(mapped, w, b, "silu"), first)
+    with cg.use_backend("numpy"):
+        assert _same(tm.layer_call_shortcut(x, w, b, "silu"), first)
+    with pytest.raises(TypeError):
+        cg.transform_matrix(x, torch.from_numpy(w), b, "silu")
+
+
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * __import__("mmap").PAGESIZE
