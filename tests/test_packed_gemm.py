@@ -12,7 +12,7 @@ import torch
 import clisonix_gpu as cg
 from clisonix_gpu.ops import _packed_gemm
 
-pytestmark = pytest.mark.skipif(_packed_gemm._mkl() is None, reason="this torch build has no MKL packed GEMM")
+pytestmark = pytest.mark.skipif(_packed_gemm._mkl_ops() is None, reason="this torch build has no MKL packed GEMM")
 
 K, N = 129, 33
 
@@ -399,26 +399,32 @@ def _resident_bytes() -> int:
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc")
 def test_packs_of_small_weights_cost_only_the_pages_mkl_writes():
     """MKL's pack size includes about 7.5 MB it never touches for a small weight: in huge pages
-    every such pack would cost 2 MB of memory, in 4 KiB pages under 0.1 MB."""
+    every such pack would cost 2 MB of memory, in 4 KiB pages under 0.1 MB. A large weight's pack
+    is made directly in NumPy's memory (huge pages where the kernel gives them), with the bits of
+    torch's op."""
     weights = [torch.randn(19, 30) for _ in range(40)]
     before = _resident_bytes()
     packs = [_packed_gemm._pack(w, 128) for w in weights]
     grown = _resident_bytes() - before
     assert grown < 20 << 20, f"40 packs of 2 KB weights took {grown / 2**20:.1f} MB"
-    assert all(pack.address % 64 == 0 for pack in packs)
-    big = torch.randn(2048, 1100)  # over 8 MiB: NumPy's memory (huge pages where the kernel gives them)
+    assert len(packs) == 40
+    big = torch.randn(2048, 1100)  # over 8 MiB
     pack = _packed_gemm._pack(big, 256)
-    assert isinstance(pack.buffer, np.ndarray) and pack.address % 64 == 0
     x = torch.randn(3, 1100)
+    if _packed_gemm._mkl() is not None:
+        assert isinstance(pack, _packed_gemm.Pack) and pack.address % 64 == 0
+        by_op = _packed_gemm._mkl_ops()[0](big, 256)
+        assert _same(_packed_gemm.packed_compute(x, pack, big), _packed_gemm.packed_compute(x, by_op, big))
     assert torch.allclose(_packed_gemm.packed_compute(x, pack, big), x @ big.T, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_a_torch_device_context_changes_nothing(rng, dtype):
+@pytest.mark.parametrize("dtype,k,n", [(np.float32, 41, 23), (np.float64, 43, 29), (np.float32, 1100, 2049)])
+def test_a_torch_device_context_changes_nothing(rng, dtype, k, n):
     """``with torch.device("meta")`` makes torch's factories build tensors on that device: every
     buffer of the CPU path (packs, outputs, the first-use check's rows) is made on the CPU all the
-    same, so NumPy and CPU tensor calls, first ones included, give the same bits as without it."""
-    k, n = (41, 23) if dtype == np.float32 else (43, 29)  # cases no other test meets: checked here
+    same, so NumPy and CPU tensor calls, first ones included, give the same bits as without it.
+    Cases no other test meets (checked here); the last one's weight is large enough for the pack
+    made directly (_pack)."""
     x = rng.standard_normal((1200, k)).astype(dtype)
     w = rng.standard_normal((n, k)).astype(dtype)
     with torch.device("meta"):

@@ -17,7 +17,7 @@ import torch
 import clisonix_gpu as cg
 from clisonix_gpu.ops import _packed_gemm, _write_watch
 
-pytestmark = pytest.mark.skipif(_packed_gemm._mkl() is None, reason="this torch build has no MKL packed GEMM")
+pytestmark = pytest.mark.skipif(_packed_gemm._mkl_ops() is None, reason="this torch build has no MKL packed GEMM")
 
 PAGE = mmap.PAGESIZE
 N, K = 513, 1031  # 2.1 MB of float32: watched; odd sizes, so rows and pages never line up

@@ -1,7 +1,7 @@
 """Batch-invariant ``activation(x @ w.T + bias)`` on CPU from MKL's packed GEMM, ``w`` packed once.
 
-MKL's packed GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute`` of the MKL inside torch's CPU
-library, called through ctypes with the pack in a buffer of our own) lays ``w`` out once in the panels
+MKL's packed GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, through torch's
+``torch.ops.mkl`` ops, or called directly for large weights: :func:`_pack`) lays ``w`` out once in the panels
 its kernels read, then multiplies any number of rows by it. Measured with torch 2.13's MKL (2 cores,
 AVX-512): its rows come out bit-identical for every M from 1 to thousands (one row included: no
 GEMV kernel), at every position, beside any neighbours, with misaligned rows, for packs made with a
@@ -101,7 +101,7 @@ _lock = threading.RLock()  # re-entered when a weight dies (its weak reference's
 # <mkl_cblas.h>
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 _PACK_ALIGN = 64  # bytes: a pack starts on a cache line, as MKL's own allocations do
-_HUGE_PAGE_WEIGHT = 8 << 20  # bytes: a weight this large gets its pack in huge pages (_pack_buffer)
+_HUGE_PAGE_WEIGHT = 8 << 20  # bytes: a weight this large gets its pack in huge pages (_pack)
 
 
 class _Mkl(NamedTuple):
@@ -114,23 +114,33 @@ class _Mkl(NamedTuple):
 
 
 class Pack(NamedTuple):
-    """A weight laid out by MKL's pack, in memory of our own."""
+    """A large weight laid out by MKL's pack in NumPy's memory (see :func:`_pack`)."""
 
-    buffer: Any  # holds the memory: a NumPy array or a torch tensor of bytes (see _pack_buffer)
+    buffer: np.ndarray  # holds the memory
     address: int  # where the pack starts, 64-byte aligned
 
 
 @functools.cache
+def _mkl_ops() -> tuple[Any, Any] | None:
+    """torch's MKL pack and packed-linear ops, or None where this torch build lacks them."""
+    import torch
+
+    if not torch.backends.mkl.is_available() or not hasattr(torch.ops.mkl, "_mkl_linear"):  # type: ignore[no-untyped-call]
+        return None
+    try:
+        return torch.ops.mkl._mkl_reorder_linear_weight.default, torch.ops.mkl._mkl_linear.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@functools.cache
 def _mkl() -> _Mkl | None:
-    """MKL's packed-GEMM functions from the MKL inside torch's CPU library, or None where this
-    torch build has none. Called directly rather than through torch's ``torch.ops.mkl`` ops so
-    that the pack lives in memory we choose (:func:`_pack_buffer`)."""
+    """The same MKL's packed-GEMM functions, called directly (for large weights: :func:`_pack`),
+    from torch's CPU library; None where it does not export them."""
     import glob
 
     import torch
 
-    if not torch.backends.mkl.is_available():  # type: ignore[no-untyped-call]
-        return None
     for path in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "*torch_cpu.*"))):
         try:
             lib = ctypes.CDLL(path)
@@ -156,48 +166,45 @@ def _hint(m: int, case: PackedCase) -> int:
     return _MIN_HINT if m >= 2 * _MIN_HINT else case.smallest_hint
 
 
-def _pack_buffer(nbytes: int, weight_nbytes: int) -> Pack:
-    """Memory for a pack of ``nbytes`` bytes, of a weight of ``weight_nbytes``.
-
-    MKL's pack size includes several MB it never touches for small weights (7.5 MB for any weight
-    under 100 KB), and memory costs only the pages touched. A weight of 8 MiB or more gets NumPy's
-    memory, which the kernel backs with 2 MB huge pages (NumPy asks for them from 4 MB up): one row
-    streams the whole pack, about 10% faster than through 4 KiB pages at 4096x4096. A smaller one
-    gets torch's allocator, whose 4 KiB pages keep its pack at the few pages MKL writes (with huge
-    pages each pack would cost at least 2 MB)."""
-    raw: Any
-    if weight_nbytes >= _HUGE_PAGE_WEIGHT:
-        raw = np.empty(nbytes + _PACK_ALIGN, np.uint8)
-        start = raw.ctypes.data
-    else:
-        import torch
-
-        raw = torch.empty(nbytes + _PACK_ALIGN, dtype=torch.uint8, device="cpu")
-        start = raw.data_ptr()
-    return Pack(raw, start + (-start % _PACK_ALIGN))
-
-
-def _pack(w: Any, hint: int) -> Pack:
+def _pack(w: Any, hint: int) -> Any:
     """MKL's pack of ``w`` (N, K), a contiguous float32 CPU tensor, for batches of about ``hint``
-    rows."""
-    mkl = _mkl()
-    assert mkl is not None
+    rows: through torch's op (an opaque tensor), or for a weight of 8 MiB or more, where MKL's
+    CBLAS functions are exported, the same pack made directly in NumPy's memory (a :class:`Pack`).
+
+    NumPy backs buffers of 4 MB and more with 2 MB huge pages where the kernel allows, and one row,
+    which streams the whole pack, runs about 10% faster from them than from torch's 4 KiB pages
+    (4096x4096). Smaller weights keep torch's op: its call costs about 3 us less than a ctypes call
+    and an output tensor, and MKL's pack size includes several MB it never touches for small
+    weights (7.5 MB under 100 KB), which in huge pages would cost 2 MB of memory per pack. Both
+    give the same bits: the same MKL function with the same arguments (the check runs the route
+    its case's weights take)."""
     n, k = w.shape
-    pack = _pack_buffer(mkl.pack_size(_B_MATRIX, hint, n, k), n * k * 4)
-    mkl.pack(_ROW_MAJOR, _B_MATRIX, _TRANS, hint, n, k, 1.0, w.data_ptr(), k, pack.address)
-    return pack
+    mkl = _mkl() if n * k * 4 >= _HUGE_PAGE_WEIGHT else None
+    if mkl is None:
+        ops = _mkl_ops()
+        assert ops is not None
+        return ops[0](w, hint)
+    nbytes = mkl.pack_size(_B_MATRIX, hint, n, k)
+    raw = np.empty(nbytes + _PACK_ALIGN, np.uint8)
+    address = raw.ctypes.data + (-raw.ctypes.data % _PACK_ALIGN)
+    mkl.pack(_ROW_MAJOR, _B_MATRIX, _TRANS, hint, n, k, 1.0, w.data_ptr(), k, address)
+    return Pack(raw, address)
 
 
-def packed_compute(x: Any, pack: Pack, w: Any) -> Any:
-    """``x @ w.T`` from ``pack`` (of ``w``): (M, N) float32 tensor; ``x`` a contiguous float32 CPU
-    tensor (M, K), M >= 1, K >= 1."""
+def packed_compute(x: Any, pack: Any, w: Any) -> Any:
+    """``x @ w.T`` from ``pack`` (of ``w``, by :func:`_pack`): (M, N) float32 tensor; ``x`` a
+    contiguous float32 CPU tensor (M, K), M >= 1, K >= 1."""
+    if not isinstance(pack, Pack):
+        ops = _mkl_ops()
+        assert ops is not None
+        return ops[1](x, pack, w, None, x.shape[0])
     import torch
 
     mkl = _mkl()
     assert mkl is not None
     m, k = x.shape
     n = w.shape[0]
-    out = torch.empty((m, n), dtype=torch.float32, device="cpu")
+    out = torch.empty((m, n), dtype=torch.float32, device="cpu")  # explicit: a torch.device context must not move it
     mkl.compute(_ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k, x.data_ptr(), k, pack.address, k, 0.0, out.data_ptr(), n)
     return out
 
@@ -313,7 +320,7 @@ def packed_ok(k: int, n: int, dtype: Any) -> PackedCase | None:
     ops present, ``CLISONIX_CPU_GEMM`` auto, and the check passed (run on first use, cached)."""
     import torch
 
-    if dtype == torch.float64 or cpu_gemm_mode() != "auto" or k == 0 or n == 0 or _mkl() is None:
+    if dtype == torch.float64 or cpu_gemm_mode() != "auto" or k == 0 or n == 0 or _mkl_ops() is None:
         return None
     n = max(n, 2)  # a one-row weight is packed with a zero second row (_packable)
     key = case_key(k, n, torch.float32)
