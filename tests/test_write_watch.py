@@ -246,3 +246,27 @@ def test_small_buffers_and_unsupported_kernels_decline(monkeypatch):
     big = np.zeros((N, K), np.float32)
     monkeypatch.setattr(_write_watch, "_kernel", lambda pid: None)
     assert _write_watch.watch(big.ctypes.data, big.nbytes) is None
+
+
+@needs_watch
+def test_threads_reading_one_watch_never_force_a_repack(rng, monkeypatch):
+    """Calls from several threads share the weight's watch: none of them sees a write that did
+    not happen (which would pack the weight again), and all get the same bits."""
+    x = rng.standard_normal((4, K), dtype=np.float32)
+    w = rng.standard_normal((N, K), dtype=np.float32)
+    expected = cg.transform_matrix(x, w, None, "gelu")
+    packs = []
+    real_pack = _packed_gemm._pack
+    monkeypatch.setattr(_packed_gemm, "_pack", lambda *args: packs.append(args) or real_pack(*args))
+    results = []
+
+    def serve():
+        for _ in range(30):
+            results.append(cg.transform_matrix(x, w, None, "gelu"))
+
+    threads = [threading.Thread(target=serve) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert packs == [] and len(results) == 120 and all(_same(r, expected) for r in results)

@@ -147,6 +147,7 @@ class PageWatch:
         )  # fmt: skip
         self._found = _PageRegion()
         self._scan.vec = ctypes.addressof(self._found)
+        self._scanning = threading.Lock()  # the kernel writes into the scan's arguments
         self._open = True
 
     def written(self) -> bool:
@@ -156,10 +157,11 @@ class PageWatch:
         if not self._open or os.getpid() != self._pid:
             return True
         scan = self._scan
-        scan.walk_end = 0
-        found = self._kernel.libc.ioctl(self._kernel.pagemap, _PAGEMAP_SCAN, ctypes.byref(scan))
-        if found != 0 or scan.walk_end != self._last:
-            return True
+        with self._scanning:
+            scan.walk_end = 0
+            found = self._kernel.libc.ioctl(self._kernel.pagemap, _PAGEMAP_SCAN, ctypes.byref(scan))
+            if found != 0 or scan.walk_end != self._last:
+                return True
         address, last = self._address, self._last
         return ctypes.string_at(address, self._first - address) != self._head or ctypes.string_at(last, address + self._nbytes - last) != self._tail
 
