@@ -4,7 +4,8 @@ What is swept (chosen to keep CI time low while covering every boundary of the r
 - every M from 1 to 300 against the 300-row call at (K, N) = (3, 5), (129, 7), (64, 1) and
   (333, 77), NumPy and torch inputs, float32 and float64, float16 (NumPy and torch) and bfloat16,
   with bias; the activation cycles with M so each one meets every tile remainder;
-- K = 4096 (N = 33) on M = 1..17, the odd M up to 75 and the tile borders up to 300;
+- K = 4096 (N = 33) on M = 1..17, the odd M up to 75 and the tile borders up to 300, and the
+  same M at (1031, 2049), a weight large enough for the pack made directly in NumPy's memory;
 - every activation on every M at (129, 7);
 - torch thread counts 1 and 2, switched in the middle of the process;
 - the exact fallback (``CLISONIX_CPU_GEMM=exact``) on the same sweep at one shape.
@@ -77,6 +78,17 @@ def test_every_batch_size_gives_the_same_rows(rng, threads, kind, dtype, k, n):
 def test_k4096(rng, threads, kind, dtype):
     x, w, b = _inputs(rng, kind, dtype, 300, 4096, 33)
     _sweep(x, w, b, K4096_M)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_weight_over_8_mib(rng, threads, kind):
+    """Weights of 8 MiB or more take MKL's pack made directly in NumPy's memory (the smaller ones
+    torch's op): the same sweep there, with an odd K."""
+    x, w, b = _inputs(rng, kind, "float32", 300, 1031, 2049)
+    assert (w.nbytes if kind == "numpy" else w.numel() * 4) >= _packed_gemm._HUGE_PAGE_WEIGHT
+    _sweep(x, w, b, K4096_M, activations=("gelu", None, "silu"))
+    if _packed_gemm._mkl() is not None:
+        assert any(isinstance(entry.pack, _packed_gemm.Pack) for entry in _packed_gemm._cache.values())
 
 
 @pytest.mark.parametrize("activation", ACTS)
