@@ -111,7 +111,7 @@ def test_thread_count_changed_mid_process(rng):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
-@pytest.mark.parametrize("k,n", SHAPES + [(4096, 33)])
+@pytest.mark.parametrize("k,n", SHAPES + [(4096, 33), (1031, 2049)])
 def test_numpy_and_torch_give_the_same_bits(rng, dtype, k, n):
     x, w, b = _inputs(rng, "numpy", dtype, 150, k, n)
     for act in ("gelu", "sigmoid", None):
