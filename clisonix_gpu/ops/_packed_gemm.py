@@ -284,7 +284,9 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
     ``case.call_rows`` rows each, one row as two where ``case.pad_one_row``; ``x`` (M, K) contiguous,
     M >= 1."""
     if w.shape[0] == 1:
-        return _packed_rows(x, pack, _packable(w), case)[:, :1].contiguous()
+        # the packed call reads only the shape of the weight it is given (the pack holds the
+        # values): a (2, K) view, not the zero-padded copy the pack was made from
+        return _packed_rows(x, pack, w.expand(2, -1), case)[:, :1].contiguous()
     return _packed_rows(x, pack, w, case)
 
 
