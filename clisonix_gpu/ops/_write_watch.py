@@ -126,7 +126,7 @@ def _kernel(pid: int) -> _Kernel | None:
     return _Kernel(libc, uffd, pagemap)
 
 
-_lock = threading.RLock()  # re-entered when a watch is closed by a weight dying under it
+_lock = threading.Lock()  # for making watches: a new one must not overlap another
 _watched: dict[int, tuple[int, int]] = {}  # id(PageWatch) -> its page range: watches never overlap
 
 
@@ -166,12 +166,14 @@ class PageWatch:
         return ctypes.string_at(address, self._first - address) != self._head or ctypes.string_at(last, address + self._nbytes - last) != self._tail
 
     def close(self) -> None:
-        """Stop watching: the pages' registration is removed (only by the process that made it)."""
-        with _lock:
-            if not self._open:
-                return
-            self._open = False
-            _watched.pop(id(self), None)
+        """Stop watching: the pages' registration is removed (only by the process that made it).
+        Takes no lock: it runs under the packed-weight cache's lock (an entry leaving it), and a
+        watch being made may be what triggered that (a weight dying in a garbage collection);
+        closing twice at once only unregisters twice."""
+        if not self._open:
+            return
+        self._open = False
+        _watched.pop(id(self), None)
         if os.getpid() == self._pid:
             span = _UffdioRange(self._first, self._last - self._first)
             self._kernel.libc.ioctl(self._kernel.uffd, _UFFDIO_UNREGISTER, ctypes.byref(span))  # the memory may be gone: any result will do
