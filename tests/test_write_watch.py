@@ -71,6 +71,28 @@ def _read_into(view: np.ndarray) -> None:
         os.close(writer)
 
 
+def _process_vm_write(view: np.ndarray) -> None:
+    """Another process's way in (here our own pid): ``process_vm_writev``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class IoVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    data = np.full(view.size, 7.0, np.float32)
+    local, remote = IoVec(data.ctypes.data, data.nbytes), IoVec(view.ctypes.data, data.nbytes)
+    libc.process_vm_writev.restype = ctypes.c_ssize_t
+    assert libc.process_vm_writev(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) == data.nbytes
+
+
+def _proc_mem_write(view: np.ndarray) -> None:
+    """A debugger's way in: ``/proc/self/mem``."""
+    fd = os.open("/proc/self/mem", os.O_RDWR)
+    try:
+        os.pwrite(fd, np.full(view.size, 5.0, np.float32).tobytes(), view.ctypes.data)
+    finally:
+        os.close(fd)
+
+
 WRITES = {
     "one-element": lambda w: w.__setitem__((N // 2, K // 3), w[N // 2, K // 3] + 1),
     "first-element": lambda w: w.__setitem__((0, 0), -w[0, 0]),  # on the page shared with other data
@@ -79,6 +101,8 @@ WRITES = {
     "other-thread": lambda w: _in_thread(lambda: w[100].__imul__(2)),
     "memmove": lambda w: ctypes.memmove(w[200:].ctypes.data, np.full(K, 3.0, np.float32).ctypes.data, 4 * K),
     "kernel-read": lambda w: _read_into(w[300]),
+    "process-vm-writev": lambda w: _process_vm_write(w[400, 10:20]),
+    "proc-self-mem": lambda w: _proc_mem_write(w[450, 3:9]),
     "same-values": lambda w: np.copyto(w, w.copy()),
 }
 

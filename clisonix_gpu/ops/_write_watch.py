@@ -7,8 +7,8 @@ process through ``process_vm_writev`` or ``/proc/PID/mem``, makes the kernel lif
 and so marks the page written, without stopping the writer. The ``PAGEMAP_SCAN`` ioctl of
 ``/proc/self/pagemap`` reads those marks for a range in microseconds: about 30 us for 64 MB in
 huge pages and 200 us in 4 KiB pages, against 2-5 ms to hash 64 MB. A page whose memory was
-dropped (``madvise(MADV_DONTNEED)``), swapped, moved or unregistered shows as written, or as no
-longer protected, which counts as written too.
+dropped (``madvise(MADV_DONTNEED)``) shows as written, and one no longer registered as not
+protected, which counts as written too.
 
 What it cannot see, so it is used only where that cannot happen:
 
