@@ -365,11 +365,11 @@ def test_the_shortcut_serves_numpy_arrays_with_the_general_paths_bits(rng, tmp_p
     x = rng.standard_normal((37, K), dtype=np.float32)
     w = rng.standard_normal((N, K), dtype=np.float32)
     b = rng.standard_normal(N, dtype=np.float32)
-    assert tm.layer_call_shortcut(x, w, b, "silu") is None  # nothing packed yet
+    assert tm.numpy_call_shortcut(x, w, b, "silu") is None  # nothing packed yet
     first = cg.transform_matrix(x, w, b, "silu")
-    served = tm.layer_call_shortcut(x, w, b, "silu")
+    served = tm.numpy_call_shortcut(x, w, b, "silu")
     assert isinstance(served, np.ndarray) and served.dtype == np.float32 and _same(served, first)
-    assert _same(tm.layer_call_shortcut(x[5:6], w, None, None), cg.transform_matrix(x[5:6], w.copy()))
+    assert _same(tm.numpy_call_shortcut(x[5:6], w, None, None), cg.transform_matrix(x[5:6], w.copy()))
     mapped = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape)
     mapped[:] = x
     declined = [
@@ -383,12 +383,14 @@ def test_the_shortcut_serves_numpy_arrays_with_the_general_paths_bits(rng, tmp_p
         (x, w, b, "swish"),
     ]
     for args in declined:
-        assert tm.layer_call_shortcut(*args) is None
+        assert tm.numpy_call_shortcut(*args) is None
     assert _same(cg.transform_matrix(mapped, w, b, "silu"), first)
     with cg.use_backend("numpy"):
-        assert _same(tm.layer_call_shortcut(x, w, b, "silu"), first)
+        assert _same(tm.numpy_call_shortcut(x, w, b, "silu"), first)
     with pytest.raises(TypeError):
         cg.transform_matrix(x, torch.from_numpy(w), b, "silu")
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):  # the torch entry point takes tensors only
+        cg.torch.transform_matrix(x, w, b, "silu")
 
 
 def _resident_bytes() -> int:
