@@ -4,10 +4,13 @@ never serve a weight that changed (whatever wrote it) nor keep one that is gone.
 from __future__ import annotations
 
 import gc
+import mmap
+import os
 
 import numpy as np
 import pytest
 import torch
+from packed_helpers import empty_cache, fresh, same  # noqa: F401 (empty_cache: an autouse fixture)
 
 import clisonix_gpu as cg
 from clisonix_gpu.ops import _packed_gemm
@@ -15,24 +18,6 @@ from clisonix_gpu.ops import _packed_gemm
 pytestmark = pytest.mark.skipif(_packed_gemm._mkl_ops() is None, reason="this torch build has no MKL packed GEMM")
 
 K, N = 129, 33
-
-
-@pytest.fixture(autouse=True)
-def empty_cache():
-    _packed_gemm.release_packed_weights()
-    yield
-    _packed_gemm.release_packed_weights()
-
-
-def _fresh(x, w, b=None, activation="silu"):
-    """The op's answer on a private copy of ``w``: a new object, so nothing cached applies."""
-    copy = w.copy() if isinstance(w, np.ndarray) else w.detach().clone()
-    return cg.transform_matrix(x, copy, b, activation)
-
-
-def _same(a, b):
-    a, b = (t.numpy() if isinstance(t, torch.Tensor) else t for t in (a, b))
-    return np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 def test_float32_cases_take_the_packed_method_and_float64_the_tiles():
@@ -54,7 +39,7 @@ def test_a_weight_is_packed_once_and_reused(rng):
         single = cg.transform_matrix(x[7:8], w, None, "gelu")
     finally:
         _packed_gemm._pack = real_pack
-    assert calls == [] and _same(first, again) and _same(first[7:8], single)
+    assert calls == [] and same(first, again) and same(first[7:8], single)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +58,7 @@ def test_a_changed_torch_weight_is_packed_again(rng, write):
     cg.transform_matrix(x, w, None, "silu")
     with torch.no_grad():
         write(w)
-    assert _same(cg.transform_matrix(x, w, None, "silu"), _fresh(x, w))
+    assert same(cg.transform_matrix(x, w, None, "silu"), fresh(x, w))
 
 
 def test_a_changed_numpy_weight_is_packed_again_even_one_element(rng):
@@ -82,7 +67,7 @@ def test_a_changed_numpy_weight_is_packed_again_even_one_element(rng):
     before = cg.transform_matrix(x, w, None, "silu")
     w[5, 100] += 1.0
     after = cg.transform_matrix(x, w, None, "silu")
-    assert _same(after, _fresh(x, w)) and not _same(after, before)
+    assert same(after, fresh(x, w)) and not same(after, before)
 
 
 def test_a_tensor_over_numpy_memory_is_hashed_in_full(rng):
@@ -93,7 +78,7 @@ def test_a_tensor_over_numpy_memory_is_hashed_in_full(rng):
     before = cg.transform_matrix(x, w, None, "tanh")
     array[N - 1, K - 1] *= -1
     after = cg.transform_matrix(x, w, None, "tanh")
-    assert _same(after, _fresh(x, w, activation="tanh")) and not _same(after, before)
+    assert same(after, fresh(x, w, activation="tanh")) and not same(after, before)
 
 
 def test_an_inference_mode_weight_is_hashed(rng):
@@ -104,8 +89,8 @@ def test_an_inference_mode_weight_is_hashed(rng):
         before = cg.transform_matrix(x, w, None, "gelu")
         w[2, 3] += 1.0
         after = cg.transform_matrix(x, w, None, "gelu")
-        assert _same(after, _fresh(x, w, activation="gelu")) and not _same(after, before)
-    assert _same(cg.transform_matrix(x, w, None, "gelu"), after)
+        assert same(after, fresh(x, w, activation="gelu")) and not same(after, before)
+    assert same(cg.transform_matrix(x, w, None, "gelu"), after)
 
 
 def test_thread_count_change_repacks_and_keeps_the_bits(rng):
@@ -117,7 +102,7 @@ def test_thread_count_change_repacks_and_keeps_the_bits(rng):
         two = cg.transform_matrix(x, w, None, "gelu")
         torch.set_num_threads(1)
         one = cg.transform_matrix(x[:3], w, None, "gelu")
-        assert _same(one, _fresh(x[:3], w, activation="gelu"))
+        assert same(one, fresh(x[:3], w, activation="gelu"))
     finally:
         torch.set_num_threads(before)
     assert two.shape == (40, N)
@@ -138,7 +123,7 @@ def test_cache_limit_zero_packs_every_call_and_bad_settings_are_named(rng, monke
     w = torch.randn(N, K)
     monkeypatch.setenv("CLISONIX_PACK_CACHE_MB", "0")
     y = cg.transform_matrix(x, w, None, "relu")
-    assert _packed_gemm.cache_info()["weights"] == 0 and _same(y, _fresh(x, w, activation="relu"))
+    assert _packed_gemm.cache_info()["weights"] == 0 and same(y, fresh(x, w, activation="relu"))
     monkeypatch.setenv("CLISONIX_PACK_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="CLISONIX_PACK_CACHE_MB"):
         cg.transform_matrix(x, w)
@@ -203,8 +188,8 @@ def test_large_batches_go_in_checked_calls(rng, monkeypatch):
     real = _packed_gemm.packed_compute
     monkeypatch.setattr(_packed_gemm, "packed_compute", lambda x, pack, w: calls.append(x.shape[0]) or real(x, pack, w))
     again = cg.transform_matrix(x, w, None, "sigmoid")
-    assert calls == [1024, 1024, 452] and _same(full, again)
-    assert _same(cg.transform_matrix(x[1000:1100], w, None, "sigmoid"), full[1000:1100])
+    assert calls == [1024, 1024, 452] and same(full, again)
+    assert same(cg.transform_matrix(x[1000:1100], w, None, "sigmoid"), full[1000:1100])
 
 
 def test_training_a_layer_repacks_after_every_step(rng):
@@ -219,14 +204,14 @@ def test_training_a_layer_repacks_after_every_step(rng):
         with torch.no_grad():
             served = layer(x)
             expected = cg.transform_matrix(x, layer.weight.detach().clone(), layer.bias.detach().clone(), "gelu")
-        assert _same(served, expected)
+        assert same(served, expected)
 
 
 def _child_digest(w):
     return _packed_gemm._digest(w)
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_hashes_large_weights(rng):
     """The hashing threads of a parent do not exist in a forked child: it must not wait for them.
     (MKL itself may hang in a child forked after the parent ran it threaded; that is torch's.)"""
@@ -247,15 +232,15 @@ def test_concurrent_calls_share_the_cache_and_the_bits(rng):
     w = torch.randn(300, 200)
     wn = rng.standard_normal((300, 200), dtype=np.float32)
     x = torch.randn(64, 200)
-    ref, refn = _fresh(x, w, activation="gelu"), _fresh(x.numpy().copy(), wn, activation="gelu")
+    ref, refn = fresh(x, w, activation="gelu"), fresh(x.numpy().copy(), wn, activation="gelu")
     bad = []
 
     def work(seed):
         for j in range(30):
             m = 1 + (seed * 7 + j) % 64
-            if not _same(cg.transform_matrix(x[:m], w, None, "gelu"), ref[:m]):
+            if not same(cg.transform_matrix(x[:m], w, None, "gelu"), ref[:m]):
                 bad.append(("torch", m))
-            if not _same(cg.transform_matrix(x.numpy()[:m].copy(), wn, None, "gelu"), refn[:m]):
+            if not same(cg.transform_matrix(x.numpy()[:m].copy(), wn, None, "gelu"), refn[:m]):
                 bad.append(("numpy", m))
 
     threads = [threading.Thread(target=work, args=(seed,)) for seed in range(3)]
@@ -279,10 +264,10 @@ def test_packs_made_for_any_first_batch_give_the_same_rows(rng, k, n):
         w = torch.tensor(values)  # a new weight object: packed for this first batch
         cg.transform_matrix(x[:first], w, b, "gelu")
         got = [cg.transform_matrix(x[:m], w, b, "gelu") for m in (1, 2, 3, 17, 40, 1100)]
-        assert all(_same(part, got[-1][: part.shape[0]]) for part in got), first
+        assert all(same(part, got[-1][: part.shape[0]]) for part in got), first
         if expected is None:
             expected = got
-        assert all(_same(a, e) for a, e in zip(got, expected)), first
+        assert all(same(a, e) for a, e in zip(got, expected)), first
 
 
 def _tagging_small_packs(monkeypatch):
@@ -324,7 +309,7 @@ def test_one_row_runs_as_two_rows_where_the_case_says_so(rng, monkeypatch):
     padded = _packed_gemm.packed_rows(x, pack, w, _packed_gemm.PackedCase(1024, 128, True))
     plain = _packed_gemm.packed_rows(x, pack, w, _packed_gemm.PackedCase(1024, 128, False))
     assert calls == [2, 1] and padded.shape == (1, N) and padded.is_contiguous()
-    assert _same(padded, real(torch.cat([x, torch.zeros_like(x)]), pack, w)[:1])
+    assert same(padded, real(torch.cat([x, torch.zeros_like(x)]), pack, w)[:1])
     assert torch.allclose(padded, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -339,8 +324,8 @@ def test_layer_call_shortcut_gives_the_general_paths_bits_and_declines_the_rest(
     b = torch.from_numpy(rng.standard_normal(N, dtype=np.float32))
     assert layer_call_shortcut(x, w, b, "gelu") is None  # nothing packed yet
     general = cg.transform_matrix(x, w, b, "gelu")
-    assert _same(layer_call_shortcut(x, w, b, "gelu"), general)
-    assert _same(cg.torch.transform_matrix(x, w, b, "gelu"), general)
+    assert same(layer_call_shortcut(x, w, b, "gelu"), general)
+    assert same(cg.torch.transform_matrix(x, w, b, "gelu"), general)
     declined = [
         (x.requires_grad_(True), w, b, "gelu"),
         (x.detach().double(), w.double(), b.double(), "gelu"),
@@ -368,8 +353,8 @@ def test_the_shortcut_serves_numpy_arrays_with_the_general_paths_bits(rng, tmp_p
     assert tm.numpy_call_shortcut(x, w, b, "silu") is None  # nothing packed yet
     first = cg.transform_matrix(x, w, b, "silu")
     served = tm.numpy_call_shortcut(x, w, b, "silu")
-    assert isinstance(served, np.ndarray) and served.dtype == np.float32 and _same(served, first)
-    assert _same(tm.numpy_call_shortcut(x[5:6], w, None, None), cg.transform_matrix(x[5:6], w.copy()))
+    assert isinstance(served, np.ndarray) and served.dtype == np.float32 and same(served, first)
+    assert same(tm.numpy_call_shortcut(x[5:6], w, None, None), cg.transform_matrix(x[5:6], w.copy()))
     mapped = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape)
     mapped[:] = x
     declined = [
@@ -384,9 +369,9 @@ def test_the_shortcut_serves_numpy_arrays_with_the_general_paths_bits(rng, tmp_p
     ]
     for args in declined:
         assert tm.numpy_call_shortcut(*args) is None
-    assert _same(cg.transform_matrix(mapped, w, b, "silu"), first)
+    assert same(cg.transform_matrix(mapped, w, b, "silu"), first)
     with cg.use_backend("numpy"):
-        assert _same(tm.numpy_call_shortcut(x, w, b, "silu"), first)
+        assert same(tm.numpy_call_shortcut(x, w, b, "silu"), first)
     with pytest.raises(TypeError):
         cg.transform_matrix(x, torch.from_numpy(w), b, "silu")
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):  # the torch entry point takes tensors only
@@ -395,10 +380,10 @@ def test_the_shortcut_serves_numpy_arrays_with_the_general_paths_bits(rng, tmp_p
 
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * __import__("mmap").PAGESIZE
+        return int(statm.read().split()[1]) * mmap.PAGESIZE
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc")
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
 def test_packs_of_small_weights_cost_only_the_pages_mkl_writes():
     """MKL's pack size includes about 7.5 MB it never touches for a small weight: in huge pages
     every such pack would cost 2 MB of memory, in 4 KiB pages under 0.1 MB. A large weight's pack
@@ -416,7 +401,7 @@ def test_packs_of_small_weights_cost_only_the_pages_mkl_writes():
     if _packed_gemm._mkl() is not None:
         assert isinstance(pack, _packed_gemm.Pack) and pack.address % 64 == 0
         by_op = _packed_gemm._mkl_ops()[0](big, 256)
-        assert _same(_packed_gemm.packed_compute(x, pack, big), _packed_gemm.packed_compute(x, by_op, big))
+        assert same(_packed_gemm.packed_compute(x, pack, big), _packed_gemm.packed_compute(x, by_op, big))
     assert torch.allclose(_packed_gemm.packed_compute(x, pack, big), x @ big.T, rtol=1e-4, atol=1e-3)
 
 
@@ -433,7 +418,7 @@ def test_a_torch_device_context_changes_nothing(rng, dtype, k, n):
         inside = cg.transform_matrix(x, w, None, "gelu")
         inside_torch = cg.transform_matrix(torch.from_numpy(x).clone(), torch.from_numpy(w).clone(), None, "gelu")
     assert inside_torch.device.type == "cpu"
-    assert _same(inside, cg.transform_matrix(x, w.copy(), None, "gelu")) and _same(inside_torch, inside)
+    assert same(inside, cg.transform_matrix(x, w.copy(), None, "gelu")) and same(inside_torch, inside)
 
 
 def test_negative_views_are_read_as_their_values(rng):
@@ -447,7 +432,7 @@ def test_negative_views_are_read_as_their_values(rng):
     for xx, ww in ((x, w), (x.resolve_neg(), w), (one, torch.randn(3, 1)), (one, one)):
         for _ in range(2):  # the second call would find a cached pack
             got = cg.transform_matrix(xx, ww, None, "relu")
-            assert _same(got, cg.transform_matrix(xx.resolve_neg().clone(), ww.resolve_neg().clone(), None, "relu"))
+            assert same(got, cg.transform_matrix(xx.resolve_neg().clone(), ww.resolve_neg().clone(), None, "relu"))
             assert torch.allclose(got, torch.relu(xx.resolve_neg() @ ww.resolve_neg().T), atol=1e-5)
     with torch.no_grad():
         layer = cg.nn.LIAMLinear(1, 3)

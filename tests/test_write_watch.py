@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from packed_helpers import empty_cache, fresh, same  # noqa: F401 (empty_cache: an autouse fixture)
 
 import clisonix_gpu as cg
 from clisonix_gpu.ops import _packed_gemm, _write_watch
@@ -33,23 +34,6 @@ def _supported() -> bool:
 
 
 needs_watch = pytest.mark.skipif(not _supported(), reason="no asynchronous write-protect tracking (Linux 6.7+, userfaultfd) here")
-
-
-@pytest.fixture(autouse=True)
-def empty_cache():
-    _packed_gemm.release_packed_weights()
-    yield
-    _packed_gemm.release_packed_weights()
-
-
-def _same(a, b):
-    a, b = (t.numpy() if isinstance(t, torch.Tensor) else t for t in (a, b))
-    return np.array_equal(a.view(np.uint32), b.view(np.uint32))
-
-
-def _fresh(x, w, b=None, activation="silu"):
-    copy = w.copy() if isinstance(w, np.ndarray) else w.detach().clone()
-    return cg.transform_matrix(x, copy, b, activation)
 
 
 def _proofs():
@@ -124,15 +108,15 @@ def test_every_write_to_a_watched_weight_is_seen(rng, how, kind):
     x_in = x if kind == "numpy" else torch.from_numpy(x)
     before = cg.transform_matrix(x_in, w, None, "silu")
     assert _proofs() == ["PageWatch"] and _packed_gemm.cache_info()["watched"] == 1
-    assert _same(cg.transform_matrix(x_in, w, None, "silu"), before)  # unchanged: the pack serves
+    assert same(cg.transform_matrix(x_in, w, None, "silu"), before)  # unchanged: the pack serves
     if how == "earlier-view":
         earlier += 1.0
     else:
         WRITES[how](array)
     after = cg.transform_matrix(x_in, w, None, "silu")
-    assert _same(after, _fresh(x_in, w))
+    assert same(after, fresh(x_in, w))
     if how != "same-values":
-        assert not _same(after, before)
+        assert not same(after, before)
 
 
 @needs_watch
@@ -150,14 +134,14 @@ def test_an_unaligned_weight_watches_whole_pages_and_compares_the_rest(rng):
     real_pack = _packed_gemm._pack
     _packed_gemm._pack = lambda *args: calls.append(args) or real_pack(*args)
     try:
-        assert _same(cg.transform_matrix(x, w), first) and calls == []
+        assert same(cg.transform_matrix(x, w), first) and calls == []
         w[0, 0] += 1.0
         w[-1, -1] += 1.0
         again = cg.transform_matrix(x, w)
         assert len(calls) == 1
     finally:
         _packed_gemm._pack = real_pack
-    assert _same(again, _fresh(x, w, activation=None))
+    assert same(again, fresh(x, w, activation=None))
 
 
 @needs_watch
@@ -199,7 +183,7 @@ def test_memory_it_cannot_vouch_for_is_hashed(rng, tmp_path):
         assert _packed_gemm.cache_info()["watched"] == 0
         writer[7, 7] += 1.0
         after = cg.transform_matrix(x, weight)
-        assert _same(after, _fresh(x, weight, activation=None)) and not _same(after, before)
+        assert same(after, fresh(x, weight, activation=None)) and not same(after, before)
     del w, other, weight, writer, mapped
     gc.collect()
     shared.close()
@@ -216,8 +200,8 @@ def test_two_weights_over_the_same_memory_do_not_share_a_watch(rng):
     cg.transform_matrix(x, alias)
     assert sorted(_proofs()) == ["PageWatch", "tuple"]
     array[1, 1] += 1.0
-    assert _same(cg.transform_matrix(x, array), _fresh(x, array, activation=None))  # repacks and re-arms
-    assert _same(cg.transform_matrix(x, alias), _fresh(x, alias, activation=None))
+    assert same(cg.transform_matrix(x, array), fresh(x, array, activation=None))  # repacks and re-arms
+    assert same(cg.transform_matrix(x, alias), fresh(x, alias, activation=None))
 
 
 @needs_watch
@@ -293,4 +277,4 @@ def test_threads_reading_one_watch_never_force_a_repack(rng, monkeypatch):
         thread.start()
     for thread in threads:
         thread.join()
-    assert packs == [] and len(results) == 120 and all(_same(r, expected) for r in results)
+    assert packs == [] and len(results) == 120 and all(same(r, expected) for r in results)
