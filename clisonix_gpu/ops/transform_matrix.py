@@ -168,6 +168,7 @@ def numpy_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
     torch = sys.modules.get("torch")
     if (
         torch is None
+        or w is None
         or not _plain_float32_arrays(x, w, bias)
         or not _layer_shapes(x, w, bias)
         or not _valid_activation(activation)
