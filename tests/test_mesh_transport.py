@@ -90,6 +90,21 @@ def test_a_sender_without_a_proven_buffer_waits_under_its_deadline(outbox):
     assert [work.waits for work in group.sends] == [1, 0, 0]  # each send waited for at most once
 
 
+def test_a_freed_buffer_goes_to_the_waiting_sender_without_a_wait_for_the_next_send(outbox):
+    box, group = outbox
+    _request(box, 10)
+    _request(box, 11)
+    until = time.monotonic() + 5
+    waiting = threading.Thread(target=_request, args=(box, 12, lambda: TimeoutError("no buffer") if time.monotonic() > until else None))
+    waiting.start()
+    time.sleep(0.2)  # request 12 now waits for a buffer, and the outbox's thread for request 10's send
+    group.sends[0].deliver()
+    waiting.join(6)
+    assert not waiting.is_alive() and len(group.sends) == 3
+    time.sleep(0.1)  # room for the outbox's thread to take request 11's send, which nobody needs
+    assert [work.waits for work in group.sends] == [1, 0, 0]
+
+
 def test_flush_waits_for_every_send_and_gives_up_on_time(outbox):
     box, group = outbox
     _request(box, 10)

@@ -89,7 +89,8 @@ class Outbox:
         self._delivered = 0  # messages numbered up to this one are known to have reached the peer
         self._spans: dict[tuple[int, int], torch.Tensor] = {}  # message tensors by (buffer, length)
         self._cond: threading.Condition | None = None
-        self._waiting = 0  # senders waiting for a buffer (deadline mode): the thread works only then
+        self._waiting = 0  # senders waiting for a buffer (deadline mode)
+        self._flushing = 0  # callers of ``flush`` waiting (deadline mode)
         self._completing = False  # the thread is waiting for a send it took off ``_sending``
         self._error: BaseException | None = None
         self._closed = False
@@ -149,7 +150,7 @@ class Outbox:
                 if sent_id == request_id and chunk == 0:
                     self._delivered = max(self._delivered, number)
                     self._reclaim_locked()
-                    if self._waiting:
+                    if self._waiting or self._flushing:
                         self._cond.notify_all()
                     return
 
@@ -162,13 +163,15 @@ class Outbox:
             self._free.append(index)
 
     def _complete_sends(self) -> None:
-        """The deadline mode's thread: while a sender waits for a buffer (or the outbox closes),
-        wait for the oldest send (Gloo sends complete only through a wait) and free its buffer;
-        a failed send fails every later wait for a buffer."""
+        """The deadline mode's thread: while more senders wait for a buffer than there are free
+        buffers (or a flush waits, or the outbox closes), wait for the oldest send (Gloo sends
+        complete only through a wait) and free its buffer; a failed send fails every later wait
+        for a buffer. Counting the free buffers keeps it from taking a second send while the
+        sender it freed a buffer for has not yet woken to claim it."""
         assert self._cond is not None
         while True:
             with self._cond:
-                while not (self._sending and (self._waiting or self._closed)):
+                while not (self._sending and (self._waiting > len(self._free) or self._flushing or self._closed)):
                     if self._closed and not self._sending:
                         return
                     self._cond.wait()
@@ -197,12 +200,12 @@ class Outbox:
             return
         with self._cond:
             self._reclaim_locked()
-            self._waiting += 1
+            self._flushing += 1
             self._cond.notify_all()
             try:
                 self._wait_locked(lambda: not self._sending and not self._completing, give_up)
             finally:
-                self._waiting -= 1
+                self._flushing -= 1
 
     def _wait_locked(self, done: Callable[[], bool], give_up: GiveUp | None) -> None:
         """Deadline mode, holding the condition: wait until ``done()``; a failed send or
