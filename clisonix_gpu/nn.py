@@ -152,7 +152,11 @@ class LowRankLinear(nn.Module):
         return self.second @ self.first
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch_ops.transform_matrix(torch_ops.transform_matrix(x, self.first), self.second, self.bias, self.activation)
+        first, second, bias = self.first, self.second, self.bias
+        out = _tm.low_rank_call_shortcut(x, first, second, bias, self.activation)
+        if out is not None:
+            return out
+        return torch_ops.transform_matrix(torch_ops.transform_matrix(x, first), second, bias, self.activation)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}, activation={self.activation}"

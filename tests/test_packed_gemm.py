@@ -342,6 +342,40 @@ def test_layer_call_shortcut_gives_the_general_paths_bits_and_declines_the_rest(
         cg.transform_matrix(x.detach(), w, b, np.array(["gelu", "relu"]))
 
 
+def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the_rest(rng):
+    """A low-rank layer's usual call (both factors packed) is its two GEMMs with the checks made
+    once: the bits of the two calls through the general path, for the layer and the function; a
+    call it cannot serve returns None, and the layer's answer keeps the general path's bits."""
+    from clisonix_gpu.ops.transform_matrix import low_rank_call_shortcut
+
+    layer = cg.nn.LowRankLinear(K, N, 7, activation="gelu")
+    first, second, bias = layer.first, layer.second, layer.bias
+    x = torch.from_numpy(rng.standard_normal((37, K), dtype=np.float32))
+    with torch.no_grad():
+        assert low_rank_call_shortcut(x, first, second, bias, "gelu") is None  # nothing packed yet
+        general = cg.transform_matrix(cg.transform_matrix(x, first), second, bias, "gelu")
+        assert same(low_rank_call_shortcut(x, first, second, bias, "gelu"), general)
+        assert same(layer(x), general)
+        for rows in (x[:1], x[5:12], x[36:]):  # batch invariance through the shortcut
+            assert same(layer(rows), cg.transform_matrix(cg.transform_matrix(rows, first), second, bias, "gelu"))
+        declined = [
+            (x.t().contiguous().t(), first, second, bias, "gelu"),  # non-contiguous x
+            (x.double(), first, second, bias, "gelu"),
+            (x, first.t(), second, bias, "gelu"),  # a strided factor
+            (x, first, second[:, :-1], bias, "gelu"),  # factors that do not chain
+            (x, first, second, bias[:-1], "gelu"),
+            (x[:0], first, second, bias, "gelu"),
+            (x, first, second, bias, "swish"),
+            (x.numpy(), first, second, bias, "gelu"),
+        ]
+        for args in declined:
+            assert low_rank_call_shortcut(*args) is None
+        assert same(layer(x.t().contiguous().t()), general)  # the general path: same bits
+    assert low_rank_call_shortcut(x, first, second, bias, "gelu") is None  # autograd records the factors
+    recorded = layer(x)
+    assert recorded.requires_grad and same(recorded.detach(), general)
+
+
 def test_the_shortcut_serves_numpy_arrays_with_the_general_paths_bits(rng, tmp_path):
     """NumPy float32 arrays take the shortcut once the weight is packed, with the general path's
     bits (the shortcut switched off); whatever else returns None and the general path answers it."""

@@ -28,6 +28,7 @@ __all__ = [
     "ACTIVATIONS",
     "launch_transform_matrix",
     "layer_call_shortcut",
+    "low_rank_call_shortcut",
     "modes_active",
     "numpy_call_shortcut",
     "release_packed_weights",
@@ -125,9 +126,15 @@ def torch_op_route(*arrays: Any) -> str | None:
         if not present or not all(isinstance(a, torch.Tensor) for a in present):
             return None  # NumPy/CuPy, or mixed types: the dispatch path names the mix
         return "traced"  # fake, functional or user tensor subclasses: torch's dispatch handles them
+    return _recording_route(torch, present)
+
+
+def _recording_route(torch: Any, tensors: Any) -> str | None:
+    """:func:`torch_op_route` for plain tensors: ``"traced"`` under ``torch.compile``,
+    ``torch.jit`` tracing or functorch, ``"autograd"`` when autograd records one of ``tensors``."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active(torch):
         return "traced"
-    if torch.is_grad_enabled() and any(a.requires_grad for a in present):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "autograd"
     return None
 
@@ -143,22 +150,48 @@ def layer_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
     None and takes the general path, which gives the same bits (same pack, GEMM and epilogue),
     makes the pack on a first call and raises the documented errors."""
     torch = sys.modules.get("torch")  # no torch tensor can exist before torch is imported
-    if torch is None or x is None or w is None or not _dispatch.dense_cpu_tensors(x, w, bias) or not _valid_activation(activation):
-        return None
-    f32 = torch.float32
-    if (
-        x.dtype != f32
-        or w.dtype != f32
-        or not _layer_shapes(x, w, bias)
-        or not (x.is_contiguous() and w.is_contiguous())
-        or (bias is not None and bias.dtype != f32)
-    ):
-        return None
-    if torch_op_route(x, w, bias) is not None or modes_active(torch) or _dispatch.current_backend() not in ("auto", "numpy"):
-        return None
-    if x.is_neg():  # a negative view (``z.conj().imag``): its memory holds the unnegated values
+    if torch is None or x is None or w is None or not _usual_call(torch, x, (w,), bias, activation) or not _layer_shapes(x, w, bias):
         return None
     return _cached_pack_call(x, w, w, bias, activation)
+
+
+def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activation: Any) -> Any:
+    """:func:`layer_call_shortcut` for a low-rank layer's two GEMMs, ``(x @ first.T) @ second.T``
+    with ``bias`` and ``activation`` on the second, its checks made once: ``first`` (r, K) and
+    ``second`` (N, r), each with its pack cached and unchanged. The bits of the two calls through
+    the general path; None for any call that is not a layer's usual call."""
+    torch = sys.modules.get("torch")
+    if (
+        torch is None
+        or x is None
+        or first is None
+        or second is None
+        or not _usual_call(torch, x, (first, second), bias, activation)
+        or not _layer_shapes(x, first, None)
+        or not _weight_shapes(first.shape[0], second, bias)
+    ):
+        return None
+    hidden = _cached_pack_call(x, first, first, None, None)
+    return None if hidden is None else _cached_pack_call(hidden, second, second, bias, activation)
+
+
+def _usual_call(torch: Any, x: Any, weights: tuple[Any, ...], bias: Any, activation: Any) -> bool:
+    """The checks of a layer's usual call that the tensor shortcuts share (shapes aside): ``x`` and
+    ``weights`` plain, dense, contiguous float32 CPU tensors, ``bias`` one too (any strides) or
+    None, ``x`` not a negative view (``z.conj().imag``: its memory holds the unnegated values), a
+    valid activation, nothing records, traces or intercepts the call, the CPU backend in use."""
+    plain, f32, strided = (torch.Tensor, torch.nn.Parameter), torch.float32, torch.strided
+    for t in (x, *weights):
+        if type(t) not in plain or t.dtype != f32 or not t.is_cpu or t.layout != strided or not t.is_contiguous():
+            return False
+    if bias is not None and (type(bias) not in plain or bias.dtype != f32 or not bias.is_cpu or bias.layout != strided):
+        return False
+    if not _valid_activation(activation):
+        return False
+    recorded = (x, *weights) if bias is None else (x, *weights, bias)
+    if _recording_route(torch, recorded) is not None or modes_active(torch) or _dispatch.current_backend() not in ("auto", "numpy"):
+        return False
+    return not x.is_neg()  # after the tracing checks: torch.compile cannot trace ``is_neg``
 
 
 def numpy_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
@@ -185,13 +218,12 @@ def _valid_activation(activation: Any) -> bool:
 
 def _layer_shapes(x: Any, w: Any, bias: Any) -> bool:
     """``x`` (M, K) with M >= 1, ``w`` (N, K), ``bias`` (N,) or None."""
-    return (
-        x.ndim == 2
-        and w.ndim == 2
-        and x.shape[1] == w.shape[1]
-        and x.shape[0] > 0
-        and (bias is None or (bias.ndim == 1 and bias.shape[0] == w.shape[0]))
-    )
+    return x.ndim == 2 and x.shape[0] > 0 and _weight_shapes(x.shape[1], w, bias)
+
+
+def _weight_shapes(k: int, w: Any, bias: Any) -> bool:
+    """``w`` (N, k), ``bias`` (N,) or None."""
+    return w.ndim == 2 and w.shape[1] == k and (bias is None or (bias.ndim == 1 and bias.shape[0] == w.shape[0]))
 
 
 _FLOAT32 = np.dtype(np.float32)
