@@ -153,7 +153,7 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         first, second, bias = self.first, self.second, self.bias
-        out = _tm.low_rank_call_shortcut(x, first, second, bias, self.activation)
+        out: Tensor | None = _tm.low_rank_call_shortcut(x, first, second, bias, self.activation)
         if out is not None:
             return out
         return torch_ops.transform_matrix(torch_ops.transform_matrix(x, first), second, bias, self.activation)
