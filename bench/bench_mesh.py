@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
+import tempfile
 import time
 
 import numpy as np
@@ -23,17 +23,37 @@ SIZES = [4 << 10, 256 << 10, 4 << 20]  # bytes per tensor
 ROUND_TRIPS = 20 if TINY else 1000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_PAIR_REPLY_S = 300  # seconds a block of the raw pair may take before the benchmark gives up
 
 
-def _ping_pong_pair(rank: int, port: int, conn) -> None:
+def _pair_reply(conn, pair) -> list[float]:
+    """The raw pair's round-trip times for a block, or RuntimeError once either process is gone or
+    the block takes over ``_PAIR_REPLY_S``: a benchmark never waits on a pair that died."""
+    deadline = time.monotonic() + _PAIR_REPLY_S
+    while not conn.poll(1.0):
+        codes = [p.exitcode for p in pair.processes]
+        if any(code is not None for code in codes) or time.monotonic() > deadline:
+            raise RuntimeError(f"the raw gloo ping-pong pair stopped answering (exit codes {codes})")
+    return conn.recv()
+
+
+def _stop(pair) -> None:
+    """Wait for the raw pair to end (an exit with an error raises), at most a minute, then end it."""
+    deadline = time.monotonic() + 60
+    while not pair.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in pair.processes:
+                process.terminate()
+            raise RuntimeError("the raw gloo ping-pong pair did not stop")
+
+
+def _ping_pong_pair(rank: int, store_path: str, conn) -> None:
     """A raw gloo ping-pong pair that stays up between blocks: rank 0 takes (nbytes, trips) from
     ``conn`` and answers with the round-trip times; (0, 0) ends both."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
+    # a file store: no port to pick ahead of time, which another process could take meanwhile
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    store = dist.FileStore(store_path, 2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
     command = torch.zeros(2, dtype=torch.int64)
     while True:
         if rank == 0:
@@ -67,25 +87,26 @@ def bench_mesh_round_trip():
     blocks = 2 if TINY else 20
     ctx = mp.get_context("spawn")
     ours_end, raw_end = ctx.Pipe()
-    pair = mp.start_processes(_ping_pong_pair, args=(_free_port(), raw_end), nprocs=2, start_method="spawn", join=False)
     ours: dict[int, list[float]] = {n: [] for n in sizes}
     raw: dict[int, list[float]] = {n: [] for n in sizes}
-    try:
-        with mesh.connect(workers=1, timeout=60) as m:
-            for nbytes in sizes:
-                x = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-                assert torch.equal(m.offload("identity", x), x)
-                trips = max(ROUND_TRIPS // blocks, 5)
-                for _ in range(blocks):
-                    for _ in range(trips):
-                        start = time.perf_counter()
-                        m.offload("identity", x)
-                        ours[nbytes].append(time.perf_counter() - start)
-                    ours_end.send((nbytes, trips))
-                    raw[nbytes] += ours_end.recv()
-    finally:
-        ours_end.send((0, 0))
-        pair.join()
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = mp.start_processes(_ping_pong_pair, args=(os.path.join(tmp, "store"), raw_end), nprocs=2, start_method="spawn", join=False)
+        try:
+            with mesh.connect(workers=1, timeout=60) as m:
+                for nbytes in sizes:
+                    x = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+                    assert torch.equal(m.offload("identity", x), x)
+                    trips = max(ROUND_TRIPS // blocks, 5)
+                    for _ in range(blocks):
+                        for _ in range(trips):
+                            start = time.perf_counter()
+                            m.offload("identity", x)
+                            ours[nbytes].append(time.perf_counter() - start)
+                        ours_end.send((nbytes, trips))
+                        raw[nbytes] += _pair_reply(ours_end, pair)
+        finally:
+            ours_end.send((0, 0))
+            _stop(pair)
     for nbytes in sizes:
         label = f"{nbytes >> 10} KiB" if nbytes < 1 << 20 else f"{nbytes >> 20} MiB"
         for q in (50, 99):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -205,17 +204,12 @@ def test_run_propagates_task_errors():
 # ----------------------------------------------------------------------------- map_distributed
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _distributed_worker(rank, world, port, seed, out_dir):
+def _distributed_worker(rank, world, seed, out_dir):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    # a file store: no port picked ahead of time, which another process could take meanwhile
+    store = dist.FileStore(os.path.join(out_dir, "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         rng = np.random.default_rng(seed)
         x = rng.standard_normal((127, 33)).astype(np.float32)
@@ -228,7 +222,7 @@ def _distributed_worker(rank, world, port, seed, out_dir):
 
 def test_map_distributed_two_gloo_processes_equal_single_process(tmp_path, rng):
     seed = int(rng.integers(2**31))
-    context = mp.start_processes(_distributed_worker, args=(2, _free_port(), seed, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    context = mp.start_processes(_distributed_worker, args=(2, seed, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
     deadline = 180.0
     waited = 0.0
     while not context.join(timeout=5):
