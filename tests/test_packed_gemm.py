@@ -342,7 +342,7 @@ def test_layer_call_shortcut_gives_the_general_paths_bits_and_declines_the_rest(
         cg.transform_matrix(x.detach(), w, b, np.array(["gelu", "relu"]))
 
 
-def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the_rest(rng):
+def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the_rest(rng, monkeypatch):
     """A low-rank layer's usual call (both factors packed) is its two GEMMs with the checks made
     once: the bits of the two calls through the general path, for the layer and the function; a
     call it cannot serve returns None, and the layer's answer keeps the general path's bits."""
@@ -371,6 +371,13 @@ def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the
         for args in declined:
             assert low_rank_call_shortcut(*args) is None
         assert same(layer(x.t().contiguous().t()), general)  # the general path: same bits
+        from clisonix_gpu.ops import transform_matrix as tm
+
+        gemms = []
+        monkeypatch.setattr(tm, "packed_rows", lambda *args: gemms.append(args) or _packed_gemm.packed_rows(*args))
+        assert low_rank_call_shortcut(x, first, second.detach().clone(), bias, "gelu") is None  # second not packed
+        assert gemms == []  # declined before either GEMM ran
+        assert same(low_rank_call_shortcut(x, first, second, bias, "gelu"), general) and len(gemms) == 2
     assert low_rank_call_shortcut(x, first, second, bias, "gelu") is None  # autograd records the factors
     recorded = layer(x)
     assert recorded.requires_grad and same(recorded.detach(), general)

@@ -171,8 +171,14 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
         or not _weight_shapes(first.shape[0], second, bias)
     ):
         return None
-    hidden = _cached_pack_call(x, first, first, None, None)
-    return None if hidden is None else _cached_pack_call(hidden, second, second, bias, activation)
+    # both packs ready, or neither GEMM runs here: the general path does them
+    first_ready = _cached_case_and_pack(x.shape[1], first, first, x.dtype)
+    if first_ready is None:
+        return None
+    second_ready = _cached_case_and_pack(first.shape[0], second, second, x.dtype)
+    if second_ready is None:
+        return None
+    return _packed_call(_packed_call(x, first_ready, first, None, None), second_ready, second, bias, activation)
 
 
 def _usual_call(torch: Any, x: Any, weights: tuple[Any, ...], bias: Any, activation: Any) -> bool:
@@ -240,12 +246,22 @@ def _cached_pack_call(x: Any, source: Any, w: Any, bias: Any, activation: str | 
     """The packed GEMM and epilogue of float32 CPU tensors ``x``, ``w`` (the float32 tensor form of
     ``source``, the weight as passed) and ``bias``, if the case passed its check and ``source``'s
     pack is cached and unchanged; else None."""
-    case = packed_ok(x.shape[1], w.shape[0], x.dtype)
+    ready = _cached_case_and_pack(x.shape[1], source, w, x.dtype)
+    return None if ready is None else _packed_call(x, ready, w, bias, activation)
+
+
+def _cached_case_and_pack(k: int, source: Any, w: Any, dtype: Any) -> tuple[PackedCase, Any] | None:
+    """(case, pack) of ``source`` (``w`` (N, k) its float32 tensor form) for ``dtype`` input, if
+    the case passed its check and the pack is cached and unchanged; else None."""
+    case = packed_ok(k, w.shape[0], dtype)
     if case is None:
         return None
     pack = cached_pack(source)
-    if pack is None:
-        return None
+    return None if pack is None else (case, pack)
+
+
+def _packed_call(x: Any, ready: tuple[PackedCase, Any], w: Any, bias: Any, activation: str | None) -> Any:
+    case, pack = ready
     out = packed_rows(x, pack, w, case)
     apply_epilogue_(out, bias, activation)
     return out
