@@ -520,9 +520,7 @@ def packed_weight(source: Any, w: Any, rows: int, case: PackedCase) -> Any:
         _cache[key] = _Entry(source_ref, stamp, proof, pack, nbytes)
         _cached_bytes += nbytes
         while _cached_bytes > limit and _cache:
-            evicted = _cache.popitem(last=False)[1]
-            _cached_bytes -= evicted.nbytes
-            evicted.drop()
+            _forget(next(iter(_cache)))  # the least recently used
     return pack
 
 

@@ -137,8 +137,7 @@ class PageWatch:
         self._kernel, self._pid = kernel, os.getpid()
         self._first, self._last = first, last  # the whole pages watched: [first, last)
         self._address, self._nbytes = address, nbytes
-        self._head = ctypes.string_at(address, first - address)  # the buffer's bytes on shared pages
-        self._tail = ctypes.string_at(last, address + nbytes - last)
+        self._edges_then = self._edges()
         self._scan = _PmScanArg(
             size=ctypes.sizeof(_PmScanArg), start=first, end=last, vec_len=1, max_pages=1,
             category_inverted=_PAGE_IS_WPALLOWED,
@@ -162,8 +161,12 @@ class PageWatch:
             found = self._kernel.libc.ioctl(self._kernel.pagemap, _PAGEMAP_SCAN, ctypes.byref(scan))
             if found != 0 or scan.walk_end != self._last:
                 return True
+        return self._edges() != self._edges_then
+
+    def _edges(self) -> tuple[bytes, bytes]:
+        """The buffer's bytes before its first and after its last whole page (pages it shares)."""
         address, last = self._address, self._last
-        return ctypes.string_at(address, self._first - address) != self._head or ctypes.string_at(last, address + self._nbytes - last) != self._tail
+        return ctypes.string_at(address, self._first - address), ctypes.string_at(last, address + self._nbytes - last)
 
     def close(self) -> None:
         """Stop watching: the pages' registration is removed (only by the process that made it).

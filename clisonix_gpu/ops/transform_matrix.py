@@ -91,13 +91,7 @@ def transform_matrix(x: Any, w: Any, bias: Any = None, activation: str | None = 
     if shortcut is not None:
         return shortcut
     route = torch_op_route(x, w, bias)
-    if (
-        route is None
-        and x is not None
-        and w is not None
-        and _dispatch.dense_cpu_tensors(x, w, bias)
-        and _dispatch.current_backend() in ("auto", "numpy")
-    ):
+    if route is None and x is not None and w is not None and _dispatch.dense_cpu_tensors(x, w, bias) and _cpu_backend_requested():
         return _checked_cpu_tensors(x, w, bias, activation, False)  # what the dispatch table picks, without its layers
     if route == "traced":  # the fake kernel validates on the traced shapes
         return _torch_op(x, w, bias, activation)
@@ -187,15 +181,16 @@ def _usual_call(torch: Any, x: Any, weights: tuple[Any, ...], bias: Any, activat
     None, ``x`` not a negative view (``z.conj().imag``: its memory holds the unnegated values), a
     valid activation, nothing records, traces or intercepts the call, the CPU backend in use."""
     plain, f32, strided = (torch.Tensor, torch.nn.Parameter), torch.float32, torch.strided
-    for t in (x, *weights):
+    operands = (x, *weights)
+    for t in operands:
         if type(t) not in plain or t.dtype != f32 or not t.is_cpu or t.layout != strided or not t.is_contiguous():
             return False
     if bias is not None and (type(bias) not in plain or bias.dtype != f32 or not bias.is_cpu or bias.layout != strided):
         return False
     if not _valid_activation(activation):
         return False
-    recorded = (x, *weights) if bias is None else (x, *weights, bias)
-    if _recording_route(torch, recorded) is not None or modes_active(torch) or _dispatch.current_backend() not in ("auto", "numpy"):
+    recorded = operands if bias is None else (*operands, bias)
+    if _recording_route(torch, recorded) is not None or modes_active(torch) or not _cpu_backend_requested():
         return False
     return not x.is_neg()  # after the tracing checks: torch.compile cannot trace ``is_neg``
 
@@ -211,11 +206,16 @@ def numpy_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
         or not _plain_float32_arrays(x, w, bias)
         or not _layer_shapes(x, w, bias)
         or not _valid_activation(activation)
-        or _dispatch.current_backend() not in ("auto", "numpy")
+        or not _cpu_backend_requested()
     ):
         return None
     out = _cached_pack_call(torch.from_numpy(x), w, torch.from_numpy(w), None if bias is None else torch.from_numpy(bias), activation)
     return None if out is None else out.numpy()
+
+
+def _cpu_backend_requested() -> bool:
+    """The backend in use lets the CPU path run: ``auto`` or ``numpy``."""
+    return _dispatch.current_backend() in ("auto", "numpy")
 
 
 def _valid_activation(activation: Any) -> bool:
