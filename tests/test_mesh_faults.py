@@ -130,6 +130,16 @@ def test_local_fallback_has_the_same_deadline():
             thread.join(timeout=60)
 
 
+def test_a_local_run_hands_back_tensors_of_its_own():
+    x, y = torch.randn(5), torch.arange(7)
+    with mesh_module.connect(workers=1, timeout=10) as m:
+        m._processes[0].kill()
+        assert wait_until(lambda: m.status()[0]["state"] == "dead", 1.0)
+        echoed = m.offload("identity", x, y)
+    assert all(torch.equal(e, t) and e.data_ptr() != t.data_ptr() for e, t in zip(echoed, (x, y)))
+    assert m.status()[1]["answered"] == 1  # the edge's own row: it ran here
+
+
 def test_a_worker_killed_with_requests_in_flight_loses_none_of_them():
     """Pipelined requests from several threads; one worker dies while some of its requests are on
     the wire: every future gets its own answer, once."""

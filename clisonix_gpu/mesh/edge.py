@@ -335,7 +335,8 @@ class Mesh:
             raise outcome["error"]
         with self._local_lock:
             self._local_runs += 1
-        result: tuple[Any, ...] = outcome["result"]
+        # results of their own, as a worker's reply gives: never an input handed back (identity)
+        result: tuple[Any, ...] = tuple(r.clone() if any(r is t for t in tensors) else r for r in outcome["result"])
         return result
 
     def _call(self, worker: WorkerLink, words: list[int], payload: wire.Payload) -> list[torch.Tensor]:
@@ -426,33 +427,39 @@ class Mesh:
         while True:
             try:
                 reply = self._receive_one(worker)
-                # Everything else before the handoff, which is then the last step before this
-                # thread waits again: the caller it wakes gets the GIL and keeps it.
+            except Exception as exc:
+                self._connection_lost(worker, exc)
+                return
+            with worker.cond:
+                worker.progress_at = time.monotonic()
+                if reply is not None:
+                    request_id, answer = reply
+                    if request_id == worker.ping_id:
+                        worker.ping_id = None
+                        if worker.state == STALLED:
+                            worker.state = UP
+                            worker.readmissions += 1
+                    elif request_id in worker.awaited:
+                        worker.replies[request_id] = answer
+                    else:
+                        worker.late_replies += 1
+                    worker.cond.notify_all()
+            # After the handoff: the caller it woke runs meanwhile (both steps release the GIL
+            # in Gloo), and one receive stays posted, enough for the next reply.
+            try:
                 worker.inbox.release()
                 if reply is not None:
                     worker.outbox.acknowledge(reply[0])  # the request reached the worker: its buffer is free
             except Exception as exc:
-                if not self._closed:
-                    self._set_state(worker, DEAD, f"connection lost: {type(exc).__name__}: {exc}")
-                else:
-                    with worker.cond:
-                        worker.state = DEAD
+                self._connection_lost(worker, exc)
                 return
+
+    def _connection_lost(self, worker: WorkerLink, exc: Exception) -> None:
+        if not self._closed:
+            self._set_state(worker, DEAD, f"connection lost: {type(exc).__name__}: {exc}")
+        else:
             with worker.cond:
-                worker.progress_at = time.monotonic()
-                if reply is None:
-                    continue
-                request_id, answer = reply
-                if request_id == worker.ping_id:
-                    worker.ping_id = None
-                    if worker.state == STALLED:
-                        worker.state = UP
-                        worker.readmissions += 1
-                elif request_id in worker.awaited:
-                    worker.replies[request_id] = answer
-                else:
-                    worker.late_replies += 1
-                worker.cond.notify_all()
+                worker.state = DEAD
 
     @staticmethod
     def _receive_one(worker: WorkerLink) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:

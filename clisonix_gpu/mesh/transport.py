@@ -27,6 +27,11 @@ import torch.distributed as dist
 from . import wire
 
 POSTED_RECEIVES = 2  # per peer, kept posted ahead of the messages they will hold
+# Completed sends and receives kept referenced, the oldest dropped as each completes. Gloo wakes
+# a waiter before its own thread lets go of the operation's buffer, and a buffer destroyed before
+# then spins on sched_yield until it is let go: dropping each operation right after its wait put
+# about a third of the edge's and the worker's CPU time of a 4 KiB round trip into that spin.
+RETIRED_WORKS = 4
 MESSAGE_BYTES = wire.message_bytes()
 # A worker may wait long for its next request, and an edge's reader for a reply: receives block
 # under this timeout, which no live mesh reaches (deadlines are the edge's, see edge.py).
@@ -53,6 +58,12 @@ def _endpoint(group: Any) -> Any:
         if callable(getattr(backend, "send", None)) and callable(getattr(backend, "recv", None)):
             return backend
     return group
+
+
+def _complete(work: Any, retired: deque[Any]) -> None:
+    """Wait for a send or receive; it then stays referenced a while (see ``RETIRED_WORKS``)."""
+    work.wait()
+    retired.append(work)
 
 
 def _peer_of(group: Any, rank: int) -> int:
@@ -92,6 +103,7 @@ class Outbox:
         self._waiting = 0  # senders waiting for a buffer (deadline mode)
         self._flushing = 0  # callers of ``flush`` waiting (deadline mode)
         self._completing = False  # the thread is waiting for a send it took off ``_sending``
+        self._retired: deque[Any] = deque(maxlen=RETIRED_WORKS)
         self._error: BaseException | None = None
         self._closed = False
         if deadlines:
@@ -103,7 +115,7 @@ class Outbox:
             if self._free:
                 return self._free.popleft()
             index, *_, work = self._sending.popleft()
-            work.wait()
+            _complete(work, self._retired)
             return index
         with self._cond:
             self._reclaim_locked()
@@ -134,7 +146,7 @@ class Outbox:
                 self._sending.append(entry)
                 if not self._free and len(self._sending) > 1:  # done now, after the message left, not before the next
                     index, *_, work = self._sending.popleft()
-                    work.wait()
+                    _complete(work, self._retired)
                     self._free.append(index)
             else:
                 with self._cond:
@@ -159,7 +171,7 @@ class Outbox:
         wait returns at once: Gloo finished writing them before the peer could read them)."""
         while self._sending and self._sending[0][1] <= self._delivered:
             index, *_, work = self._sending.popleft()
-            work.wait()
+            _complete(work, self._retired)
             self._free.append(index)
 
     def _complete_sends(self) -> None:
@@ -186,6 +198,7 @@ class Outbox:
                     self._cond.notify_all()
                 return
             with self._cond:
+                self._retired.append(work)
                 self._free.append(index)
                 self._completing = False
                 self._cond.notify_all()
@@ -195,7 +208,7 @@ class Outbox:
         if self._cond is None:
             while self._sending:
                 index, *_, work = self._sending.popleft()
-                work.wait()
+                _complete(work, self._retired)
                 self._free.append(index)
             return
         with self._cond:
@@ -243,6 +256,7 @@ class Inbox:
         self._free = deque(range(POSTED_RECEIVES + 1))
         self._posted: deque[tuple[int, Any]] = deque()
         self._held: int | None = None
+        self._retired: deque[Any] = deque(maxlen=RETIRED_WORKS)
         while len(self._posted) < POSTED_RECEIVES:
             self._post()
 
@@ -256,7 +270,7 @@ class Inbox:
         # (a worker has replied by now; the edge's reader calls ``release`` before its handoff).
         self.release()
         index, work = self._posted[0]
-        work.wait()
+        _complete(work, self._retired)
         self._posted.popleft()
         self._held = index
         return wire.parse(self._buffers[index])
