@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -121,16 +122,15 @@ def _send_raw(worker, message, *awaited_ids):
     """Send raw bytes to ``worker``; replies to ``awaited_ids`` are kept for :func:`_reply` (the
     edge drops replies nobody awaits, so the ids are registered before the send)."""
     with worker.cond:
-        worker.awaited.update(awaited_ids)
+        worker.awaited.update(dict.fromkeys(awaited_ids, time.monotonic()))
+        worker.in_flight += len(awaited_ids)
     dist.send(torch.from_numpy(np.ascontiguousarray(message)), worker.rank, group=worker.group)
 
 
-def _reply(worker, request_id):
-    """(status, message text or result tensors) of the worker's reply to ``request_id``."""
-    with worker.cond:
-        assert worker.cond.wait_for(lambda: request_id in worker.replies, timeout=20)
-        worker.awaited.discard(request_id)
-        status, tensors = worker.replies.pop(request_id)
+def _reply(mesh, worker, request_id):
+    """(status, message text or result tensors) of the worker's reply to ``request_id``, received
+    as a caller of the mesh receives its own."""
+    status, tensors = mesh._await_reply(worker, request_id, time.monotonic())
     return status, bytes(tensors[0].tolist()).decode() if status else tensors
 
 
@@ -177,7 +177,7 @@ def test_fuzzed_headers_get_error_replies_and_the_worker_keeps_serving(two_worke
         message = wire.encode(request_id, 7, ())[0]
         message[: wire.HEADER_BYTES].view(np.int64)[:] = _bad_header(request_id, **kwargs)
     _send_raw(worker, message, request_id)
-    status, text = _reply(worker, request_id)
+    status, text = _reply(two_workers, worker, request_id)
     assert status == wire.STATUS_BAD_REQUEST and text
     _serves_afterwards(two_workers, worker)
 
@@ -191,13 +191,13 @@ def test_a_request_whose_chunks_stop_early_gets_an_error_reply(two_workers):
     _send_raw(worker, wire.encode(cut, 7, (big,))[0], cut, good)
     x = torch.arange(5.0)
     _send_raw(worker, wire.encode(good, 7, (x,))[0])
-    status, text = _reply(worker, cut)
+    status, text = _reply(two_workers, worker, cut)
     assert status == wire.STATUS_BAD_REQUEST and "1 of 2 chunks" in text
-    status, (echo,) = _reply(worker, good)
+    status, (echo,) = _reply(two_workers, worker, good)
     assert status == wire.STATUS_OK and torch.equal(echo, x)
     orphan = next(_IDS)  # a later chunk without its first one
     _send_raw(worker, wire.encode(orphan, 7, (big,))[1], orphan)
-    status, text = _reply(worker, orphan)
+    status, text = _reply(two_workers, worker, orphan)
     assert status == wire.STATUS_BAD_REQUEST and "without the start" in text
     _serves_afterwards(two_workers, worker)
     assert worker.replies == {} and worker.alive

@@ -59,8 +59,9 @@ def test_a_burst_longer_than_the_deadline_keeps_healthy_workers_up():
 
 
 def test_stalled_workers_come_back_and_dead_ones_fail_over(rng):
-    """Worker 1 dies, worker 2 stops: requests run locally. Worker 2 continues: its late reply is
-    dropped, a health check re-admits it and it serves again."""
+    """Worker 1 dies, worker 2 stops: requests run locally. Worker 2 continues: the connection its
+    late reply would come on was ended at the deadline, so it meets the edge in a new one, is
+    re-admitted and serves again."""
     m = mesh_module.connect(workers=2, timeout=1)
     try:
         x, w = random_tensor(rng, 50, 8), random_tensor(rng, 6, 8)
@@ -82,7 +83,7 @@ def test_stalled_workers_come_back_and_dead_ones_fail_over(rng):
         assert wait_until(lambda: m.status()[1]["state"] == "up", 10.0), m.status()
         assert torch.equal(m.offload("transform_matrix", x, w, activation="relu"), local)
         status = {s["rank"]: s for s in m.status()}
-        assert status[2]["readmissions"] == 1 and status[2]["late_replies"] >= 1 and status[2]["answered"] >= 1
+        assert status[2]["readmissions"] == 1 and status[2]["late_replies"] == 0 and status[2]["answered"] >= 1
     finally:
         resume_workers(m)
         m.close()

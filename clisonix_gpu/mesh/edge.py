@@ -1,16 +1,19 @@
 """The edge (rank 0): sends requests to workers, spreads them, watches the workers' health.
 
-Each worker has a reader thread that receives its replies, hands each to the caller waiting for
-it and drops the rest (late replies of requests that were given up). A worker is in one of three
-states:
+A caller waiting for a reply receives the worker's messages itself while no other caller does
+(one reader per worker at a time): a reply for another caller is handed to it, and the reader's
+own reply ends its turn, which passes to a caller still waiting. The usual round trip, one
+request at a time, so costs no handoff between threads. A worker is in one of three states:
 
 * ``up``: it gets requests. The least busy live worker takes a request (ties rotate).
 * ``stalled``: it missed a deadline. A deadline measures the worker: a request's clock starts
   when it is sent or when the worker last answered anything, whichever is later, so time a request
-  spends queued behind others (at the edge or at the worker) does not count. A stalled worker is
-  sent a health check; its answer comes after every late reply, and re-admits the worker.
-* ``dead``: its connection ended or its process is gone (checked every ``HEALTH_INTERVAL``
-  seconds where the edge can see the process). It is never used again.
+  spends queued behind others (at the edge or at the worker) does not count. The edge ends the
+  connection of a stalled worker (which also ends a reader's wait; its late replies never come)
+  and offers it the connection's next generation; a worker that was only slow, or stopped, takes
+  it, greets the edge anew and is re-admitted.
+* ``dead``: its connection ended without the edge's doing, or its process is gone (checked every
+  ``HEALTH_INTERVAL`` seconds where the edge can see the process). It is never used again.
 
 Requests of a worker that leaves ``up`` go to the next live worker, then run locally
 (``fallback="local"``, under the same deadline) or raise :class:`MeshError`.
@@ -35,11 +38,11 @@ import torch.distributed as dist
 from .. import alda
 from ..ops.utils import cdiv
 from . import allowlist, wire
-from .transport import Inbox, Outbox
+from .transport import REJOIN_ATTEMPT, Inbox, Outbox, end_connection, generation_group, generation_key
 from .worker import process_namespace
 
 UP, STALLED, DEAD = "up", "stalled", "dead"
-HEALTH_INTERVAL = 0.1  # seconds between checks of the workers' processes and health checks of stalled ones
+HEALTH_INTERVAL = 0.1  # seconds between checks of the workers' processes and of readers' deadlines
 _REPLY_LIMIT = 1 << 40  # replies come from the mesh's own workers; the bound only rejects garbage
 
 
@@ -91,10 +94,11 @@ class WorkerLink:
     late_replies: int = 0  # replies that came after their request was given up: dropped
     last_error: str = ""
     progress_at: float = 0.0  # when a message from it last arrived
-    ping_id: int | None = None  # the health check on its way, if any
-    awaited: set[int] = dataclasses.field(default_factory=set)  # request ids whose callers wait
+    generation: int = 0  # of its connection: a new one after each deadline the worker missed
+    reader: int | None = None  # the request whose caller receives its messages now (see the module's docstring)
+    awaited: dict[int, float] = dataclasses.field(default_factory=dict)  # request ids whose callers wait: when each was sent
     replies: dict[int, tuple[int, list[torch.Tensor]]] = dataclasses.field(default_factory=dict)
-    assembly: wire.Assembly | None = None  # a reply whose chunks are arriving (reader thread only)
+    assembly: wire.Assembly | None = None  # a reply whose chunks are arriving (its reader only)
 
     @property
     def alive(self) -> bool:
@@ -142,12 +146,8 @@ class Mesh:
         self._stop = threading.Event()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, max_in_flight * max(len(workers), 1)), thread_name_prefix="mesh")
         now = time.monotonic()
-        self._readers = []
         for w in workers:
             w.progress_at = now
-            reader = threading.Thread(target=self._read, args=(w,), name=f"mesh-reader-{w.rank}", daemon=True)
-            reader.start()
-            self._readers.append(reader)
         self._watcher = threading.Thread(target=self._watch, name="mesh-health", daemon=True)
         self._watcher.start()
 
@@ -238,8 +238,6 @@ class Mesh:
                 except subprocess.TimeoutExpired:
                     w.process.kill()
                     w.process.wait()
-        for reader in self._readers:
-            reader.join(timeout=5)
         for w in self._workers:
             w.outbox.close()
         if dist.is_initialized():
@@ -298,6 +296,7 @@ class Mesh:
         tried: set[int] = set()
         while (worker := self._pick(preferred, tried)) is not None:
             tried.add(worker.rank)
+            generation = worker.generation
             try:
                 results = self._call(worker, words, payload)
             except _WorkerGone:  # its state says why; the next worker tries
@@ -305,7 +304,7 @@ class Mesh:
             except MeshError:  # the op's own error, from a worker that is fine
                 raise
             except Exception as exc:  # the connection failed under a send
-                self._set_state(worker, DEAD, f"{type(exc).__name__}: {exc}")
+                self._connection_lost(worker, generation, exc)
                 continue
             return tuple(results) if home.type == "cpu" else tuple(t.to(home) for t in results)
         self._check_open()
@@ -349,38 +348,82 @@ class Mesh:
                 raise _WorkerGone
             worker.in_flight += 1
             worker.peak_in_flight = max(worker.peak_in_flight, worker.in_flight)
-            worker.awaited.add(request_id)  # before the send: the reply may come at once
-        answered = False
-        try:
             sent_at = time.monotonic()
+            worker.awaited[request_id] = sent_at  # before the send: the reply may come at once
+        try:
             self._send(worker, words, payload, sent_at)
+            status, results = self._await_reply(worker, request_id, sent_at)
+        except BaseException:
             with cond:
-                while request_id not in worker.replies:
-                    if worker.state != UP:
-                        raise _WorkerGone
-                    left = max(worker.progress_at, sent_at) + self.timeout - time.monotonic()
-                    if left <= 0:
-                        self._set_state_locked(worker, STALLED, f"no reply to request {request_id} within {self.timeout} s of work")
-                        raise _WorkerGone
-                    cond.wait(left)
-                status, results = worker.replies.pop(request_id)
-                worker.answered += 1
-                self._free_slot_locked(worker, request_id)  # in the same hold of the lock as the reply
-                answered = True
-        finally:
-            if not answered:
-                with cond:
-                    self._free_slot_locked(worker, request_id)
+                self._free_slot_locked(worker, request_id)
+            raise
         if status != wire.STATUS_OK:
             raise MeshError(f"worker {worker.rank}: {bytes(results[0].tolist()).decode(errors='replace')}")
         return results
 
+    def _await_reply(self, worker: WorkerLink, request_id: int, sent_at: float) -> tuple[int, list[torch.Tensor]]:
+        """(status, tensors) of the reply to ``request_id``, sent at ``sent_at``; frees its slot.
+        Receives the worker's messages while no other caller does (see the module's docstring);
+        ``_WorkerGone`` once the worker leaves ``up``, or misses the deadline."""
+        cond = worker.cond
+        with cond:
+            while True:
+                if request_id in worker.replies:
+                    return self._take_reply_locked(worker, request_id)
+                if worker.state != UP:
+                    raise _WorkerGone
+                left = max(worker.progress_at, sent_at) + self.timeout - time.monotonic()
+                if left <= 0:
+                    self._stall_locked(worker, f"no reply to request {request_id} within {self.timeout} s of work")
+                    raise _WorkerGone
+                if worker.reader is None:
+                    worker.reader = request_id  # this caller's turn: the watcher keeps its deadline (_watch)
+                    generation = worker.generation
+                    break
+                cond.wait(left)
+        try:
+            while True:
+                # The inbox is this caller's alone until its turn ends; a message's tensors are
+                # copies, and its buffer is posted again at the next receive, off this path.
+                reply = self._receive_one(worker)
+                with cond:
+                    worker.progress_at = time.monotonic()
+                    if reply is not None:
+                        replied, answer = reply
+                        if replied in worker.awaited:
+                            worker.replies[replied] = answer
+                        else:
+                            worker.late_replies += 1
+                        if replied == request_id:
+                            worker.reader = None
+                            taken = self._take_reply_locked(worker, request_id)  # notifies: a waiting caller reads next
+                        else:
+                            cond.notify_all()
+                if reply is not None:
+                    worker.outbox.acknowledge(reply[0])  # the request reached the worker: its send buffer is free
+                    if reply[0] == request_id:
+                        return taken
+        except Exception as exc:
+            self._connection_lost(worker, generation, exc)
+            raise _WorkerGone from exc
+        finally:
+            with cond:
+                if worker.reader == request_id:
+                    worker.reader = None
+                    cond.notify_all()
+
+    def _take_reply_locked(self, worker: WorkerLink, request_id: int) -> tuple[int, list[torch.Tensor]]:
+        status, results = worker.replies.pop(request_id)
+        worker.answered += 1
+        self._free_slot_locked(worker, request_id)  # in the same hold of the lock as the reply
+        return status, results
+
     @staticmethod
     def _free_slot_locked(worker: WorkerLink, request_id: int) -> None:
         """Holding ``worker.cond``: request ``request_id`` no longer occupies a slot or waits for a
-        reply (a late one is dropped)."""
-        worker.in_flight -= 1
-        worker.awaited.discard(request_id)
+        reply (a late one is dropped). Idempotent."""
+        if worker.awaited.pop(request_id, None) is not None:
+            worker.in_flight -= 1
         worker.replies.pop(request_id, None)
         worker.cond.notify_all()
 
@@ -392,7 +435,8 @@ class Mesh:
             if worker.state != UP:
                 return _WorkerGone()
             if time.monotonic() > max(worker.progress_at, sent_at) + self.timeout:
-                self._set_state(worker, STALLED, f"a send to it made no progress within {self.timeout} s")
+                with worker.cond:
+                    self._stall_locked(worker, f"a send to it made no progress within {self.timeout} s")
                 return _WorkerGone()
             return None
 
@@ -405,9 +449,13 @@ class Mesh:
         finally:
             worker.send_lock.release()
 
-    def _set_state(self, worker: WorkerLink, state: str, reason: str) -> None:
+    def _connection_lost(self, worker: WorkerLink, generation: int, exc: Exception) -> None:
+        """The connection of ``generation`` failed under a send or a receive: the worker is dead,
+        unless the edge ended that connection itself (the worker is then stalled, or back)."""
         with worker.cond:
-            self._set_state_locked(worker, state, reason)
+            if worker.generation == generation and worker.state == UP:
+                reason = "the mesh is closed" if self._closed else f"connection lost: {type(exc).__name__}: {exc}"
+                self._set_state_locked(worker, DEAD, reason)
 
     @staticmethod
     def _set_state_locked(worker: WorkerLink, state: str, reason: str) -> None:
@@ -420,46 +468,46 @@ class Mesh:
         worker.last_error = reason
         worker.cond.notify_all()
 
-    # -- the reader threads and the health watcher
+    def _stall_locked(self, worker: WorkerLink, reason: str) -> None:
+        """Holding ``worker.cond``: a worker that is up missed a deadline. It is stalled; its
+        connection ends and the next generation is offered to it (:meth:`_reconnect`)."""
+        if worker.state != UP:
+            return
+        self._set_state_locked(worker, STALLED, reason)
+        threading.Thread(target=self._reconnect, args=(worker, worker.generation), name=f"mesh-reconnect-{worker.rank}", daemon=True).start()
 
-    def _read(self, worker: WorkerLink) -> None:
-        """Receive the worker's replies for as long as its connection lasts."""
-        while True:
+    def _reconnect(self, worker: WorkerLink, generation: int) -> None:
+        """End ``worker``'s connection of ``generation``, then offer it the next ones until it
+        takes one and greets (it is ``up`` again), it is dead, or the mesh closes."""
+        end_connection(worker.group)
+        worker.outbox.close()
+        store = dist.distributed_c10d._get_default_store()
+        while not self._closed and worker.state != DEAD:
+            generation += 1
             try:
-                reply = self._receive_one(worker)
-            except Exception as exc:
-                self._connection_lost(worker, exc)
-                return
+                store.set(generation_key(worker.rank), str(generation))
+                group = generation_group(store, worker.rank, generation, edge=True, timeout=REJOIN_ATTEMPT)
+                inbox = Inbox(worker.rank, group)
+                words, _ = inbox.receive()
+            except RuntimeError:  # the worker did not come (yet), or the store is gone with the mesh
+                time.sleep(0.05)
+                continue
+            if words[: wire.VERSION_AT + 1] != [wire.MAGIC, wire.VERSION] or words[wire.CODE_AT] != wire.HELLO:
+                end_connection(group)
+                continue
+            outbox = Outbox(worker.rank, group, deadlines=True)
             with worker.cond:
+                if self._closed or worker.state == DEAD:
+                    break
+                worker.group, worker.inbox, worker.outbox = group, inbox, outbox
+                worker.generation, worker.assembly = generation, None
                 worker.progress_at = time.monotonic()
-                if reply is not None:
-                    request_id, answer = reply
-                    if request_id == worker.ping_id:
-                        worker.ping_id = None
-                        if worker.state == STALLED:
-                            worker.state = UP
-                            worker.readmissions += 1
-                    elif request_id in worker.awaited:
-                        worker.replies[request_id] = answer
-                    else:
-                        worker.late_replies += 1
-                    worker.cond.notify_all()
-            # After the handoff: the caller it woke runs meanwhile (both steps release the GIL
-            # in Gloo), and one receive stays posted, enough for the next reply.
-            try:
-                worker.inbox.release()
-                if reply is not None:
-                    worker.outbox.acknowledge(reply[0])  # the request reached the worker: its buffer is free
-            except Exception as exc:
-                self._connection_lost(worker, exc)
-                return
+                worker.state = UP
+                worker.readmissions += 1
+                worker.cond.notify_all()
+            return
 
-    def _connection_lost(self, worker: WorkerLink, exc: Exception) -> None:
-        if not self._closed:
-            self._set_state(worker, DEAD, f"connection lost: {type(exc).__name__}: {exc}")
-        else:
-            with worker.cond:
-                worker.state = DEAD
+    # -- the health watcher
 
     @staticmethod
     def _receive_one(worker: WorkerLink) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:
@@ -488,17 +536,20 @@ class Mesh:
         return done.request_id, (done.first[wire.CODE_AT], done.tensors)
 
     def _watch(self) -> None:
-        """Every HEALTH_INTERVAL: a worker whose process is gone is dead; a stalled one gets a
-        health check (one at a time; its answer re-admits the worker)."""
+        """Every HEALTH_INTERVAL: a worker whose process is gone is dead; one whose reader waits
+        past its deadline is stalled (the reader's wait cannot end by itself)."""
         while not self._stop.wait(HEALTH_INTERVAL):
             for w in self._workers:
-                if w.state == DEAD:
+                if w.state != UP:
                     continue
                 gone = self._process_gone(w)
-                if gone:
-                    self._set_state(w, DEAD, gone)
-                elif w.state == STALLED and w.ping_id is None:
-                    self._ping(w)
+                with w.cond:
+                    if gone:
+                        self._set_state_locked(w, DEAD, gone)
+                    elif w.reader is not None and w.awaited:
+                        oldest = min(w.awaited.values())
+                        if time.monotonic() > max(w.progress_at, oldest) + self.timeout:
+                            self._stall_locked(w, f"no reply within {self.timeout} s of work")
 
     def _process_gone(self, worker: WorkerLink) -> str | None:
         """Why the worker's process no longer runs, where this process can see it; else None."""
@@ -513,17 +564,3 @@ class Mesh:
         except (OSError, IndexError):
             return f"process {worker.pid} is gone"
         return f"process {worker.pid} is a zombie" if state == "Z" else None
-
-    def _ping(self, worker: WorkerLink) -> None:
-        if not worker.send_lock.acquire(blocking=False):
-            return  # a sender is busy with it: try at the next round
-        try:
-            request_id = next(self._ids)
-            with worker.cond:
-                worker.ping_id = request_id
-            worker.outbox.send(wire.header(request_id, wire.PING, ()), wire.Payload([]), lambda: TimeoutError("no free buffer"))
-        except Exception:
-            with worker.cond:
-                worker.ping_id = None  # not sent (the worker holds both buffers): try again later
-        finally:
-            worker.send_lock.release()

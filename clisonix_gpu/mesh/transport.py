@@ -4,17 +4,19 @@ Each worker talks to the edge through a process group of its own, so one worker'
 poison the others. Every peer keeps receives posted ahead of time into buffers that fit any
 message, so a sender never waits for the receiver to post.
 
-No wait here ever runs into a Gloo timeout: a Gloo wait that times out closes the connection
-for good (the peer then fails with "Connection closed by peer"), which would turn a slow worker
-into a lost one, and a Gloo send or receive shows as complete only to a wait (``is_completed``
-stays False until then). So receives block until a message or the connection's end (the edge
-reads in a thread per worker), and the edge's sends are waited for by a thread of their own while
-a sender that needs a buffer waits on a condition with its deadline.
+A Gloo send or receive shows as complete only to a wait (``is_completed`` stays False until
+then), and a Gloo wait that times out closes the group's connection for good. So no wait here
+has a timeout of its own: receives block until a message or the connection's end, the edge's
+sends are waited for by a thread of their own while a sender that needs a buffer waits on a
+condition with its deadline, and the edge enforces a reply's deadline by ending the connection
+on purpose (:func:`end_connection`). Both sides then meet again in a fresh group, the connection's
+next generation (:func:`generation_group`).
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -40,9 +42,43 @@ GROUP_TIMEOUT = datetime.timedelta(days=7)
 GiveUp = Callable[[], "BaseException | None"]  # an exception to raise when a wait should end, else None
 
 
+REJOIN_ATTEMPT = datetime.timedelta(seconds=60)  # one try of either side to meet in a new generation
+# A receive on this tag never completes (no message uses it): its short wait ends a connection.
+_END_TAG = 2**31 - 1
+
+
 def groups(world_size: int) -> dict[int, Any]:
-    """One process group per worker: {worker rank: group of (0, worker)}; every rank calls this."""
+    """One process group per worker: {worker rank: group of (0, worker)}; every rank calls this.
+    In every group of the mesh the edge is rank 0 and the worker rank 1 (see :func:`_peer_of`)."""
     return {w: dist.new_group([0, w], timeout=GROUP_TIMEOUT) for w in range(1, world_size)}
+
+
+def generation_key(worker_rank: int) -> str:
+    """The store key holding the generation of ``worker_rank``'s connection that the edge awaits."""
+    return f"clisonix-mesh/{worker_rank}/generation"
+
+
+def generation_group(store: Any, worker_rank: int, generation: int, *, edge: bool, timeout: datetime.timedelta) -> Any:
+    """A fresh Gloo group of two, the edge and ``worker_rank``, for ``generation`` (>= 1) of their
+    connection: both call this with the same arguments but ``edge``; it returns once both are
+    connected, or raises torch.distributed's error after ``timeout``."""
+    options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    options._timeout = timeout
+    interface = os.environ.get("GLOO_SOCKET_IFNAME")
+    device = dist.ProcessGroupGloo.create_device(interface=interface) if interface else dist.ProcessGroupGloo.create_default_device()
+    options._devices = [device]
+    prefixed = dist.PrefixStore(f"clisonix-mesh/{worker_rank}/{generation}/", store)  # type: ignore[attr-defined]
+    return dist.ProcessGroupGloo(prefixed, 0 if edge else 1, 2, options)
+
+
+def end_connection(group: Any) -> None:
+    """End the edge's connection to the worker of ``group`` now: every wait on it, here and at the
+    worker, ends with torch.distributed's error. A Gloo wait that times out does this (the only
+    way Gloo offers), so this times out a receive that no message will ever complete."""
+    try:
+        _endpoint(group).recv([torch.empty(1, dtype=torch.uint8)], 1, _END_TAG).wait(datetime.timedelta(milliseconds=1))
+    except RuntimeError:
+        pass
 
 
 def _endpoint(group: Any) -> Any:
@@ -67,10 +103,10 @@ def _complete(work: Any, retired: deque[Any]) -> None:
 
 
 def _peer_of(group: Any, rank: int) -> int:
-    """``rank``'s rank inside ``group``: messages go through the group's own send/recv (see
-    :func:`_endpoint`), not ``dist.send``, whose per-call checks cost as much as the transfer of
-    a small message."""
-    return dist.get_group_rank(group, rank)
+    """``rank``'s rank inside ``group``, a group of the mesh (the edge is 0, the worker 1):
+    messages go through the group's own send/recv (see :func:`_endpoint`), not ``dist.send``,
+    whose per-call checks cost as much as the transfer of a small message."""
+    return 0 if rank == 0 else 1
 
 
 class Outbox:

@@ -6,14 +6,17 @@ allowlist's bounds; a malformed request gets one error reply and the worker keep
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from . import allowlist, wire
-from .transport import Inbox, Outbox, groups
+from .transport import REJOIN_ATTEMPT, Inbox, Outbox, generation_group, generation_key, groups
 
 DEFAULT_MAX_BYTES = 1 << 31  # per request, all tensors together
 
@@ -73,8 +76,11 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
 
     Call in every rank >= 1 after ``torch.distributed`` is initialised; ``clisonix-gpu worker``
     does both. ``max_bytes`` bounds one request's tensors; ``capacity`` overrides the relative
-    speed this worker announces (default: SM count on CUDA, else CPU cores). Raises
-    torch.distributed's ``RuntimeError`` when the edge's connection ends without a shutdown.
+    speed this worker announces (default: SM count on CUDA, else CPU cores). When the edge ends
+    the connection (a reply missed its deadline), the worker meets it again in a fresh group and
+    greets it anew: a worker that was only slow, or stopped, comes back. Raises
+    torch.distributed's ``RuntimeError`` when the edge is gone (its connection ends and it takes
+    no new one within ``CLISONIX_MESH_CONNECT_TIMEOUT`` seconds, default 600).
 
     Example, as the program of every rank >= 1 (what ``clisonix-gpu worker`` runs)::
 
@@ -86,14 +92,49 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
         dist.destroy_process_group()
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    group = groups(world)[rank]
-    inbox, outbox = Inbox(0, group), Outbox(0, group)  # receives posted before the hello
+    group, generation = groups(world)[rank], 0
     kind, own = device_and_capacity()
-    own = capacity or own
-    identity = identity_tensors()
-    outbox.send(wire.header(0, wire.HELLO, identity, (kind, int(1000 * own), os.getpid())), wire.Payload.of(identity))
+    greeting = (kind, int(1000 * (capacity or own)), os.getpid())
     device = "cuda" if kind else "cpu"
-    answered = 0
+    answered = [0]
+    while True:
+        inbox, outbox = Inbox(0, group), Outbox(0, group)  # receives posted before the hello
+        identity = identity_tensors()
+        outbox.send(wire.header(0, wire.HELLO, identity, greeting), wire.Payload.of(identity))
+        try:
+            _serve_connection(inbox, outbox, max_bytes, device, answered)
+            break
+        except RuntimeError as lost:  # the connection ended: the edge's doing (a missed deadline) or the edge is gone
+            group, generation = _meet_again(rank, generation, lost)
+    outbox.flush()
+    return answered[0]
+
+
+def _meet_again(rank: int, generation: int, lost: RuntimeError) -> tuple[Any, int]:
+    """The group of the next generation of this worker's connection, once the edge offers one;
+    ``lost`` raised again when the edge is gone (its store with it) or offers none within
+    ``CLISONIX_MESH_CONNECT_TIMEOUT`` seconds."""
+    store = dist.distributed_c10d._get_default_store()
+    until = time.monotonic() + float(os.environ.get("CLISONIX_MESH_CONNECT_TIMEOUT") or 600)
+    key = generation_key(rank)
+    while time.monotonic() < until:
+        try:
+            offered = int(store.get(key)) if store.check([key]) else 0
+        except RuntimeError:  # the store went with the edge
+            break
+        if offered > generation:
+            try:
+                timeout = datetime.timedelta(seconds=max(until - time.monotonic(), 1.0))
+                return generation_group(store, rank, offered, edge=False, timeout=min(timeout, REJOIN_ATTEMPT)), offered
+            except RuntimeError:  # the edge gave that generation up meanwhile: it offers the next
+                pass
+        time.sleep(0.05)
+    raise lost
+
+
+def _serve_connection(inbox: Inbox, outbox: Outbox, max_bytes: int, device: str, answered: list[int]) -> None:
+    """Answer the requests of one connection until shutdown (returns) or its end (torch.distributed's
+    ``RuntimeError``); adds each answered request to ``answered[0]``."""
     current: wire.Assembly | None = None  # the request whose chunks are arriving, and its op
     current_op: allowlist.Op | None = None
     rejected = None  # a request already answered with an error: its later chunks are dropped
@@ -114,7 +155,7 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
             continue
         code = words[wire.CODE_AT]
         if code == wire.SHUTDOWN and chunk == 0:
-            break
+            return
         if code == wire.PING and chunk == 0 and body is not None:  # a health check: answered at once, in order
             outbox.send(wire.header(request_id, wire.STATUS_OK, ()), wire.Payload([]))
             continue
@@ -135,7 +176,7 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
                 if words[wire.CHUNK_SIZE_AT] != total:
                     reject(request_id, f"chunk 0 of {words[wire.CHUNK_SIZE_AT]} bytes where chunk 0 of {total} bytes was due")
                     continue
-                answered += _answer(outbox, current_op, words, wire.unpack(body, specs, copy=False), device)
+                answered[0] += _answer(outbox, current_op, words, wire.unpack(body, specs, copy=False), device)
                 continue
             current = wire.Assembly(words, specs)
         try:
@@ -145,10 +186,8 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
             current = None
             continue
         if current.complete and current_op is not None:
-            answered += _answer(outbox, current_op, current.first, current.tensors, device)
+            answered[0] += _answer(outbox, current_op, current.first, current.tensors, device)
             current = None
-    outbox.flush()
-    return answered
 
 
 def _answer(outbox: Outbox, op: allowlist.Op, words: list[int], tensors: list[torch.Tensor], device: str) -> int:
