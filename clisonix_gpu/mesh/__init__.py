@@ -9,7 +9,7 @@ The package, file by file:
 * ``transport``: messages between two ranks over torch.distributed, receives posted ahead,
   deadlines that never run into a Gloo timeout.
 * ``worker``: the serving loop of ranks >= 1 (:func:`serve`).
-* ``edge``: rank 0's :class:`Mesh`: load spreading, deadlines, health checks, failover.
+* ``edge``: rank 0's :class:`Mesh`: load spreading, deadlines, re-admission, failover.
 * ``launch``: :func:`connect`, ``clisonix-gpu worker`` and the torchrun launch.
 
 Security: torch.distributed has no authentication or encryption. The mesh listens on 127.0.0.1

@@ -83,7 +83,7 @@ OPS: dict[int, Op] = {
     ),
 }
 OP_IDS = {op.name: i for i, op in OPS.items()}
-assert not {wire.SHUTDOWN, wire.HELLO, wire.PING} & set(OPS), "op ids must not collide with control codes"
+assert not {wire.SHUTDOWN, wire.HELLO} & set(OPS), "op ids must not collide with control codes"
 
 
 def encode_request(op: str, tensors: Sequence[Any], params: dict[str, Any]) -> tuple[int, list[int]]:

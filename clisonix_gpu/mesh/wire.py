@@ -51,7 +51,7 @@ SPECS_AT = PARAMS_AT + MAX_PARAMS
 SPEC_WORDS = 2 + MAX_NDIM  # dtype code, ndim, shape padded with zeros
 
 # control codes of requests (edge to worker) and of the worker's greeting; op ids start above them
-SHUTDOWN, HELLO, PING = 0, 1, 9
+SHUTDOWN, HELLO = 0, 1
 STATUS_OK, STATUS_BAD_REQUEST, STATUS_OP_FAILED = 0, 1, 2
 
 HEADER_BYTES = HEADER_WORDS * 8

@@ -156,9 +156,6 @@ def _serve_connection(inbox: Inbox, outbox: Outbox, max_bytes: int, device: str,
         code = words[wire.CODE_AT]
         if code == wire.SHUTDOWN and chunk == 0:
             return
-        if code == wire.PING and chunk == 0 and body is not None:  # a health check: answered at once, in order
-            outbox.send(wire.header(request_id, wire.STATUS_OK, ()), wire.Payload([]))
-            continue
         if body is None:
             reject(request_id, f"truncated message: chunk {chunk} is shorter than its {words[wire.CHUNK_SIZE_AT]} bytes")
             continue
