@@ -378,14 +378,14 @@ class Mesh:
                     raise _WorkerGone
                 if worker.reader is None:
                     worker.reader = request_id  # this caller's turn: the watcher keeps its deadline (_watch)
-                    generation = worker.generation
+                    generation, inbox = worker.generation, worker.inbox  # a later connection is not this turn's
                     break
                 cond.wait(left)
         try:
             while True:
                 # The inbox is this caller's alone until its turn ends; a message's tensors are
                 # copies, and its buffer is posted again at the next receive, off this path.
-                reply = self._receive_one(worker)
+                reply = self._receive_one(worker, inbox)
                 with cond:
                     worker.progress_at = time.monotonic()
                     if reply is not None:
@@ -407,8 +407,8 @@ class Mesh:
             self._connection_lost(worker, generation, exc)
             raise _WorkerGone from exc
         finally:
-            with cond:
-                if worker.reader == request_id:
+            if worker.reader == request_id:  # still this caller's turn (only its holder ends a turn)
+                with cond:
                     worker.reader = None
                     cond.notify_all()
 
@@ -510,10 +510,10 @@ class Mesh:
     # -- the health watcher
 
     @staticmethod
-    def _receive_one(worker: WorkerLink) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:
+    def _receive_one(worker: WorkerLink, inbox: Inbox) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:
         """Read one message of ``worker``: ``(request id, (status, tensors))`` when it completes a
         reply, else None; ``ConnectionError`` when the worker is out of step."""
-        words, body = worker.inbox.receive()
+        words, body = inbox.receive()
         if words[wire.MAGIC_AT] != wire.MAGIC or words[wire.VERSION_AT] != wire.VERSION or body is None:
             raise ConnectionError(f"malformed reply from worker {worker.rank}")
         try:
