@@ -100,8 +100,8 @@ def serve(*, max_bytes: int = DEFAULT_MAX_BYTES, capacity: float | None = None) 
     while True:
         inbox, outbox = Inbox(0, group), Outbox(0, group)  # receives posted before the hello
         identity = identity_tensors()
-        outbox.send(wire.header(0, wire.HELLO, identity, greeting), wire.Payload.of(identity))
         try:
+            outbox.send(wire.header(0, wire.HELLO, identity, greeting), wire.Payload.of(identity))
             _serve_connection(inbox, outbox, max_bytes, device, answered)
             break
         except RuntimeError as lost:  # the connection ended: the edge's doing (a missed deadline) or the edge is gone
