@@ -372,7 +372,7 @@ class Mesh:
                     return self._take_reply_locked(worker, request_id)
                 if worker.state != UP:
                     raise _WorkerGone
-                left = max(worker.progress_at, sent_at) + self.timeout - time.monotonic()
+                left = self._time_left(worker, sent_at)
                 if left <= 0:
                     self._stall_locked(worker, f"no reply to request {request_id} within {self.timeout} s of work")
                     raise _WorkerGone
@@ -388,21 +388,22 @@ class Mesh:
                 reply = self._receive_one(worker, inbox)
                 with cond:
                     worker.progress_at = time.monotonic()
-                    if reply is not None:
-                        replied, answer = reply
-                        if replied in worker.awaited:
-                            worker.replies[replied] = answer
-                        else:
-                            worker.late_replies += 1
-                        if replied == request_id:
-                            worker.reader = None
-                            taken = self._take_reply_locked(worker, request_id)  # notifies: a waiting caller reads next
-                        else:
-                            cond.notify_all()
-                if reply is not None:
-                    worker.outbox.acknowledge(reply[0])  # the request reached the worker: its send buffer is free
-                    if reply[0] == request_id:
-                        return taken
+                    if reply is None:  # a chunk of a longer reply
+                        continue
+                    replied, answer = reply
+                    if replied in worker.awaited:
+                        worker.replies[replied] = answer
+                    else:
+                        worker.late_replies += 1
+                    mine = replied == request_id
+                    if mine:
+                        worker.reader = None
+                        taken = self._take_reply_locked(worker, request_id)  # notifies: a waiting caller reads next
+                    else:
+                        cond.notify_all()
+                worker.outbox.acknowledge(replied)  # the request reached the worker: its send buffer is free
+                if mine:
+                    return taken
         except Exception as exc:
             self._connection_lost(worker, generation, exc)
             raise _WorkerGone from exc
@@ -411,6 +412,11 @@ class Mesh:
                 with cond:
                     worker.reader = None
                     cond.notify_all()
+
+    def _time_left(self, worker: WorkerLink, sent_at: float) -> float:
+        """Seconds until a request sent at ``sent_at`` misses its deadline: its clock starts when
+        it is sent or when the worker last answered anything, whichever is later."""
+        return max(worker.progress_at, sent_at) + self.timeout - time.monotonic()
 
     def _take_reply_locked(self, worker: WorkerLink, request_id: int) -> tuple[int, list[torch.Tensor]]:
         status, results = worker.replies.pop(request_id)
@@ -434,7 +440,7 @@ class Mesh:
         def give_up() -> BaseException | None:
             if worker.state != UP:
                 return _WorkerGone()
-            if time.monotonic() > max(worker.progress_at, sent_at) + self.timeout:
+            if self._time_left(worker, sent_at) < 0:
                 with worker.cond:
                     self._stall_locked(worker, f"a send to it made no progress within {self.timeout} s")
                 return _WorkerGone()
@@ -540,15 +546,14 @@ class Mesh:
         past its deadline is stalled (the reader's wait cannot end by itself)."""
         while not self._stop.wait(HEALTH_INTERVAL):
             for w in self._workers:
-                if w.state != UP:
+                if w.state == DEAD:
                     continue
                 gone = self._process_gone(w)
                 with w.cond:
                     if gone:
                         self._set_state_locked(w, DEAD, gone)
-                    elif w.reader is not None and w.awaited:
-                        oldest = min(w.awaited.values())
-                        if time.monotonic() > max(w.progress_at, oldest) + self.timeout:
+                    elif w.state == UP and w.reader is not None and w.awaited:
+                        if self._time_left(w, min(w.awaited.values())) < 0:
                             self._stall_locked(w, f"no reply within {self.timeout} s of work")
 
     def _process_gone(self, worker: WorkerLink) -> str | None:

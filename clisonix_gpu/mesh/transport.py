@@ -303,7 +303,7 @@ class Inbox:
     def receive(self) -> tuple[list[int], np.ndarray | None]:
         # Buffers are posted again here, not right after a message arrives: one receive stays
         # posted meanwhile, and posting is then off the path from a message to its answer
-        # (a worker has replied by now; the edge's reader calls ``release`` before its handoff).
+        # (a worker has replied by now; the edge's reader has sent its next request).
         self.release()
         index, work = self._posted[0]
         _complete(work, self._retired)
