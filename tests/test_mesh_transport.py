@@ -116,3 +116,45 @@ def test_flush_waits_for_every_send_and_gives_up_on_time(outbox):
         work.deliver()
     box.flush(lambda: TimeoutError("flush after delivery") if time.monotonic() > until + 5 else None)
     assert all(work.waits == 1 for work in group.sends)
+
+
+class FakeReceives:
+    """Receives that complete at once with the next of ``messages``, copied into the posted buffer."""
+
+    def __init__(self, messages: list[np.ndarray]):
+        self.messages = list(messages)
+
+    def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> FakeReceives:
+        target, message = tensors[0].numpy(), self.messages.pop(0) if self.messages else np.zeros(0, np.uint8)
+        target[: message.size] = message
+        return self
+
+    def wait(self) -> bool:
+        return True
+
+
+def test_inbox_views_read_each_message_in_place_and_never_serve_a_copy_twice(monkeypatch):
+    """A worker's one-message request: the op reads views of the receive buffer, made once per
+    buffer and specs. Tensors whose offsets do not suit their dtype are copies, made anew for
+    every message (a kept copy would show an earlier message's values)."""
+    monkeypatch.setattr(transport, "_peer_of", lambda group, rank: 1)
+    rng = np.random.default_rng(11)
+    aligned = [torch.from_numpy(rng.standard_normal(7, dtype=np.float32)) for _ in range(8)]
+    # a 3-byte uint8 tensor first puts the float64 tensor after it at an odd offset: a copy
+    misaligned = [(torch.arange(3, dtype=torch.uint8) + i, torch.full((2,), float(i), dtype=torch.float64)) for i in range(8)]
+    messages = [wire.encode(i, 7, (t,))[0] for i, t in enumerate(aligned)] + [wire.encode(i, 7, pair)[0] for i, pair in enumerate(misaligned)]
+    inbox = transport.Inbox(0, FakeReceives(messages))
+    seen: dict[int, list[torch.Tensor]] = {}
+    for expected in [(t,) for t in aligned] + misaligned:
+        words, body = inbox.receive()
+        specs, _ = wire.decode_specs(words, 1 << 20)
+        got = inbox.views(body, specs)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g.dtype == e.dtype and torch.equal(g, e)
+        if len(expected) == 1:  # in place: the same view objects for the same buffer
+            again = seen.setdefault(got[0].data_ptr(), got)
+            assert again is got
+        else:
+            assert got[1].data_ptr() not in {t.data_ptr() for views in seen.values() for t in views}
+    assert len(seen) == transport.POSTED_RECEIVES + 1  # one entry per buffer the messages went through

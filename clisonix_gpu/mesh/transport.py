@@ -127,8 +127,7 @@ class Outbox:
 
     def __init__(self, dst: int, group: Any, *, deadlines: bool = False):
         self._group, self._peer = _endpoint(group), _peer_of(group, dst)
-        self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES)]
-        self._tensors = [torch.from_numpy(b) for b in self._buffers]  # the same memory, made once
+        self._buffers = [wire.MessageBuffer(np.empty(MESSAGE_BYTES, dtype=np.uint8)) for _ in range(POSTED_RECEIVES)]
         self._free = deque(range(POSTED_RECEIVES))
         # sends not known to be complete, oldest first: (buffer, message number, request id, chunk, work)
         self._sending: deque[tuple[int, int, int, int, Any]] = deque()
@@ -174,7 +173,7 @@ class Outbox:
             if span is None:  # a service repeats a few message lengths: their views are kept
                 if len(self._spans) >= 256:
                     self._spans.clear()
-                span = self._spans[index, length] = self._tensors[index][:length]
+                span = self._spans[index, length] = self._buffers[index].tensor[:length]
             work = self._group.send([span], self._peer, 0)
             self._numbered += 1
             entry = (index, self._numbered, words[wire.REQUEST_ID_AT], chunk, work)
@@ -287,18 +286,19 @@ class Inbox:
 
     def __init__(self, src: int, group: Any):
         self._group, self._peer = _endpoint(group), _peer_of(group, src)
-        self._buffers = [np.empty(MESSAGE_BYTES, dtype=np.uint8) for _ in range(POSTED_RECEIVES + 1)]
-        self._tensors = [torch.from_numpy(b) for b in self._buffers]
+        self._buffers = [wire.MessageBuffer(np.empty(MESSAGE_BYTES, dtype=np.uint8)) for _ in range(POSTED_RECEIVES + 1)]
         self._free = deque(range(POSTED_RECEIVES + 1))
         self._posted: deque[tuple[int, Any]] = deque()
         self._held: int | None = None
         self._retired: deque[Any] = deque(maxlen=RETIRED_WORKS)
+        # per buffer: views of its bytes by the specs they were made for (see ``views``)
+        self._views: list[dict[int, tuple[list[wire.TensorSpec], list[torch.Tensor]]]] = [{} for _ in self._buffers]
         while len(self._posted) < POSTED_RECEIVES:
             self._post()
 
     def _post(self) -> None:
         index = self._free.popleft()
-        self._posted.append((index, self._group.recv([self._tensors[index]], self._peer, 0)))
+        self._posted.append((index, self._group.recv([self._buffers[index].tensor], self._peer, 0)))
 
     def receive(self) -> tuple[list[int], np.ndarray | None]:
         # Buffers are posted again here, not right after a message arrives: one receive stays
@@ -310,6 +310,23 @@ class Inbox:
         self._posted.popleft()
         self._held = index
         return wire.parse(self._buffers[index])
+
+    def views(self, body: np.ndarray, specs: list[wire.TensorSpec]) -> list[torch.Tensor]:
+        """:func:`wire.unpack` of the last message's ``body`` without copies. A service repeats a
+        few signatures, and messages land in a few buffers: the views of a buffer for ``specs``
+        (an object :func:`wire.decode_specs` keeps) are made once and handed out again; they are
+        read before the buffer takes its next message, and an op never writes its inputs."""
+        assert self._held is not None
+        cache = self._views[self._held]
+        found = cache.get(id(specs))
+        if found is not None and found[0] is specs:  # the same object: an entry holds it, so its id is never reused
+            return found[1]
+        tensors = wire.unpack(body, specs, copy=False)
+        if wire.unpacks_in_place(specs):
+            if len(cache) >= 64:
+                cache.clear()
+            cache[id(specs)] = (specs, tensors)
+        return tensors
 
     def release(self) -> None:
         """Done with the last message's bytes: its buffer is posted again."""

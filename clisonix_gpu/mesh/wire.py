@@ -63,8 +63,7 @@ TRAILER_BYTES = TRAILER_WORDS * 8
 HEADER_STRUCT = struct.Struct(f"={HEADER_WORDS}q")
 CHUNK_STRUCT = struct.Struct("=2q")  # the chunk index and size words, CHUNK_AT and CHUNK_SIZE_AT
 TRAILER_STRUCT = struct.Struct(f"={TRAILER_WORDS}q")
-_ZERO_HEADER = np.zeros(HEADER_BYTES, dtype=np.uint8)
-_ZERO_TRAILER = np.zeros(TRAILER_BYTES, dtype=np.uint8)
+_ZERO_HEADER, _ZERO_TRAILER, _ZERO_PAD = bytes(HEADER_BYTES), bytes(TRAILER_BYTES), bytes(8)
 # A request up to 4 MiB (a 1024^2 float32 image) is one message each way. Posted buffers stay
 # virtual memory until messages fill them, so small messages touch only their first pages.
 CHUNK_BYTES = 4 << 20
@@ -149,10 +148,7 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
     contiguous (then a copy's). Read through the data pointer, which also costs less than
     ``Tensor.numpy()``: that marks the storage not resizable for good, a change to the caller's
     tensor. The array holds the tensor alive."""
-    if not t.is_cpu:
-        t = t.detach().cpu()
-    if not t.is_contiguous():
-        t = t.detach().contiguous()
+    t = _readable(t)
     nbytes = t.numel() * t.element_size()
     if nbytes == 0:
         return np.empty(0, dtype=np.uint8)
@@ -161,54 +157,80 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
     return np.frombuffer(memoryview(memory).cast("B"), dtype=np.uint8)
 
 
-class Payload:
-    """The raw bytes of some tensors as one address space, without copies of CPU tensors:
-    requests and replies are cut into chunks from it (``read``) and put back into it (``write``).
-    Byte work goes through NumPy views: per call, they cost a fraction of torch ops."""
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself where its bytes can be read in place (a contiguous CPU tensor), else a copy that can."""
+    if not t.is_cpu:
+        t = t.detach().cpu()
+    if not t.is_contiguous():
+        t = t.detach().contiguous()
+    return t
 
-    __slots__ = ("parts", "total", "_starts")
+
+class MessageBuffer:
+    """A buffer that messages are built in or received into, with what each message's work needs
+    made once: its bytes as a memoryview (``struct`` packs and unpacks through it), its address
+    (payload bytes move by ``memmove``) and a tensor of the same memory (what Gloo sends or fills)."""
+
+    __slots__ = ("array", "view", "address", "tensor")
+
+    def __init__(self, array: np.ndarray):
+        self.array = array  # flat uint8, 8-byte aligned
+        self.view = array.data
+        self.address = array.ctypes.data
+        self.tensor = torch.from_numpy(array)
+
+
+class Payload:
+    """The raw bytes of some tensors or arrays as one address space, without copies of contiguous
+    CPU tensors: requests and replies are cut into chunks from it (``read``) and put back into it
+    (``write``). Bytes move by ``memmove`` between addresses taken once per part: no NumPy view
+    of a tensor is made per request. A payload holds its parts alive."""
+
+    __slots__ = ("addresses", "sizes", "total", "_keep")
 
     def __init__(self, parts: Sequence[np.ndarray]):
-        self.parts = parts
-        self.total = sum(part.size for part in parts) if len(parts) != 1 else parts[0].size
-        self._starts: list[int] | None = None  # where each part begins: made when first needed
+        """``parts``: C-contiguous arrays, their bytes in order."""
+        self._keep: Sequence[np.ndarray | torch.Tensor] = parts
+        self.addresses = [part.ctypes.data for part in parts]
+        self.sizes = [part.nbytes for part in parts]
+        self.total = sum(self.sizes)
 
     @classmethod
     def of(cls, tensors: Sequence[torch.Tensor]) -> Payload:
-        return cls([byte_view(t) for t in tensors])
+        payload = cls.__new__(cls)
+        parts = [_readable(t) for t in tensors]
+        payload._keep = parts
+        payload.addresses = [t.data_ptr() for t in parts]
+        payload.sizes = [t.numel() * t.element_size() for t in parts]
+        payload.total = sum(payload.sizes)
+        return payload
 
-    @property
-    def starts(self) -> list[int]:
-        if self._starts is None:
-            self._starts = [0]
-            for part in self.parts:
-                self._starts.append(self._starts[-1] + part.size)
-        return self._starts
-
-    def _spans(self, offset: int, n: int) -> Iterator[tuple[np.ndarray, int]]:
-        """(piece of a part, its start in the range) covering bytes [offset, offset + n)."""
-        for part, start in zip(self.parts, self.starts):
-            lo, hi = max(offset, start), min(offset + n, start + part.size)
+    def _spans(self, offset: int, n: int) -> Iterator[tuple[int, int, int]]:
+        """(address in a part, its start in the range, bytes) covering bytes [offset, offset + n)."""
+        start = 0
+        for address, size in zip(self.addresses, self.sizes):
+            lo, hi = max(offset, start), min(offset + n, start + size)
             if lo < hi:
-                yield part[lo - start : hi - start], lo - offset
+                yield address + lo - start, lo - offset, hi - lo
+            start += size
 
-    def read(self, offset: int, out: np.ndarray) -> None:
-        if len(self.parts) == 1:  # the common case, without the span walk
-            out[:] = self.parts[0][offset : offset + out.size]
+    def read(self, offset: int, address: int, n: int) -> None:
+        """Copy bytes [offset, offset + n) to ``address``."""
+        if len(self.sizes) == 1:  # the common case, without the span walk
+            if n:
+                ctypes.memmove(address, self.addresses[0] + offset, n)
             return
-        for piece, at in self._spans(offset, out.size):
-            out[at : at + piece.size] = piece
+        for source, at, size in self._spans(offset, n):
+            ctypes.memmove(address + at, source, size)
 
-    def write(self, offset: int, data: np.ndarray) -> None:
-        if len(self.parts) == 1:
-            self.parts[0][offset : offset + data.size] = data
+    def write(self, offset: int, address: int, n: int) -> None:
+        """Copy ``n`` bytes from ``address`` to bytes [offset, offset + n)."""
+        if len(self.sizes) == 1:
+            if n:
+                ctypes.memmove(self.addresses[0] + offset, address, n)
             return
-        for piece, at in self._spans(offset, data.size):
-            piece[:] = data[at : at + piece.size]
-
-
-def pad8(n: int) -> int:
-    return cdiv(n, 8) * 8
+        for target, at, size in self._spans(offset, n):
+            ctypes.memmove(target, address + at, size)
 
 
 def n_chunks(total: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -216,17 +238,20 @@ def n_chunks(total: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(1, cdiv(total, chunk_bytes))
 
 
-def fill(buffer: np.ndarray, words: Sequence[int], chunk: int, payload: Payload, chunk_bytes: int = CHUNK_BYTES) -> int:
+def fill(buffer: MessageBuffer | np.ndarray, words: list[int], chunk: int, payload: Payload, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Write message ``chunk`` of a request or reply into ``buffer`` (at least
-    ``message_bytes(chunk_bytes)``, 8-byte aligned); returns the message's length in bytes."""
+    ``message_bytes(chunk_bytes)``, 8-byte aligned); returns the message's length in bytes.
+    Sets the chunk fields of ``words``."""
+    if not isinstance(buffer, MessageBuffer):
+        buffer = MessageBuffer(buffer)
     size = min(chunk_bytes, payload.total - chunk * chunk_bytes)
-    HEADER_STRUCT.pack_into(buffer.data, 0, *words)
-    CHUNK_STRUCT.pack_into(buffer.data, CHUNK_AT * 8, chunk, size)
-    payload.read(chunk * chunk_bytes, buffer[HEADER_BYTES : HEADER_BYTES + size])
-    end = HEADER_BYTES + pad8(size)
+    words[CHUNK_AT], words[CHUNK_SIZE_AT] = chunk, size
+    HEADER_STRUCT.pack_into(buffer.view, 0, *words)
+    payload.read(chunk * chunk_bytes, buffer.address + HEADER_BYTES, size)
+    end = HEADER_BYTES + ((size + 7) & -8)  # the payload padded to 8 bytes
     if end > HEADER_BYTES + size:
-        buffer[HEADER_BYTES + size : end] = 0
-    TRAILER_STRUCT.pack_into(buffer.data, end, TRAILER_MAGIC, words[REQUEST_ID_AT], chunk, size)
+        buffer.view[HEADER_BYTES + size : end] = _ZERO_PAD[: end - HEADER_BYTES - size]
+    TRAILER_STRUCT.pack_into(buffer.view, end, TRAILER_MAGIC, words[REQUEST_ID_AT], chunk, size)
     return end + TRAILER_BYTES
 
 
@@ -243,23 +268,26 @@ def encode(
     return messages
 
 
-def parse(buffer: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[int], np.ndarray | None]:
+def parse(buffer: MessageBuffer | np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[int], np.ndarray | None]:
     """``(header words, chunk bytes)`` of the message at the start of ``buffer`` (8-byte aligned,
     at least a header long); the bytes are a view of ``buffer``, and ``None`` when the trailer does
     not match the header (the message is shorter than its header says). The header and trailer
     words are zeroed afterwards, so that a later, shorter message in the same buffer cannot show
     them as its own."""
-    words = list(HEADER_STRUCT.unpack_from(buffer.data, 0))
-    buffer[:HEADER_BYTES] = _ZERO_HEADER
+    if not isinstance(buffer, MessageBuffer):
+        buffer = MessageBuffer(buffer)
+    view = buffer.view
+    words = list(HEADER_STRUCT.unpack_from(view, 0))
+    view[:HEADER_BYTES] = _ZERO_HEADER
     size = words[CHUNK_SIZE_AT]
     if not 0 <= size <= chunk_bytes:
         return words, None
-    at = HEADER_BYTES + pad8(size)
-    if at + TRAILER_BYTES > buffer.size:
+    at = HEADER_BYTES + ((size + 7) & -8)  # the payload padded to 8 bytes
+    if at + TRAILER_BYTES > len(view):
         return words, None
-    intact = TRAILER_STRUCT.unpack_from(buffer.data, at) == (TRAILER_MAGIC, words[REQUEST_ID_AT], words[CHUNK_AT], size)
-    buffer[at : at + TRAILER_BYTES] = _ZERO_TRAILER
-    return words, buffer[HEADER_BYTES : HEADER_BYTES + size] if intact else None
+    intact = TRAILER_STRUCT.unpack_from(view, at) == (TRAILER_MAGIC, words[REQUEST_ID_AT], words[CHUNK_AT], size)
+    view[at : at + TRAILER_BYTES] = _ZERO_TRAILER
+    return words, buffer.array[HEADER_BYTES : HEADER_BYTES + size] if intact else None
 
 
 def tensor_of(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -270,16 +298,31 @@ def tensor_of(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 def unpack(body: np.ndarray, specs: list[TensorSpec], copy: bool) -> list[torch.Tensor]:
     """The tensors of ``specs`` laid back to back in one message's ``body``: views of it where
-    ``copy`` is False and a tensor's offset suits its dtype, else copies."""
+    ``copy`` is False and a tensor's offset suits its dtype (:func:`_in_place`), else copies."""
     tensors, offset = [], 0
     for dtype, shape in specs:
         size = math.prod(shape) * ITEMSIZE[dtype]
         part = body[offset : offset + size]
-        if copy or offset % ITEMSIZE[dtype]:
+        if copy or not _in_place(offset, dtype):
             part = part.copy()
         tensors.append(tensor_of(part.view(NUMPY_DTYPE[dtype]).reshape(shape), dtype))
         offset += size
     return tensors
+
+
+def _in_place(offset: int, dtype: torch.dtype) -> bool:
+    """Can a tensor of ``dtype`` at ``offset`` in a body be a view of it (the body is 8-byte aligned)?"""
+    return offset % ITEMSIZE[dtype] == 0
+
+
+def unpacks_in_place(specs: list[TensorSpec]) -> bool:
+    """Does :func:`unpack` without ``copy`` give views for every tensor of ``specs``?"""
+    offset = 0
+    for dtype, shape in specs:
+        if not _in_place(offset, dtype):
+            return False
+        offset += math.prod(shape) * ITEMSIZE[dtype]
+    return True
 
 
 class Assembly:
@@ -290,7 +333,7 @@ class Assembly:
         self.chunk_bytes = chunk_bytes
         arrays = [np.empty(shape, dtype=NUMPY_DTYPE[dtype]) for dtype, shape in specs]
         self.tensors = [tensor_of(a, dtype) for a, (dtype, _) in zip(arrays, specs)]
-        self._bytes = Payload([a.reshape(-1).view(np.uint8) for a in arrays])
+        self._bytes = Payload(arrays)
         self.total = self._bytes.total
         self.n_chunks = n_chunks(self.total, chunk_bytes)
         self.next_chunk = 0
@@ -311,5 +354,5 @@ class Assembly:
             raise ValueError(f"chunk {chunk} of {size} bytes where chunk {self.next_chunk} of {expected} bytes was due")
         if chunk and (words[:CHUNK_AT] != self.first[:CHUNK_AT] or words[PARAMS_AT:] != self.first[PARAMS_AT:]):
             raise ValueError(f"chunk {chunk} changes the header of request {self.request_id}")
-        self._bytes.write(chunk * self.chunk_bytes, body)
+        self._bytes.write(chunk * self.chunk_bytes, body.ctypes.data, size)
         self.next_chunk += 1

@@ -173,7 +173,7 @@ def _serve_connection(inbox: Inbox, outbox: Outbox, max_bytes: int, device: str,
                 if words[wire.CHUNK_SIZE_AT] != total:
                     reject(request_id, f"chunk 0 of {words[wire.CHUNK_SIZE_AT]} bytes where chunk 0 of {total} bytes was due")
                     continue
-                answered[0] += _answer(outbox, current_op, words, wire.unpack(body, specs, copy=False), device)
+                answered[0] += _answer(outbox, current_op, words, inbox.views(body, specs), device)
                 continue
             current = wire.Assembly(words, specs)
         try:
