@@ -72,7 +72,8 @@ class _WorkerGone(Exception):
 
 @dataclasses.dataclass(eq=False)
 class WorkerLink:
-    """The edge's state for one worker. ``cond`` guards every field from ``state`` on."""
+    """The edge's state for one worker. ``lock`` guards every field from ``state`` on; ``cond``
+    (over ``lock``) is what callers wait on."""
 
     rank: int
     group: Any
@@ -84,7 +85,8 @@ class WorkerLink:
     outbox: Outbox
     process: subprocess.Popen[bytes] | None = None  # when the edge started it
     send_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    cond: threading.Condition = dataclasses.field(default_factory=lambda: threading.Condition(threading.Lock()))
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    cond: threading.Condition = dataclasses.field(init=False)  # over ``lock``: hot paths take the lock itself (no Python frames)
     state: str = UP
     in_flight: int = 0  # at most Mesh.max_in_flight: callers beyond wait for a slot (back-pressure)
     peak_in_flight: int = 0
@@ -99,6 +101,9 @@ class WorkerLink:
     awaited: dict[int, float] = dataclasses.field(default_factory=dict)  # request ids whose callers wait: when each was sent
     replies: dict[int, tuple[int, list[torch.Tensor]]] = dataclasses.field(default_factory=dict)
     assembly: wire.Assembly | None = None  # a reply whose chunks are arriving (its reader only)
+
+    def __post_init__(self) -> None:
+        self.cond = threading.Condition(self.lock)
 
     @property
     def alive(self) -> bool:
@@ -290,7 +295,7 @@ class Mesh:
         self._check_open()
         tensors = tuple(t for t in tensors if t is not None)
         op_id, values = self._encode_request(op, tensors, params)
-        home = tensors[0].device
+        on_cpu = tensors[0].is_cpu
         payload = wire.Payload.of(tensors)  # once, before any worker is tried: a failure here is the caller's
         words = wire.header(0, op_id, tensors, values)  # each try sets its own request id
         tried: set[int] = set()
@@ -306,7 +311,7 @@ class Mesh:
             except Exception as exc:  # the connection failed under a send
                 self._connection_lost(worker, generation, exc)
                 continue
-            return tuple(results) if home.type == "cpu" else tuple(t.to(home) for t in results)
+            return tuple(results) if on_cpu else tuple(t.to(tensors[0].device) for t in results)
         self._check_open()
         if self.fallback == "raise":
             raise MeshError(f"no live worker could run {op}; workers: {self.status()}")
@@ -340,8 +345,8 @@ class Mesh:
 
     def _call(self, worker: WorkerLink, words: list[int], payload: wire.Payload) -> list[torch.Tensor]:
         request_id = words[wire.REQUEST_ID_AT] = next(self._ids)
-        cond = worker.cond
-        with cond:
+        lock, cond = worker.lock, worker.cond
+        with lock:
             while worker.state == UP and worker.in_flight >= self.max_in_flight:
                 cond.wait()  # back-pressure: the edge's own queue, not the worker's time (no deadline)
             if worker.state != UP:
@@ -354,7 +359,7 @@ class Mesh:
             self._send(worker, words, payload, sent_at)
             status, results = self._await_reply(worker, request_id, sent_at)
         except BaseException:
-            with cond:
+            with lock:
                 self._free_slot_locked(worker, request_id)
             raise
         if status != wire.STATUS_OK:
@@ -365,8 +370,8 @@ class Mesh:
         """(status, tensors) of the reply to ``request_id``, sent at ``sent_at``; frees its slot.
         Receives the worker's messages while no other caller does (see the module's docstring);
         ``_WorkerGone`` once the worker leaves ``up``, or misses the deadline."""
-        cond = worker.cond
-        with cond:
+        lock, cond = worker.lock, worker.cond
+        with lock:
             while True:
                 if request_id in worker.replies:
                     return self._take_reply_locked(worker, request_id)
@@ -386,7 +391,7 @@ class Mesh:
                 # The inbox is this caller's alone until its turn ends; a message's tensors are
                 # copies, and its buffer is posted again at the next receive, off this path.
                 reply = self._receive_one(worker, inbox)
-                with cond:
+                with lock:
                     worker.progress_at = time.monotonic()
                     if reply is None:  # a chunk of a longer reply
                         continue
@@ -409,7 +414,7 @@ class Mesh:
             raise _WorkerGone from exc
         finally:
             if worker.reader == request_id:  # still this caller's turn (only its holder ends a turn)
-                with cond:
+                with lock:
                     worker.reader = None
                     cond.notify_all()
 
@@ -426,7 +431,7 @@ class Mesh:
 
     @staticmethod
     def _free_slot_locked(worker: WorkerLink, request_id: int) -> None:
-        """Holding ``worker.cond``: request ``request_id`` no longer occupies a slot or waits for a
+        """Holding ``worker.lock``: request ``request_id`` no longer occupies a slot or waits for a
         reply (a late one is dropped). Idempotent."""
         if worker.awaited.pop(request_id, None) is not None:
             worker.in_flight -= 1
@@ -441,7 +446,7 @@ class Mesh:
             if worker.state != UP:
                 return _WorkerGone()
             if self._time_left(worker, sent_at) < 0:
-                with worker.cond:
+                with worker.lock:
                     self._stall_locked(worker, f"a send to it made no progress within {self.timeout} s")
                 return _WorkerGone()
             return None
@@ -458,7 +463,7 @@ class Mesh:
     def _connection_lost(self, worker: WorkerLink, generation: int, exc: Exception) -> None:
         """The connection of ``generation`` failed under a send or a receive: the worker is dead,
         unless the edge ended that connection itself (the worker is then stalled, or back)."""
-        with worker.cond:
+        with worker.lock:
             if worker.generation == generation and worker.state == UP:
                 reason = "the mesh is closed" if self._closed else f"connection lost: {type(exc).__name__}: {exc}"
                 self._set_state_locked(worker, DEAD, reason)
@@ -475,7 +480,7 @@ class Mesh:
         worker.cond.notify_all()
 
     def _stall_locked(self, worker: WorkerLink, reason: str) -> None:
-        """Holding ``worker.cond``: a worker that is up missed a deadline. It is stalled; its
+        """Holding ``worker.lock``: a worker that is up missed a deadline. It is stalled; its
         connection ends and the next generation is offered to it (:meth:`_reconnect`)."""
         if worker.state != UP:
             return
@@ -502,7 +507,7 @@ class Mesh:
                 end_connection(group)
                 continue
             outbox = Outbox(worker.rank, group, deadlines=True)
-            with worker.cond:
+            with worker.lock:
                 if self._closed or worker.state == DEAD:
                     break
                 worker.group, worker.inbox, worker.outbox = group, inbox, outbox
@@ -549,7 +554,7 @@ class Mesh:
                 if w.state == DEAD:
                     continue
                 gone = self._process_gone(w)
-                with w.cond:
+                with w.lock:
                     if gone:
                         self._set_state_locked(w, DEAD, gone)
                     elif w.state == UP and w.reader is not None and w.awaited:

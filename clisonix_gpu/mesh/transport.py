@@ -134,7 +134,8 @@ class Outbox:
         self._numbered = 0  # messages sent so far: a message's number is its position
         self._delivered = 0  # messages numbered up to this one are known to have reached the peer
         self._spans: dict[tuple[int, int], torch.Tensor] = {}  # message tensors by (buffer, length)
-        self._cond: threading.Condition | None = None
+        self._lock = threading.Lock()
+        self._cond: threading.Condition | None = None  # deadline mode, over ``_lock`` (taken itself on the send path)
         self._waiting = 0  # senders waiting for a buffer (deadline mode)
         self._flushing = 0  # callers of ``flush`` waiting (deadline mode)
         self._completing = False  # the thread is waiting for a send it took off ``_sending``
@@ -142,7 +143,7 @@ class Outbox:
         self._error: BaseException | None = None
         self._closed = False
         if deadlines:
-            self._cond = threading.Condition()
+            self._cond = threading.Condition(self._lock)
             threading.Thread(target=self._complete_sends, name=f"mesh-sends-{dst}", daemon=True).start()
 
     def _take(self, give_up: GiveUp | None) -> int:
@@ -152,7 +153,7 @@ class Outbox:
             index, *_, work = self._sending.popleft()
             _complete(work, self._retired)
             return index
-        with self._cond:
+        with self._lock:
             self._reclaim_locked()
             if not self._free:
                 self._waiting += 1
@@ -184,7 +185,7 @@ class Outbox:
                     _complete(work, self._retired)
                     self._free.append(index)
             else:
-                with self._cond:
+                with self._lock:
                     self._sending.append(entry)
 
     def acknowledge(self, request_id: int) -> None:
@@ -192,7 +193,7 @@ class Outbox:
         and all before it; their buffers are freed now (by the edge's reader, off the sender's
         path), without a wait that could block."""
         assert self._cond is not None
-        with self._cond:
+        with self._lock:
             for _, number, sent_id, chunk, _ in self._sending:
                 if sent_id == request_id and chunk == 0:
                     self._delivered = max(self._delivered, number)
@@ -202,7 +203,7 @@ class Outbox:
                     return
 
     def _reclaim_locked(self) -> None:
-        """Deadline mode, holding the condition: free the buffers of sends proven delivered (their
+        """Deadline mode, holding ``_lock``: free the buffers of sends proven delivered (their
         wait returns at once: Gloo finished writing them before the peer could read them)."""
         while self._sending and self._sending[0][1] <= self._delivered:
             index, *_, work = self._sending.popleft()
@@ -217,7 +218,7 @@ class Outbox:
         sender it freed a buffer for has not yet woken to claim it."""
         assert self._cond is not None
         while True:
-            with self._cond:
+            with self._lock:
                 while not (self._sending and (self._waiting > len(self._free) or self._flushing or self._closed)):
                     if self._closed and not self._sending:
                         return
@@ -227,12 +228,12 @@ class Outbox:
             try:
                 work.wait()
             except Exception as exc:
-                with self._cond:
+                with self._lock:
                     self._error = exc
                     self._completing = False
                     self._cond.notify_all()
                 return
-            with self._cond:
+            with self._lock:
                 self._retired.append(work)
                 self._free.append(index)
                 self._completing = False
@@ -246,7 +247,7 @@ class Outbox:
                 _complete(work, self._retired)
                 self._free.append(index)
             return
-        with self._cond:
+        with self._lock:
             self._reclaim_locked()
             self._flushing += 1
             self._cond.notify_all()
@@ -256,7 +257,7 @@ class Outbox:
                 self._flushing -= 1
 
     def _wait_locked(self, done: Callable[[], bool], give_up: GiveUp | None) -> None:
-        """Deadline mode, holding the condition: wait until ``done()``; a failed send or
+        """Deadline mode, holding ``_lock``: wait until ``done()``; a failed send or
         ``give_up`` ends the wait with its exception."""
         assert self._cond is not None
         while not done():
@@ -271,7 +272,7 @@ class Outbox:
     def close(self) -> None:
         """End the deadline mode's thread once its sends are complete."""
         if self._cond is not None:
-            with self._cond:
+            with self._lock:
                 self._closed = True
                 self._cond.notify_all()
 
