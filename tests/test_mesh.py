@@ -130,7 +130,7 @@ def _send_raw(worker, message, *awaited_ids):
 def _reply(mesh, worker, request_id):
     """(status, message text or result tensors) of the worker's reply to ``request_id``, received
     as a caller of the mesh receives its own."""
-    status, tensors = mesh._await_reply(worker, request_id, time.monotonic())
+    status, tensors = mesh._await_reply(worker, worker.generation, request_id, time.monotonic())
     return status, bytes(tensors[0].tolist()).decode() if status else tensors
 
 
@@ -146,6 +146,34 @@ def _bad_header(request_id, op_id=7, count=1, n_params=0, dtype=0, shape=(3,), v
 def _serves_afterwards(mesh, worker):
     x = torch.arange(6.0)
     assert torch.equal(mesh._run("identity", (x,), {}, preferred=worker)[0], x)
+
+
+def test_a_request_belongs_to_the_connection_it_went_out_on(two_workers):
+    """A caller whose request went out on a connection that has since ended (the worker missed a
+    deadline and came back on its next one) stops waiting at once, and a request is never
+    registered on a connection other than the one it is sent on: nothing on the next connection
+    knows it, and other requests' replies there must not keep it waiting."""
+    from clisonix_gpu.mesh.edge import _WorkerGone
+
+    worker = two_workers._workers[1]
+    old, request_id = worker.generation - 1, next(_IDS)
+    with worker.lock:
+        worker.awaited[request_id] = time.monotonic()
+        worker.in_flight += 1
+    start = time.monotonic()
+    try:
+        with pytest.raises(_WorkerGone):
+            two_workers._await_reply(worker, old, request_id, time.monotonic())
+    finally:
+        with worker.lock:
+            two_workers._free_slot_locked(worker, request_id)
+    x = torch.arange(4.0)
+    words = wire.header(0, 7, (x,))
+    with pytest.raises(_WorkerGone):
+        two_workers._call(worker, old, words, wire.Payload.of((x,)))
+    assert time.monotonic() - start < 1.0
+    assert worker.in_flight == 0 and not worker.awaited
+    _serves_afterwards(two_workers, worker)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

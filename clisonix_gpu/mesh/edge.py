@@ -15,8 +15,10 @@ request at a time, so costs no handoff between threads. A worker is in one of th
 * ``dead``: its connection ended without the edge's doing, or its process is gone (checked every
   ``HEALTH_INTERVAL`` seconds where the edge can see the process). It is never used again.
 
-Requests of a worker that leaves ``up`` go to the next live worker, then run locally
-(``fallback="local"``, under the same deadline) or raise :class:`MeshError`.
+A request belongs to the connection it went out on. Requests of a worker that leaves ``up``, or
+whose connection ends, go to the next live worker (not to the same worker on its next connection:
+nothing there knows them), then run locally (``fallback="local"``, under the same deadline) or
+raise :class:`MeshError`.
 """
 
 from __future__ import annotations
@@ -303,7 +305,7 @@ class Mesh:
             tried.add(worker.rank)
             generation = worker.generation
             try:
-                results = self._call(worker, words, payload)
+                results = self._call(worker, generation, words, payload)
             except _WorkerGone:  # its state says why; the next worker tries
                 continue
             except MeshError:  # the op's own error, from a worker that is fine
@@ -343,21 +345,25 @@ class Mesh:
         result: tuple[Any, ...] = tuple(r.clone() if any(r is t for t in tensors) else r for r in outcome["result"])
         return result
 
-    def _call(self, worker: WorkerLink, words: list[int], payload: wire.Payload) -> list[torch.Tensor]:
+    def _call(self, worker: WorkerLink, generation: int, words: list[int], payload: wire.Payload) -> list[torch.Tensor]:
+        """The reply to one request on ``worker``'s connection of ``generation``: the request goes
+        out on that connection and is answered on it, or not at all (``_WorkerGone`` once it ends,
+        even if the worker is back on a later one: nothing there knows the request)."""
         request_id = words[wire.REQUEST_ID_AT] = next(self._ids)
         lock, cond = worker.lock, worker.cond
         with lock:
-            while worker.state == UP and worker.in_flight >= self.max_in_flight:
+            while worker.state == UP and worker.generation == generation and worker.in_flight >= self.max_in_flight:
                 cond.wait()  # back-pressure: the edge's own queue, not the worker's time (no deadline)
-            if worker.state != UP:
+            if worker.state != UP or worker.generation != generation:
                 raise _WorkerGone
+            outbox = worker.outbox
             worker.in_flight += 1
             worker.peak_in_flight = max(worker.peak_in_flight, worker.in_flight)
             sent_at = time.monotonic()
             worker.awaited[request_id] = sent_at  # before the send: the reply may come at once
         try:
-            self._send(worker, words, payload, sent_at)
-            status, results = self._await_reply(worker, request_id, sent_at)
+            self._send(worker, generation, outbox, words, payload, sent_at)
+            status, results = self._await_reply(worker, generation, request_id, sent_at)
         except BaseException:
             with lock:
                 self._free_slot_locked(worker, request_id)
@@ -366,31 +372,35 @@ class Mesh:
             raise MeshError(f"worker {worker.rank}: {bytes(results[0].tolist()).decode(errors='replace')}")
         return results
 
-    def _await_reply(self, worker: WorkerLink, request_id: int, sent_at: float) -> tuple[int, list[torch.Tensor]]:
-        """(status, tensors) of the reply to ``request_id``, sent at ``sent_at``; frees its slot.
-        Receives the worker's messages while no other caller does (see the module's docstring);
-        ``_WorkerGone`` once the worker leaves ``up``, or misses the deadline."""
+    def _await_reply(self, worker: WorkerLink, generation: int, request_id: int, sent_at: float) -> tuple[int, list[torch.Tensor]]:
+        """(status, tensors) of the reply to ``request_id``, sent at ``sent_at`` on the connection
+        of ``generation``; frees its slot. Receives the worker's messages while no other caller
+        does (see the module's docstring); ``_WorkerGone`` once the worker leaves ``up`` or that
+        connection ends, or the request misses its deadline."""
         lock, cond = worker.lock, worker.cond
         with lock:
             while True:
                 if request_id in worker.replies:
                     return self._take_reply_locked(worker, request_id)
-                if worker.state != UP:
+                if worker.state != UP or worker.generation != generation:
                     raise _WorkerGone
                 left = self._time_left(worker, sent_at)
                 if left <= 0:
                     self._stall_locked(worker, f"no reply to request {request_id} within {self.timeout} s of work")
                     raise _WorkerGone
                 if worker.reader is None:
-                    worker.reader = request_id  # this caller's turn: the watcher keeps its deadline (_watch)
-                    generation, inbox = worker.generation, worker.inbox  # a later connection is not this turn's
+                    worker.reader = request_id  # this caller's turn (see the module's docstring)
+                    inbox, outbox = worker.inbox, worker.outbox  # of this generation: a later connection is not this turn's
                     break
                 cond.wait(left)
         try:
             while True:
                 # The inbox is this caller's alone until its turn ends; a message's tensors are
-                # copies, and its buffer is posted again at the next receive, off this path.
-                reply = self._receive_one(worker, inbox)
+                # copies, and its buffer is posted again at the next receive, off this path. The
+                # wait ends at the deadline whatever becomes of the connection: a receive that
+                # Gloo never completes nor fails (seen once a run of many, when a worker died
+                # just as it was posted) cannot hold a caller past it.
+                reply = self._receive_one(worker, inbox, self._time_left(worker, sent_at))
                 with lock:
                     worker.progress_at = time.monotonic()
                     if reply is None:  # a chunk of a longer reply
@@ -406,10 +416,13 @@ class Mesh:
                         taken = self._take_reply_locked(worker, request_id)  # notifies: a waiting caller reads next
                     else:
                         cond.notify_all()
-                worker.outbox.acknowledge(replied)  # the request reached the worker: its send buffer is free
+                outbox.acknowledge(replied)  # the request reached the worker: its send buffer is free
                 if mine:
                     return taken
         except Exception as exc:
+            with lock:
+                if self._time_left(worker, sent_at) <= 0 and worker.generation == generation:  # the wait's own deadline
+                    self._stall_locked(worker, f"no reply to request {request_id} within {self.timeout} s of work")
             self._connection_lost(worker, generation, exc)
             raise _WorkerGone from exc
         finally:
@@ -438,16 +451,18 @@ class Mesh:
         worker.replies.pop(request_id, None)
         worker.cond.notify_all()
 
-    def _send(self, worker: WorkerLink, words: list[int], payload: wire.Payload, sent_at: float) -> None:
-        """Send under the worker's deadline: waits for the send lock or a buffer end when the
-        worker leaves ``up`` or makes no progress for ``timeout`` seconds."""
+    def _send(self, worker: WorkerLink, generation: int, outbox: Outbox, words: list[int], payload: wire.Payload, sent_at: float) -> None:
+        """Send through ``outbox``, of ``worker``'s connection of ``generation``, under the worker's
+        deadline: waits for the send lock or a buffer end when the worker leaves ``up``, that
+        connection ends, or the worker makes no progress for ``timeout`` seconds."""
 
         def give_up() -> BaseException | None:
-            if worker.state != UP:
+            if worker.state != UP or worker.generation != generation:
                 return _WorkerGone()
             if self._time_left(worker, sent_at) < 0:
                 with worker.lock:
-                    self._stall_locked(worker, f"a send to it made no progress within {self.timeout} s")
+                    if worker.generation == generation:  # not a later connection, which this send never used
+                        self._stall_locked(worker, f"a send to it made no progress within {self.timeout} s")
                 return _WorkerGone()
             return None
 
@@ -456,7 +471,7 @@ class Mesh:
             if reason is not None:
                 raise reason
         try:
-            worker.outbox.send(words, payload, give_up)
+            outbox.send(words, payload, give_up)
         finally:
             worker.send_lock.release()
 
@@ -521,10 +536,11 @@ class Mesh:
     # -- the health watcher
 
     @staticmethod
-    def _receive_one(worker: WorkerLink, inbox: Inbox) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:
-        """Read one message of ``worker``: ``(request id, (status, tensors))`` when it completes a
-        reply, else None; ``ConnectionError`` when the worker is out of step."""
-        words, body = inbox.receive()
+    def _receive_one(worker: WorkerLink, inbox: Inbox, timeout: float) -> tuple[int, tuple[int, list[torch.Tensor]]] | None:
+        """Read one message of ``worker`` within ``timeout`` seconds: ``(request id, (status,
+        tensors))`` when it completes a reply, else None; ``ConnectionError`` when the worker is
+        out of step, torch.distributed's error when the connection ends or the time passes."""
+        words, body = inbox.receive(timeout)
         if words[wire.MAGIC_AT] != wire.MAGIC or words[wire.VERSION_AT] != wire.VERSION or body is None:
             raise ConnectionError(f"malformed reply from worker {worker.rank}")
         try:
@@ -547,8 +563,9 @@ class Mesh:
         return done.request_id, (done.first[wire.CODE_AT], done.tensors)
 
     def _watch(self) -> None:
-        """Every HEALTH_INTERVAL: a worker whose process is gone is dead; one whose reader waits
-        past its deadline is stalled (the reader's wait cannot end by itself)."""
+        """Every HEALTH_INTERVAL: a worker whose process is gone is dead; one whose reader still
+        waits past the earliest deadline of the requests awaiting replies is stalled (the reader's
+        own wait ends at its own request's deadline)."""
         while not self._stop.wait(HEALTH_INTERVAL):
             for w in self._workers:
                 if w.state == DEAD:

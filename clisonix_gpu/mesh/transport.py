@@ -96,9 +96,13 @@ def _endpoint(group: Any) -> Any:
     return group
 
 
-def _complete(work: Any, retired: deque[Any]) -> None:
-    """Wait for a send or receive; it then stays referenced a while (see ``RETIRED_WORKS``)."""
-    work.wait()
+def _complete(work: Any, retired: deque[Any], timeout: float | None = None) -> None:
+    """Wait for a send or receive, at most ``timeout`` seconds (past it, torch.distributed's error,
+    and the connection ends); it then stays referenced a while (see ``RETIRED_WORKS``)."""
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(datetime.timedelta(seconds=max(timeout, 0.001)))
     retired.append(work)
 
 
@@ -301,13 +305,15 @@ class Inbox:
         index = self._free.popleft()
         self._posted.append((index, self._group.recv([self._buffers[index].tensor], self._peer, 0)))
 
-    def receive(self) -> tuple[list[int], np.ndarray | None]:
+    def receive(self, timeout: float | None = None) -> tuple[list[int], np.ndarray | None]:
+        """The next message; with ``timeout``, torch.distributed's error once that many seconds
+        pass without one (the connection then ends, as :func:`end_connection` ends it)."""
         # Buffers are posted again here, not right after a message arrives: one receive stays
         # posted meanwhile, and posting is then off the path from a message to its answer
         # (a worker has replied by now; the edge's reader has sent its next request).
         self.release()
         index, work = self._posted[0]
-        _complete(work, self._retired)
+        _complete(work, self._retired, timeout)
         self._posted.popleft()
         self._held = index
         return wire.parse(self._buffers[index])
