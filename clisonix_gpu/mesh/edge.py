@@ -398,8 +398,8 @@ class Mesh:
                 # The inbox is this caller's alone until its turn ends; a message's tensors are
                 # copies, and its buffer is posted again at the next receive, off this path. The
                 # wait ends at the deadline whatever becomes of the connection: a receive that
-                # Gloo never completes nor fails (seen once a run of many, when a worker died
-                # just as it was posted) cannot hold a caller past it.
+                # Gloo neither completes nor fails (seen under load, with a worker killed
+                # mid-transfer) cannot hold a caller past it.
                 reply = self._receive_one(worker, inbox, self._time_left(worker, sent_at))
                 with lock:
                     worker.progress_at = time.monotonic()
