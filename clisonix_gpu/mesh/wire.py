@@ -61,7 +61,6 @@ TRAILER_BYTES = TRAILER_WORDS * 8
 # header and trailer words in native byte order, as NumPy's int64 views of the same buffer hold
 # them; struct packs a few dozen integers into a buffer in a fraction of NumPy's per-call cost
 HEADER_STRUCT = struct.Struct(f"={HEADER_WORDS}q")
-CHUNK_STRUCT = struct.Struct("=2q")  # the chunk index and size words, CHUNK_AT and CHUNK_SIZE_AT
 TRAILER_STRUCT = struct.Struct(f"={TRAILER_WORDS}q")
 _ZERO_HEADER, _ZERO_TRAILER, _ZERO_PAD = bytes(HEADER_BYTES), bytes(TRAILER_BYTES), bytes(8)
 # A request up to 4 MiB (a 1024^2 float32 image) is one message each way. Posted buffers stay
@@ -188,22 +187,16 @@ class Payload:
 
     __slots__ = ("addresses", "sizes", "total", "_keep")
 
-    def __init__(self, parts: Sequence[np.ndarray]):
-        """``parts``: C-contiguous arrays, their bytes in order."""
-        self._keep: Sequence[np.ndarray | torch.Tensor] = parts
-        self.addresses = [part.ctypes.data for part in parts]
+    def __init__(self, parts: Sequence[np.ndarray | torch.Tensor]):
+        """``parts``: C-contiguous arrays or contiguous CPU tensors, their bytes in order."""
+        self._keep = parts
+        self.addresses = [part.ctypes.data if isinstance(part, np.ndarray) else part.data_ptr() for part in parts]
         self.sizes = [part.nbytes for part in parts]
         self.total = sum(self.sizes)
 
     @classmethod
     def of(cls, tensors: Sequence[torch.Tensor]) -> Payload:
-        payload = cls.__new__(cls)
-        parts = [_readable(t) for t in tensors]
-        payload._keep = parts
-        payload.addresses = [t.data_ptr() for t in parts]
-        payload.sizes = [t.numel() * t.element_size() for t in parts]
-        payload.total = sum(payload.sizes)
-        return payload
+        return cls([_readable(t) for t in tensors])
 
     def _spans(self, offset: int, n: int) -> Iterator[tuple[int, int, int]]:
         """(address in a part, its start in the range, bytes) covering bytes [offset, offset + n)."""
