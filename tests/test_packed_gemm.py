@@ -13,17 +13,19 @@ import torch
 from packed_helpers import empty_cache, fresh, same  # noqa: F401 (empty_cache: an autouse fixture)
 
 import clisonix_gpu as cg
-from clisonix_gpu.ops import _packed_gemm
+from clisonix_gpu.ops import _packed_gemm, _tiled_gemm
 
 pytestmark = pytest.mark.skipif(_packed_gemm._mkl_ops() is None, reason="this torch build has no MKL packed GEMM")
 
 K, N = 129, 33
 
 
-def test_float32_cases_take_the_packed_method_and_float64_the_tiles():
+def test_float32_cases_take_the_packed_method_and_float64_never_does():
     assert cg.transform_matrix_cpu_method(K, N, "float32").startswith("MKL packed GEMM")
     assert cg.transform_matrix_cpu_method(K, N, "bfloat16").startswith("MKL packed GEMM")
-    assert "row tiles" in cg.transform_matrix_cpu_method(K, N, "float64")
+    float64 = cg.transform_matrix_cpu_method(K, N, "float64")
+    # the row tiles where their check passes (on AMD Zen 4 MKL's dgemm fails it at this shape)
+    assert ("row tiles" if _tiled_gemm.plan_for(K, N, torch.float64) else "BLAS failed the checks") in float64
 
 
 def test_a_weight_is_packed_once_and_reused(rng):
@@ -166,17 +168,47 @@ def test_tensors_are_not_exported_to_numpy(dtype):
     w.resize_(N + 1, K)  # what a non-resizable storage refuses
 
 
+def _exact_product(x, pack, w):
+    """A packed GEMM that rounds every row alike on any machine: float64 products, rounded once."""
+    return (x.double() @ w.double().T).float()
+
+
+def _bumped(out, rows):
+    """``out`` with the given rows moved one float up: what a kernel that rounds differently gives."""
+    out[rows] = torch.nextafter(out[rows], torch.full_like(out[rows], np.inf))
+    return out
+
+
 def test_check_rejects_a_position_dependent_packed_gemm(monkeypatch):
-    """The check is not vacuous: a packed GEMM whose last row rounds differently fails it."""
-    real = _packed_gemm.packed_compute
-
-    def position_dependent(x, pack, w):
-        out = real(x, pack, w)
-        out[-1] = torch.nextafter(out[-1], torch.full_like(out[-1], np.inf))
-        return out
-
-    monkeypatch.setattr(_packed_gemm, "packed_compute", position_dependent)
+    """The check is not vacuous: a packed GEMM whose last row rounds differently fails it, padded
+    or not."""
+    monkeypatch.setattr(_packed_gemm, "packed_compute", lambda x, pack, w: _bumped(_exact_product(x, pack, w), -1))
     assert _packed_gemm._check(33, 5) is None
+
+
+@pytest.mark.parametrize("whole_groups,expected", [(1, 1), (4, 4), (8, 8), (16, None)])
+def test_check_pads_calls_to_the_smallest_row_multiple_that_keeps_the_bits(monkeypatch, whole_groups, expected):
+    """A packed GEMM that rounds calls of other than whole groups of rows differently (as MKL does
+    on AMD Zen 4 for groups of four) gets its calls padded with zero rows to such a multiple (1, 4
+    or 8 tried in turn); past 8, the case fails the check."""
+    calls = []
+
+    def grouped(x, pack, w):
+        calls.append(x.shape[0])
+        out = _exact_product(x, pack, w)
+        return out if x.shape[0] % whole_groups == 0 else _bumped(out, slice(None))
+
+    monkeypatch.setattr(_packed_gemm, "packed_compute", grouped)
+    case = _packed_gemm._check(33, 5)
+    assert (case and case.row_multiple) == expected
+    if case is None:
+        return
+    x, w = torch.randn(40, 33), torch.randn(5, 33)
+    for m in (1, 2, 3, 5, 7, 9, 17, 40):
+        calls.clear()
+        out = _packed_gemm.packed_rows(x[:m], None, w, case)
+        assert calls == [-(-m // expected) * expected] and out.shape == (m, 5) and out.is_contiguous()
+        assert same(out, _exact_product(x[:m], None, w))
 
 
 def test_large_batches_go_in_checked_calls(rng, monkeypatch):
@@ -288,10 +320,10 @@ def _tagging_small_packs(monkeypatch):
 def test_check_takes_the_small_hint_only_with_the_same_bits(monkeypatch, differs_at, expected):
     """A small-hint pack whose one-row calls round differently is used with one row run as two;
     one whose two-row calls differ too is not used (the case keeps hint 256)."""
-    small, real = _tagging_small_packs(monkeypatch), _packed_gemm.packed_compute
+    small = _tagging_small_packs(monkeypatch)
 
     def compute(x, pack, w):
-        out = real(x, pack, w)
+        out = _exact_product(x, pack, w)  # this machine's MKL may need its calls padded
         if differs_at and id(pack) in small and x.shape[0] in differs_at:
             out[0] = torch.nextafter(out[0], torch.full_like(out[0], np.inf))
         return out
@@ -348,7 +380,7 @@ def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the
     call it cannot serve returns None, and the layer's answer keeps the general path's bits."""
     from clisonix_gpu.ops.transform_matrix import low_rank_call_shortcut
 
-    layer = cg.nn.LowRankLinear(K, N, 7, activation="gelu")
+    layer = cg.nn.LowRankLinear(K, N, 8, activation="gelu")  # rank 5, 7, 9 or 10: not packed on AMD Zen 4
     first, second, bias = layer.first, layer.second, layer.bias
     x = torch.from_numpy(rng.standard_normal((37, K), dtype=np.float32))
     with torch.no_grad():
@@ -374,7 +406,7 @@ def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the
         from clisonix_gpu.ops import transform_matrix as tm
 
         gemms = []
-        monkeypatch.setattr(tm, "packed_rows", lambda *args: gemms.append(args) or _packed_gemm.packed_rows(*args))
+        monkeypatch.setattr(tm, "packed_rows", lambda *args, **kwargs: gemms.append(args) or _packed_gemm.packed_rows(*args, **kwargs))
         assert low_rank_call_shortcut(x, first, second.detach().clone(), bias, "gelu") is None  # second not packed
         assert gemms == []  # declined before either GEMM ran
         assert same(low_rank_call_shortcut(x, first, second, bias, "gelu"), general) and len(gemms) == 2

@@ -2,8 +2,8 @@
 
 MKL's packed GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, through torch's
 ``torch.ops.mkl`` ops, or called directly for large weights: :func:`_pack`) lays ``w`` out once in the panels
-its kernels read, then multiplies any number of rows by it. Measured with torch 2.13's MKL (2 cores,
-AVX-512): its rows come out bit-identical for every M from 1 to thousands (one row included: no
+its kernels read, then multiplies any number of rows by it. Measured with torch 2.13's MKL on an
+Intel CPU (2 cores, AVX-512): its rows come out bit-identical for every M from 1 to thousands (one row included: no
 GEMV kernel), at every position, beside any neighbours, with misaligned rows, for packs made with a
 batch-size hint of 256 or more, and under 1 and 2 threads. Two exceptions were seen, and are worked
 around where the check shows it works: at N = 1 rows differ with M (a one-row weight is packed with
@@ -14,9 +14,17 @@ to 1024 rows is one call (larger ones go in calls of 1024 rows, the largest call
 without the row tiles, padding and per-tile re-packing of ``_tiled_gemm``, and one row costs a
 GEMV's time, not a 16-row GEMM's.
 
+The same MKL on an AMD EPYC (Zen 4, AVX-512) rounds whole groups of four rows alike, but runs
+batches of one to three rows, and the rows left over when a thread's share is not a multiple of
+four, through kernels that round differently. There every call runs a multiple of four rows, the
+batch padded with zero rows (a one-row batch costs about what one row costs: the weight's stream
+dominates), and all shapes measured keep their bits; one exception, K=64 with N=10, rounds rows at
+odd positions differently whatever the padding and goes to the row tiles.
+
 MKL promises none of this, so :func:`packed_ok` *checks* it per case (K, N, thread count, fp32
-matmul precision) on random rows the first time the case is met, and caches the verdict; a case
-that fails goes to the row tiles (or the exact path). float32 only (float16/bfloat16 are widened to
+matmul precision) on random rows the first time the case is met, with calls run as they are,
+else padded to a multiple of 4, else of 8 rows, and caches the verdict; a case that fails all
+three goes to the row tiles (or the exact path). float32 only (float16/bfloat16 are widened to
 float32 by the caller); float64 keeps the tiles.
 
 The pack costs about one pass over ``w`` (and, for a fresh 86 MB buffer at 4096x4096, 25 ms of
@@ -81,6 +89,11 @@ __all__ = [
 _SMALL_HINT, _MIN_HINT, _MAX_HINT = 128, 256, 1024
 _MAX_CALL_ROWS = 1024  # rows of one packed call: larger batches go in calls of this many (checked)
 _CHECK_MIN_ROWS = 48
+_CHECK_ROW_STEP = 16  # the check's row counts, and so the rows of a call, are multiples of this
+# zero-padded row counts the check tries, in order, until one gives every row the same bits: MKL on
+# AMD Zen 4 rounds batches of under four rows, and a thread's share that is not a multiple of four,
+# in other kernels than whole groups of four (measured on an EPYC with AVX-512)
+_ROW_MULTIPLES = (1, 4, 8)
 _SAMPLES = 64  # positions of a torch-allocated weight compared on every reuse
 _HASH_PIECE = 1 << 22  # bytes: a weight this size or larger is hashed by every torch thread
 _DEFAULT_CACHE_MB = 1024
@@ -92,6 +105,13 @@ class PackedCase(NamedTuple):
     call_rows: int  # rows one packed call may take (larger batches go in calls of this many)
     smallest_hint: int  # the smallest pack hint whose packs give the same bits (128 or 256)
     pad_one_row: bool = False  # a one-row batch runs as two rows (it and a zero row): see _small_hint_case
+    row_multiple: int = 1  # every call runs a multiple of this many rows, zero rows added: see _check
+
+    def rows_to_run(self, m: int) -> int:
+        """Rows a call for ``m`` rows (1 <= m <= ``call_rows``) runs, zero rows added."""
+        if m == 1 and self.pad_one_row:
+            return max(2, self.row_multiple)
+        return -(-m // self.row_multiple) * self.row_multiple
 
 
 _verdicts: dict[tuple[Any, ...], PackedCase | None] = {}  # None: the check failed
@@ -210,16 +230,20 @@ def packed_compute(x: Any, pack: Any, w: Any) -> Any:
 
 
 def _rows_within(k: int, n: int, macs: int) -> int:
-    """Rows of this case whose GEMM stays within ``macs`` multiply-adds, between 48 and 1024."""
-    return max(_CHECK_MIN_ROWS, min(_MAX_CALL_ROWS, macs // max(k * n, 1)))
+    """Rows of this case whose GEMM stays within ``macs`` multiply-adds, between 48 and 1024, a
+    multiple of 16 (so of every row multiple the check tries)."""
+    rows = min(_MAX_CALL_ROWS, macs // max(k * n, 1))
+    return max(_CHECK_MIN_ROWS, rows - rows % _CHECK_ROW_STEP)
 
 
 def _check(k: int, n: int) -> PackedCase | None:
     """Does MKL's packed GEMM give every row the same bits at other positions, beside other rows,
     in batches of 1 row to the largest a call may take, from misaligned rows, with packs made for
-    1024 rows and from a misaligned ``w``? Random float32 rows of this case's shape. Returns the
-    rows a call may take and the smallest pack hint that gives the same bits (128, with or without
-    one row run as two, else 256); None where the check fails."""
+    1024 rows and from a misaligned ``w``? Random float32 rows of this case's shape, with calls
+    run as they are or, where that fails, padded with zero rows to a multiple of 4 or 8 rows
+    (``_ROW_MULTIPLES``). Returns the rows a call may take, the row multiple, and the smallest pack
+    hint that gives the same bits (128, with or without one row run as two, else 256); None where
+    the check fails."""
     import torch
 
     gen = torch.Generator().manual_seed(4321)
@@ -230,43 +254,74 @@ def _check(k: int, n: int) -> PackedCase | None:
     # batches go in calls of that many), within 2^33
     count, call_rows = _rows_within(k, n, 1 << 30), _rows_within(k, n, 1 << 33)
     rows_all = torch.randn(max(count, call_rows), k, generator=gen, device="cpu")
+    packs = _CheckPacks(w, _pack(w, _MIN_HINT), _pack(w, _MAX_HINT), w_misaligned, _pack(w_misaligned, _MIN_HINT))
+    for multiple in _ROW_MULTIPLES:
+        case = PackedCase(call_rows, _MIN_HINT, row_multiple=multiple)
+        reference = _rows_hold(case, packs, rows_all, count, gen)
+        if reference is not None:
+            pad = _small_hint_case(w, rows_all, reference, case)
+            return case if pad is None else case._replace(smallest_hint=_SMALL_HINT, pad_one_row=pad)
+    return None
+
+
+class _CheckPacks(NamedTuple):
+    w: Any
+    pack: Any  # hint 256
+    pack_for_many: Any  # hint 1024
+    w_misaligned: Any  # the same values one float off a cache line
+    pack_of_misaligned: Any  # hint 256
+
+
+def _rows_hold(case: PackedCase, packs: _CheckPacks, rows_all: Any, count: int, gen: Any) -> Any:
+    """The product of the first ``count`` of ``rows_all`` in one call (run as ``case`` says), if
+    every one of its rows keeps its bits in the calls the check makes (:func:`_check`); else None."""
+    import torch
+
+    w, k = packs.w, rows_all.shape[1]
     x = rows_all[:count]
-    pack = _pack(w, _MIN_HINT)
-    reference = packed_compute(x, pack, w)
-    if not rows_independent(lambda rows: packed_compute(rows, pack, w), x, reference, 5, gen):
+
+    def run(rows: Any, pack: Any = packs.pack, weight: Any = w) -> Any:
+        return packed_rows(rows, pack, weight, case)
+
+    reference = run(x)
+    if not rows_independent(run, x, reference, 5, gen):
         return None
-    if not _small_batches_match(pack, w, x, reference, smallest=1):
+    if not _small_batches_match(run, x, reference, smallest=1):
         return None
     shifted = torch.empty(count * k + 1, device="cpu")[1:].view(count, k)
     shifted.copy_(x)
-    if not torch.equal(packed_compute(shifted, pack, w), reference):
+    if not torch.equal(run(shifted), reference):
         return None
-    if not torch.equal(packed_compute(x, _pack(w, _MAX_HINT), w), reference):
+    if not torch.equal(run(x, packs.pack_for_many), reference):
         return None
-    if not torch.equal(packed_compute(x, _pack(w_misaligned, _MIN_HINT), w_misaligned), reference):
+    if not torch.equal(run(x, packs.pack_of_misaligned, packs.w_misaligned), reference):
         return None
-    if call_rows > count and not torch.equal(packed_compute(rows_all, pack, w)[:count], reference):
+    if rows_all.shape[0] > count and not torch.equal(run(rows_all)[:count], reference):
         return None
-    pad = _small_hint_case(w, rows_all, reference)
-    return PackedCase(call_rows, _MIN_HINT) if pad is None else PackedCase(call_rows, _SMALL_HINT, pad)
+    return reference
 
 
-def _small_hint_case(w: Any, rows_all: Any, reference: Any) -> bool | None:
+def _small_hint_case(w: Any, rows_all: Any, reference: Any, case: PackedCase) -> bool | None:
     """None where a pack of ``w`` made with the small hint gives other bits than ``reference`` for
-    batches of 2 to 33 rows, all the checked rows in one call, or the largest call; else whether a
-    one-row batch must run as two rows to give its bits. Some shapes (K=30, N=19; K=256, N=84) run
-    one row through another kernel under the small hint; two rows cost about the same."""
+    batches of 2 to 33 rows, all the checked rows in one call, or the largest call (each run as
+    ``case`` says); else whether a one-row batch must run as two rows to give its bits. Some shapes
+    (K=30, N=19; K=256, N=84) run one row through another kernel under the small hint; two rows cost
+    about the same."""
     import torch
 
     pack = _pack(w, _SMALL_HINT)
     count = reference.shape[0]
-    if not _small_batches_match(pack, w, rows_all, reference, smallest=2):
+
+    def run(rows: Any, case: PackedCase = case) -> Any:
+        return packed_rows(rows, pack, w, case)
+
+    if not _small_batches_match(run, rows_all, reference, smallest=2):
         return None
-    if not torch.equal(packed_compute(rows_all, pack, w)[:count], reference):
+    if not torch.equal(run(rows_all)[:count], reference):
         return None
     for pad in (False, True):
-        case = PackedCase(count, _SMALL_HINT, pad)
-        if all(torch.equal(packed_rows(rows_all[start : start + 1], pack, w, case), reference[start : start + 1]) for start in (0, 7, count - 1)):
+        padded = case._replace(smallest_hint=_SMALL_HINT, pad_one_row=pad)
+        if all(torch.equal(run(rows_all[start : start + 1], padded), reference[start : start + 1]) for start in (0, 7, count - 1)):
             return pad
     return None
 
@@ -279,41 +334,39 @@ def _packable(w: Any) -> Any:
     return torch.cat([w, torch.zeros_like(w)]) if w.shape[0] == 1 else w
 
 
-def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
+def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, padded: bool = False) -> Any:
     """``x @ w.T`` (M, N) float32 from ``pack`` (of ``w``) in the calls ``case`` allows: at most
-    ``case.call_rows`` rows each, one row as two where ``case.pad_one_row``; ``x`` (M, K) contiguous,
-    M >= 1."""
-    if w.shape[0] == 1:
-        # the packed call reads only the shape of the weight it is given (the pack holds the
-        # values): a (2, K) view, not the zero-padded copy the pack was made from
-        return _packed_rows(x, pack, w.expand(2, -1), case)[:, :1].contiguous()
-    return _packed_rows(x, pack, w, case)
-
-
-def _packed_rows(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
+    ``case.call_rows`` rows each, zero rows added as ``case`` says (:meth:`PackedCase.rows_to_run`);
+    ``x`` (M, K) contiguous, M >= 1. With ``padded``, a batch that ran as one padded call keeps the
+    products of its zero rows below its M rows (a contiguous (rows run, N) tensor): the next GEMM of
+    a chain takes them as they are, and whoever ends the chain keeps the first M rows."""
     import torch
 
-    m = x.shape[0]
-    if m == 1 and case.pad_one_row:
-        return packed_compute(torch.cat([x, torch.zeros_like(x)]), pack, w)[:1]
-    if m <= case.call_rows:
+    m, n = x.shape[0], w.shape[0]
+    if n == 1:
+        # the packed call reads only the shape of the weight it is given (the pack holds the
+        # values): a (2, K) view, not the zero-padded copy the pack was made from
+        return packed_rows(x, pack, w.expand(2, -1), case, padded=padded)[:, :1].contiguous()
+    if m > case.call_rows:
+        out = torch.empty((m, n), dtype=torch.float32, device="cpu")
+        for start in range(0, m, case.call_rows):
+            out[start : start + case.call_rows] = packed_rows(x[start : start + case.call_rows], pack, w, case)
+        return out
+    run = case.rows_to_run(m)
+    if run == m:
         return packed_compute(x, pack, w)
-    out = torch.empty((m, w.shape[0]), dtype=torch.float32, device="cpu")
-    for start in range(0, m, case.call_rows):
-        out[start : start + case.call_rows] = packed_compute(x[start : start + case.call_rows], pack, w)
-    return out
+    out = packed_compute(torch.cat((x, x.new_zeros((run - m, x.shape[1])))), pack, w)
+    return out if padded else out[:m]
 
 
-def _small_batches_match(pack: Any, w: Any, x: Any, reference: Any, smallest: int) -> bool:
+def _small_batches_match(gemm: Any, x: Any, reference: Any, smallest: int) -> bool:
     """Whether batches of ``smallest`` to 33 rows of ``x`` at odd offsets (unaligned row starts
-    whenever K is odd) give the rows of ``reference`` from ``pack`` (of ``w``)."""
+    whenever K is odd) give the rows of ``reference`` through ``gemm`` (rows -> their products)."""
     import torch
 
     count = reference.shape[0]
     batches = ((1, 0), (1, count - 1), (2, 3), (3, 7), (5, 11), (15, 13), (17, 29), (33, 14))
-    return all(
-        torch.equal(packed_compute(x[start : start + rows], pack, w), reference[start : start + rows]) for rows, start in batches if rows >= smallest
-    )
+    return all(torch.equal(gemm(x[start : start + rows]), reference[start : start + rows]) for rows, start in batches if rows >= smallest)
 
 
 def packed_ok(k: int, n: int, dtype: Any) -> PackedCase | None:

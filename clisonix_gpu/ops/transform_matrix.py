@@ -172,7 +172,12 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
     second_ready = _cached_case_and_pack(first.shape[0], second, second, x.dtype)
     if second_ready is None:
         return None
-    return _packed_call(_packed_call(x, first_ready, first, None, None), second_ready, second, bias, activation)
+    # the hidden rows keep their padding, if any: the second GEMM takes them without a copy
+    hidden = packed_rows(x, first_ready[1], first, first_ready[0], padded=True)
+    out = packed_rows(hidden, second_ready[1], second, second_ready[0])
+    out = out if out.shape[0] == x.shape[0] else out[: x.shape[0]]
+    apply_epilogue_(out, bias, activation)
+    return out
 
 
 def _usual_call(torch: Any, x: Any, weights: tuple[Any, ...], bias: Any, activation: Any) -> bool:
@@ -306,8 +311,8 @@ def transform_matrix_cpu_method(k: int, n: int, dtype: Any = "float32") -> str:
 
     Example:
 
-    >>> cg.transform_matrix_cpu_method(64, 10, "float32")  # doctest: +ELLIPSIS
-    'MKL packed GEMM, w packed once per weight (checked for K=64, N=10, float32, ... threads)'
+    >>> cg.transform_matrix_cpu_method(256, 128, "float32")  # doctest: +ELLIPSIS
+    'MKL packed GEMM, w packed once per weight... (checked for K=256, N=128, float32, ... threads)'
     """
     if not _torch_available():
         return "exact float64 slices (torch is not installed: no BLAS path)"
@@ -320,10 +325,11 @@ def transform_matrix_cpu_method(k: int, n: int, dtype: Any = "float32") -> str:
     if isinstance(method, TilePlan):
         return f"BLAS on fixed {'/'.join(map(str, method.sizes))}-row tiles ({checked})"
     if method is not None:
-        return f"MKL packed GEMM, w packed once per weight ({checked})"
+        padded = f", calls padded to a multiple of {method.row_multiple} rows" if method.row_multiple > 1 else ""
+        return f"MKL packed GEMM, w packed once per weight{padded} ({checked})"
     if cpu_gemm_mode() == "exact":
         return "exact float64 slices (CLISONIX_CPU_GEMM=exact)"
-    return f"exact float64 slices (BLAS failed the checks for K={k}, N={n}, {torch.get_num_threads()} threads)"
+    return f"exact float64 slices (BLAS failed the checks for {checked.removeprefix('checked for ')})"
 
 
 def _exact_cpu(
