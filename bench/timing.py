@@ -44,6 +44,9 @@ def measure(benchmark: Any, fn: Callable[[], Any], device: str, rounds: int) -> 
         benchmark.extra_info["do_bench_median_ms"] = ms
         benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=1, iterations=1)
         return ms / 1e3
+    import time
+
+    time.sleep(_POOL_QUIET_S)  # the previous block's pools (ours or a peer's) have gone quiet
     rounds = _warm_up([fn], rounds)
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
     return float(benchmark.stats.stats.median)
@@ -62,7 +65,7 @@ def _warm_up(fns: list[Callable[[], Any]], rounds: int) -> int:
     return rounds
 
 
-# Between blocks of two implementations: longer than a BLAS pool spins before it sleeps (OpenBLAS,
+# Before every timed block: longer than a BLAS or OpenMP pool spins before it sleeps (OpenBLAS,
 # NumPy's, spins about 2**28 cycles), so one side's idle threads never compete with the other's.
 _POOL_QUIET_S = 0.15
 
