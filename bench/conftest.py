@@ -99,6 +99,19 @@ def _measure_ceilings() -> None:
 # ----------------------------------------------------------------------------- results
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux's ``/proc/cpuinfo``, else what Python's platform reports): the
+    BLAS peers and MKL's packed GEMM pick other kernels on Intel and AMD CPUs of one ISA."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown model"
+
+
 def _environment() -> dict[str, object]:
     import numpy
     import torch
@@ -109,7 +122,7 @@ def _environment() -> dict[str, object]:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=CHECKOUT).stdout.strip()
         except OSError:
             pass
-    device = torch.cuda.get_device_name(0) if DEVICE == "cuda" else f"CPU x{os.cpu_count()} ({platform.machine()})"
+    device = torch.cuda.get_device_name(0) if DEVICE == "cuda" else f"CPU x{os.cpu_count()} ({platform.machine()}, {_cpu_model()})"
     try:
         import triton
 
