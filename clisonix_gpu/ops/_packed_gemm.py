@@ -78,6 +78,7 @@ __all__ = [
     "packed_rows",
     "packed_transform_matrix",
     "packed_weight",
+    "ready_pack",
     "release_packed_weights",
 ]
 
@@ -440,10 +441,10 @@ def _tracked(source: Any) -> bool:
     return not isinstance(source, np.ndarray) and not source.is_inference() and source.untyped_storage().resizable()
 
 
-def _stamp(source: Any) -> tuple[Any, ...]:
+def _stamp(source: Any, threads: int | None = None) -> tuple[Any, ...]:
     import torch
 
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if threads is None else threads
     if isinstance(source, np.ndarray):
         return (None, source.__array_interface__["data"][0], source.shape, source.strides, source.dtype.str, threads)
     version = None if source.is_inference() else source._version
@@ -533,11 +534,27 @@ def _forget(key: int) -> None:
             entry.drop()
 
 
-def cached_pack(source: Any) -> Any:
+def ready_pack(source: Any, k: int, settings: tuple[int, str]) -> tuple[PackedCase, Any] | None:
+    """(case, pack) for float32 rows of ``k`` columns times ``source`` (the weight as the caller
+    passed it, (N, k)), where the case passed its check under ``settings`` (``call_settings()``)
+    and ``source``'s pack is cached and unchanged; else None. Neither checks nor packs: the general
+    path does both. The caller establishes that the packed method may serve (``CLISONIX_CPU_GEMM``
+    auto); a case is checked only where MKL's packed ops exist."""
+    import torch
+
+    case = _verdicts.get(case_key(k, max(source.shape[0], 2), torch.float32, settings))
+    if case is None:
+        return None
+    pack = cached_pack(source, settings[0])
+    return None if pack is None else (case, pack)
+
+
+def cached_pack(source: Any, threads: int | None = None) -> Any:
     """The cached pack of ``source`` (the weight as the caller passed it) while it is unchanged
-    (module docstring), else None; no pack is made."""
+    (module docstring), else None; no pack is made. ``threads``: torch's thread count, where the
+    caller has it."""
     key = id(source)
-    stamp = _stamp(source)
+    stamp = _stamp(source, threads)
     with _lock:
         entry = _cache.get(key)
         if entry is None or entry.source() is not source or entry.stamp != stamp:

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from ._cpu_epilogue import apply_epilogue_
 
-__all__ = ["TilePlan", "case_key", "compute_dtype", "cpu_gemm_mode", "plan_for", "rows_independent", "tiled_transform_matrix"]
+__all__ = ["TilePlan", "call_settings", "case_key", "compute_dtype", "cpu_gemm_mode", "plan_for", "rows_independent", "tiled_transform_matrix"]
 
 _ALIGN = 64  # bytes
 
@@ -103,11 +103,18 @@ def cpu_gemm_mode() -> str:
     return mode
 
 
-def case_key(k: int, n: int, dtype: Any) -> tuple[Any, ...]:
-    """What a plan depends on: shape class, compute dtype, thread count, fp32 matmul precision."""
+def call_settings() -> tuple[int, str]:
+    """What a case's verdict depends on besides its shape and dtype: torch's thread count and fp32
+    matmul precision."""
     import torch
 
-    return (k, n, compute_dtype(dtype), torch.get_num_threads(), torch.get_float32_matmul_precision())
+    return torch.get_num_threads(), torch.get_float32_matmul_precision()
+
+
+def case_key(k: int, n: int, dtype: Any, settings: tuple[int, str] | None = None) -> tuple[Any, ...]:
+    """What a plan depends on: shape class, compute dtype, and :func:`call_settings` (taken now
+    unless the caller has them)."""
+    return (k, n, compute_dtype(dtype), *(settings or call_settings()))
 
 
 def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> Any:

@@ -18,8 +18,8 @@ from .. import _dispatch
 from ..errors import ShapeError
 from ._cpu_epilogue import apply_epilogue_
 from ._exact_gemm import exact_matmul_blocks
-from ._packed_gemm import PackedCase, cached_pack, packed_ok, packed_rows, packed_transform_matrix, release_packed_weights
-from ._tiled_gemm import TilePlan, compute_dtype, cpu_gemm_mode, plan_for, tiled_transform_matrix
+from ._packed_gemm import PackedCase, packed_ok, packed_rows, packed_transform_matrix, ready_pack, release_packed_weights
+from ._tiled_gemm import TilePlan, call_settings, compute_dtype, cpu_gemm_mode, plan_for, tiled_transform_matrix
 from ._validate import dtype_name, mantissa_bits, require_float
 from .activations import ACTIVATIONS, apply_activation_, check_activation
 from .utils import cdiv, interpreter_enabled, launch
@@ -144,9 +144,13 @@ def layer_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
     None and takes the general path, which gives the same bits (same pack, GEMM and epilogue),
     makes the pack on a first call and raises the documented errors."""
     torch = sys.modules.get("torch")  # no torch tensor can exist before torch is imported
-    if torch is None or x is None or w is None or not _usual_call(torch, x, (w,), bias, activation) or not _layer_shapes(x, w, bias):
+    if torch is None or x is None or w is None:
         return None
-    return _cached_pack_call(x, w, w, bias, activation)
+    settings = _usual_call(torch, x, (w,), bias, activation)
+    if settings is None or not _layer_shapes(x, w, bias):
+        return None
+    ready = ready_pack(w, x.shape[1], settings)
+    return None if ready is None else _packed_call(x, ready, w, bias, activation)
 
 
 def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activation: Any) -> Any:
@@ -155,21 +159,16 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
     ``second`` (N, r), each with its pack cached and unchanged. The bits of the two calls through
     the general path; None for any call that is not a layer's usual call."""
     torch = sys.modules.get("torch")
-    if (
-        torch is None
-        or x is None
-        or first is None
-        or second is None
-        or not _usual_call(torch, x, (first, second), bias, activation)
-        or not _layer_shapes(x, first, None)
-        or not _weight_shapes(first.shape[0], second, bias)
-    ):
+    if torch is None or x is None or first is None or second is None:
+        return None
+    settings = _usual_call(torch, x, (first, second), bias, activation)
+    if settings is None or not _layer_shapes(x, first, None) or not _weight_shapes(first.shape[0], second, bias):
         return None
     # both packs ready, or neither GEMM runs here: the general path does them
-    first_ready = _cached_case_and_pack(x.shape[1], first, first, x.dtype)
+    first_ready = ready_pack(first, x.shape[1], settings)
     if first_ready is None:
         return None
-    second_ready = _cached_case_and_pack(first.shape[0], second, second, x.dtype)
+    second_ready = ready_pack(second, first.shape[0], settings)
     if second_ready is None:
         return None
     # the hidden rows keep their padding, if any: the second GEMM takes them without a copy
@@ -180,24 +179,32 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
     return out
 
 
-def _usual_call(torch: Any, x: Any, weights: tuple[Any, ...], bias: Any, activation: Any) -> bool:
+def _usual_call(torch: Any, x: Any, weights: tuple[Any, ...], bias: Any, activation: Any) -> tuple[int, str] | None:
     """The checks of a layer's usual call that the tensor shortcuts share (shapes aside): ``x`` and
     ``weights`` plain, dense, contiguous float32 CPU tensors, ``bias`` one too (any strides) or
     None, ``x`` not a negative view (``z.conj().imag``: its memory holds the unnegated values), a
-    valid activation, nothing records, traces or intercepts the call, the CPU backend in use."""
+    valid activation, nothing records, traces or intercepts the call, the CPU backend in use and
+    the packed method allowed. Returns the call's settings (``call_settings()``), or None where a
+    check fails.
+
+    A layer's call is short next to the work around it in a model, and every Python frame of it
+    counts there (a model's layers run several times slower in Python than alone in a loop), so
+    the shortcuts take their settings from here, once a call."""
     plain, f32, strided = (torch.Tensor, torch.nn.Parameter), torch.float32, torch.strided
     operands = (x, *weights)
     for t in operands:
         if type(t) not in plain or t.dtype != f32 or not t.is_cpu or t.layout != strided or not t.is_contiguous():
-            return False
+            return None
     if bias is not None and (type(bias) not in plain or bias.dtype != f32 or not bias.is_cpu or bias.layout != strided):
-        return False
+        return None
     if not _valid_activation(activation):
-        return False
+        return None
     recorded = operands if bias is None else (*operands, bias)
-    if _recording_route(torch, recorded) is not None or modes_active(torch) or not _cpu_backend_requested():
-        return False
-    return not x.is_neg()  # after the tracing checks: torch.compile cannot trace ``is_neg``
+    if _recording_route(torch, recorded) is not None or modes_active(torch) or not _cpu_backend_requested() or cpu_gemm_mode() != "auto":
+        return None
+    if x.is_neg():  # after the tracing checks: torch.compile cannot trace ``is_neg``
+        return None
+    return call_settings()
 
 
 def numpy_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
@@ -212,10 +219,13 @@ def numpy_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
         or not _layer_shapes(x, w, bias)
         or not _valid_activation(activation)
         or not _cpu_backend_requested()
+        or cpu_gemm_mode() != "auto"
     ):
         return None
-    out = _cached_pack_call(torch.from_numpy(x), w, torch.from_numpy(w), None if bias is None else torch.from_numpy(bias), activation)
-    return None if out is None else out.numpy()
+    ready = ready_pack(w, x.shape[1], call_settings())
+    if ready is None:
+        return None
+    return _packed_call(torch.from_numpy(x), ready, torch.from_numpy(w), None if bias is None else torch.from_numpy(bias), activation).numpy()
 
 
 def _cpu_backend_requested() -> bool:
@@ -247,25 +257,9 @@ def _plain_float32_arrays(x: Any, w: Any, bias: Any) -> bool:
     )  # fmt: skip
 
 
-def _cached_pack_call(x: Any, source: Any, w: Any, bias: Any, activation: str | None) -> Any:
-    """The packed GEMM and epilogue of float32 CPU tensors ``x``, ``w`` (the float32 tensor form of
-    ``source``, the weight as passed) and ``bias``, if the case passed its check and ``source``'s
-    pack is cached and unchanged; else None."""
-    ready = _cached_case_and_pack(x.shape[1], source, w, x.dtype)
-    return None if ready is None else _packed_call(x, ready, w, bias, activation)
-
-
-def _cached_case_and_pack(k: int, source: Any, w: Any, dtype: Any) -> tuple[PackedCase, Any] | None:
-    """(case, pack) of ``source`` (``w`` (N, k) its float32 tensor form) for ``dtype`` input, if
-    the case passed its check and the pack is cached and unchanged; else None."""
-    case = packed_ok(k, w.shape[0], dtype)
-    if case is None:
-        return None
-    pack = cached_pack(source)
-    return None if pack is None else (case, pack)
-
-
 def _packed_call(x: Any, ready: tuple[PackedCase, Any], w: Any, bias: Any, activation: str | None) -> Any:
+    """The packed GEMM and epilogue of float32 CPU tensors ``x``, ``w`` and ``bias`` with the
+    (case, pack) of ``ready``."""
     case, pack = ready
     out = packed_rows(x, pack, w, case)
     apply_epilogue_(out, bias, activation)
