@@ -375,6 +375,36 @@ def test_layer_call_shortcut_gives_the_general_paths_bits_and_declines_the_rest(
         cg.transform_matrix(x.detach(), w, b, np.array(["gelu", "relu"]))
 
 
+@pytest.mark.parametrize(
+    "rebind",
+    [
+        lambda w: w.data.t(),  # the same memory, other strides: not contiguous
+        lambda w: w.data.t().contiguous().t(),  # new memory, not contiguous
+        lambda w: w.data.half(),  # float16
+        lambda w: w.data.clone(),  # new memory, the same values: packed again
+    ],
+    ids=["transposed-view", "strided-copy", "float16", "copy"],
+)
+def test_a_weight_rebound_after_its_pack_is_never_served_from_its_old_entry(rng, rebind):
+    """The shortcut takes a weight's dtype, layout and contiguity from its cache entry, made when
+    the weight was packed; a weight whose ``.data`` was rebound since is not served from it: the
+    shortcut declines, and the layer's answer is the general path's for the new weight."""
+    from clisonix_gpu.ops.transform_matrix import layer_call_shortcut
+
+    layer = cg.nn.LIAMLinear(40, 40, activation="silu")
+    x = torch.from_numpy(rng.standard_normal((9, 40), dtype=np.float32))
+    with torch.no_grad():
+        layer(x)
+        assert layer_call_shortcut(x, layer.weight, layer.bias, "silu") is not None
+        layer.weight.data = rebind(layer.weight)
+        assert layer_call_shortcut(x, layer.weight, layer.bias, "silu") is None
+        if layer.weight.dtype != torch.float32:  # the general path's answer: the documented error
+            with pytest.raises(TypeError, match="share one dtype"):
+                layer(x)
+            return
+        assert same(layer(x), fresh(x, layer.weight.detach().clone(), layer.bias.detach(), "silu"))
+
+
 def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the_rest(rng, monkeypatch):
     """A low-rank layer's usual call (both factors packed) is its two GEMMs with the checks made
     once: the bits of the two calls through the general path, for the layer and the function; a

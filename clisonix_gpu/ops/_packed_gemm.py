@@ -66,7 +66,7 @@ import numpy as np
 
 from . import _write_watch
 from ._cpu_epilogue import apply_epilogue_
-from ._tiled_gemm import case_key, cpu_gemm_mode, rows_independent
+from ._tiled_gemm import call_settings, case_key, cpu_gemm_mode, rows_independent
 
 __all__ = [
     "Pack",
@@ -78,6 +78,7 @@ __all__ = [
     "packed_rows",
     "packed_transform_matrix",
     "packed_weight",
+    "plain_float32",
     "ready_pack",
     "release_packed_weights",
 ]
@@ -397,6 +398,8 @@ class _Entry(NamedTuple):
     proof: _Proof
     pack: Any
     nbytes: int
+    case: PackedCase  # the case's verdict under the stamp's settings
+    plain: bool  # the source as packed was plain float32 dense memory (plain_float32): the shortcuts may serve it
 
     def drop(self) -> None:
         """Called once the entry leaves the cache: ends its page watch, if any."""
@@ -441,14 +444,26 @@ def _tracked(source: Any) -> bool:
     return not isinstance(source, np.ndarray) and not source.is_inference() and source.untyped_storage().resizable()
 
 
-def _stamp(source: Any, threads: int | None = None) -> tuple[Any, ...]:
+def _stamp(source: Any, settings: tuple[int, str] | None = None) -> tuple[Any, ...]:
+    """What must stay the same for a cached pack to serve ``source``: its memory, shape, strides,
+    dtype and version counter, and the call settings (``call_settings()``, taken now unless given)
+    its case's verdict holds for."""
+    settings = settings or call_settings()
+    if isinstance(source, np.ndarray):
+        return (None, source.__array_interface__["data"][0], source.shape, source.strides, source.dtype.str, *settings)
+    version = None if source.is_inference() else source._version
+    return (version, source.data_ptr(), source.shape, source.stride(), source.dtype, *settings)
+
+
+def plain_float32(a: Any) -> bool:
+    """``a`` is a plain float32 array in dense memory the packed GEMM reads in place: a
+    C-contiguous NumPy array, or a contiguous strided CPU tensor (``torch.Tensor`` or
+    ``nn.Parameter``, no subclass)."""
+    if type(a) is np.ndarray:
+        return bool(a.dtype == np.float32 and a.flags.c_contiguous)
     import torch
 
-    threads = torch.get_num_threads() if threads is None else threads
-    if isinstance(source, np.ndarray):
-        return (None, source.__array_interface__["data"][0], source.shape, source.strides, source.dtype.str, threads)
-    version = None if source.is_inference() else source._version
-    return (version, source.data_ptr(), source.shape, source.stride(), source.dtype, threads)
+    return type(a) in (torch.Tensor, torch.nn.Parameter) and a.dtype == torch.float32 and a.is_cpu and a.layout == torch.strided and a.is_contiguous()
 
 
 def _sample_positions(shape: tuple[int, ...]) -> np.ndarray:
@@ -534,27 +549,30 @@ def _forget(key: int) -> None:
             entry.drop()
 
 
-def ready_pack(source: Any, k: int, settings: tuple[int, str]) -> tuple[PackedCase, Any] | None:
-    """(case, pack) for float32 rows of ``k`` columns times ``source`` (the weight as the caller
-    passed it, (N, k)), where the case passed its check under ``settings`` (``call_settings()``)
-    and ``source``'s pack is cached and unchanged; else None. Neither checks nor packs: the general
-    path does both. The caller establishes that the packed method may serve (``CLISONIX_CPU_GEMM``
-    auto); a case is checked only where MKL's packed ops exist."""
-    import torch
-
-    case = _verdicts.get(case_key(k, max(source.shape[0], 2), torch.float32, settings))
-    if case is None:
-        return None
-    pack = cached_pack(source, settings[0])
-    return None if pack is None else (case, pack)
-
-
-def cached_pack(source: Any, threads: int | None = None) -> Any:
-    """The cached pack of ``source`` (the weight as the caller passed it) while it is unchanged
-    (module docstring), else None; no pack is made. ``threads``: torch's thread count, where the
-    caller has it."""
+def ready_pack(source: Any, settings: tuple[int, str]) -> tuple[PackedCase, Any] | None:
+    """(case, pack) of ``source`` (the weight as the caller passed it) for float32 rows, where it
+    was packed as plain float32 dense memory (:func:`plain_float32`; its unchanged stamp keeps it
+    so) and its pack is cached and unchanged under ``settings`` (``call_settings()``); else None.
+    Neither checks nor packs: the general path does both. For the layer shortcuts, whose callers
+    establish that the packed method may serve (``CLISONIX_CPU_GEMM`` auto); the fewest calls that
+    tell it (no lock: a dictionary lookup is atomic, and an entry dropped meanwhile fails the
+    move to the end)."""
     key = id(source)
-    stamp = _stamp(source, threads)
+    entry = _cache.get(key)
+    if entry is None or not entry.plain or entry.source() is not source or entry.stamp != _stamp(source, settings):
+        return None
+    try:
+        _cache.move_to_end(key)
+    except KeyError:
+        return None
+    return (entry.case, entry.pack) if _unchanged(source, entry.proof) else None
+
+
+def cached_pack(source: Any) -> Any:
+    """The cached pack of ``source`` (the weight as the caller passed it) while it is unchanged
+    (module docstring), else None; no pack is made."""
+    key = id(source)
+    stamp = _stamp(source)
     with _lock:
         entry = _cache.get(key)
         if entry is None or entry.source() is not source or entry.stamp != stamp:
@@ -587,7 +605,7 @@ def packed_weight(source: Any, w: Any, rows: int, case: PackedCase) -> Any:
     global _cached_bytes
     with _lock:
         _forget(key)  # an entry another thread made meanwhile
-        _cache[key] = _Entry(source_ref, stamp, proof, pack, nbytes)
+        _cache[key] = _Entry(source_ref, stamp, proof, pack, nbytes, case, plain_float32(source))
         _cached_bytes += nbytes
         while _cached_bytes > limit and _cache:
             _forget(next(iter(_cache)))  # the least recently used

@@ -18,7 +18,7 @@ from .. import _dispatch
 from ..errors import ShapeError
 from ._cpu_epilogue import apply_epilogue_
 from ._exact_gemm import exact_matmul_blocks
-from ._packed_gemm import PackedCase, packed_ok, packed_rows, packed_transform_matrix, ready_pack, release_packed_weights
+from ._packed_gemm import PackedCase, packed_ok, packed_rows, packed_transform_matrix, plain_float32, ready_pack, release_packed_weights
 from ._tiled_gemm import TilePlan, call_settings, compute_dtype, cpu_gemm_mode, plan_for, tiled_transform_matrix
 from ._validate import dtype_name, mantissa_bits, require_float
 from .activations import ACTIVATIONS, apply_activation_, check_activation
@@ -149,7 +149,7 @@ def layer_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
     settings = _usual_call(torch, x, (w,), bias, activation)
     if settings is None or not _layer_shapes(x, w, bias):
         return None
-    ready = ready_pack(w, x.shape[1], settings)
+    ready = ready_pack(w, settings)
     return None if ready is None else _packed_call(x, ready, w, bias, activation)
 
 
@@ -165,10 +165,10 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
     if settings is None or not _layer_shapes(x, first, None) or not _weight_shapes(first.shape[0], second, bias):
         return None
     # both packs ready, or neither GEMM runs here: the general path does them
-    first_ready = ready_pack(first, x.shape[1], settings)
+    first_ready = ready_pack(first, settings)
     if first_ready is None:
         return None
-    second_ready = ready_pack(second, first.shape[0], settings)
+    second_ready = ready_pack(second, settings)
     if second_ready is None:
         return None
     # the hidden rows keep their padding, if any: the second GEMM takes them without a copy
@@ -180,23 +180,27 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
 
 
 def _usual_call(torch: Any, x: Any, weights: tuple[Any, ...], bias: Any, activation: Any) -> tuple[int, str] | None:
-    """The checks of a layer's usual call that the tensor shortcuts share (shapes aside): ``x`` and
-    ``weights`` plain, dense, contiguous float32 CPU tensors, ``bias`` one too (any strides) or
-    None, ``x`` not a negative view (``z.conj().imag``: its memory holds the unnegated values), a
-    valid activation, nothing records, traces or intercepts the call, the CPU backend in use and
-    the packed method allowed. Returns the call's settings (``call_settings()``), or None where a
-    check fails.
+    """The checks of a layer's usual call that the tensor shortcuts share (shapes aside): ``x`` a
+    plain, dense, contiguous float32 CPU tensor (:func:`plain_float32`), ``weights`` plain tensors
+    (the rest of that :func:`ready_pack` establishes from their cache entries), ``bias`` a plain
+    float32 CPU tensor (any strides) or None, ``x`` not a negative view (``z.conj().imag``: its
+    memory holds the unnegated values), a valid activation, nothing records, traces or intercepts
+    the call, the CPU backend in use and the packed method allowed. Returns the call's settings
+    (``call_settings()``), or None where a check fails.
 
-    A layer's call is short next to the work around it in a model, and every Python frame of it
-    counts there (a model's layers run several times slower in Python than alone in a loop), so
-    the shortcuts take their settings from here, once a call."""
+    A layer's call is short next to the work around it in a model, and every call into Python or
+    torch counts there (in a model, between MKL's kernels, the checks run several times slower than
+    alone in a loop: on a 2-core VM they cost a low-rank layer about a third of an ``nn.Linear``
+    model's time), so each fact is read once a call."""
     plain, f32, strided = (torch.Tensor, torch.nn.Parameter), torch.float32, torch.strided
-    operands = (x, *weights)
-    for t in operands:
-        if type(t) not in plain or t.dtype != f32 or not t.is_cpu or t.layout != strided or not t.is_contiguous():
+    if type(x) not in plain or not plain_float32(x):
+        return None
+    for w in weights:
+        if type(w) not in plain:
             return None
     if bias is not None and (type(bias) not in plain or bias.dtype != f32 or not bias.is_cpu or bias.layout != strided):
         return None
+    operands = (x, *weights)
     if not _valid_activation(activation):
         return None
     recorded = operands if bias is None else (*operands, bias)
@@ -222,7 +226,7 @@ def numpy_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
         or cpu_gemm_mode() != "auto"
     ):
         return None
-    ready = ready_pack(w, x.shape[1], call_settings())
+    ready = ready_pack(w, call_settings())
     if ready is None:
         return None
     return _packed_call(torch.from_numpy(x), ready, torch.from_numpy(w), None if bias is None else torch.from_numpy(bias), activation).numpy()
@@ -247,14 +251,9 @@ def _weight_shapes(k: int, w: Any, bias: Any) -> bool:
     return w.ndim == 2 and w.shape[1] == k and (bias is None or (bias.ndim == 1 and bias.shape[0] == w.shape[0]))
 
 
-_FLOAT32 = np.dtype(np.float32)
-
-
 def _plain_float32_arrays(x: Any, w: Any, bias: Any) -> bool:
     """``x``, ``w`` and ``bias`` (or None) are plain C-contiguous float32 NumPy arrays."""
-    return all(
-        a is None or (type(a) is np.ndarray and a.dtype == _FLOAT32 and a.flags.c_contiguous) for a in (x, w, bias)
-    )  # fmt: skip
+    return all(a is None or (type(a) is np.ndarray and plain_float32(a)) for a in (x, w, bias))
 
 
 def _packed_call(x: Any, ready: tuple[PackedCase, Any], w: Any, bias: Any, activation: str | None) -> Any:
