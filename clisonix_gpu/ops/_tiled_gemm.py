@@ -111,10 +111,9 @@ def call_settings() -> tuple[int, str]:
     return torch.get_num_threads(), torch.get_float32_matmul_precision()
 
 
-def case_key(k: int, n: int, dtype: Any, settings: tuple[int, str] | None = None) -> tuple[Any, ...]:
-    """What a plan depends on: shape class, compute dtype, and :func:`call_settings` (taken now
-    unless the caller has them)."""
-    return (k, n, compute_dtype(dtype), *(settings or call_settings()))
+def case_key(k: int, n: int, dtype: Any) -> tuple[Any, ...]:
+    """What a plan depends on: shape class, compute dtype, and :func:`call_settings`."""
+    return (k, n, compute_dtype(dtype), *call_settings())
 
 
 def _gemm_tiles(x: Any, w: Any, plan: TilePlan) -> Any:
