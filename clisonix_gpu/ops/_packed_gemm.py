@@ -19,8 +19,11 @@ batches of one to three rows, and the rows left over when a thread's share is no
 four, through kernels that round differently. There every call runs a multiple of four rows, the
 batch padded with zero rows, and the shapes measured keep their bits, except N = 5, 7, 9 and 10
 (K >= 16), whose rows at odd positions round differently whatever the padding: those go to the row
-tiles. Padding costs little from a few rows up, but one row of a 4096x4096 weight costs a four-row
-call, about three times MKL's one-row kernel on that CPU (8-9 ms against 2.9 ms, any pack hint).
+tiles. Padding costs little from a few rows up, but one row of a 4096x4096 weight would cost a
+four-row call, about three times MKL's one-row kernel on that CPU (8-9 ms against 2.9 ms, any pack
+hint). So for weights of 8 MiB or more, batches of fewer rows than the multiple run instead through
+:mod:`._row_kernel`, which sums K in blocks as MKL's four-row kernel does (blocks of 192 there), at
+about the speed of a GEMV; the check uses it only where its rows match MKL's bit for bit.
 
 MKL promises none of this, so :func:`packed_ok` *checks* it per case (K, N, thread count, fp32
 matmul precision) on random rows the first time the case is met, with calls run as they are,
@@ -97,6 +100,9 @@ _CHECK_ROW_STEP = 16  # the check's row counts, and so the rows of a call, are m
 # AMD Zen 4 rounds batches of under four rows, and a thread's share that is not a multiple of four,
 # in other kernels than whole groups of four (measured on an EPYC with AVX-512)
 _ROW_MULTIPLES = (1, 4, 8)
+# block lengths over K the check tries for the row kernel (_row_kernel), most likely first: MKL's
+# four-row kernel on AMD Zen 4 sums K in blocks of 192 at K = 1031 to 4096
+_ROW_KERNEL_BLOCKS = (192, 128, 256, 384, 96, 64)
 _SAMPLES = 64  # positions of a torch-allocated weight compared on every reuse
 _HASH_PIECE = 1 << 22  # bytes: a weight this size or larger is hashed by every torch thread
 _DEFAULT_CACHE_MB = 1024
@@ -109,6 +115,7 @@ class PackedCase(NamedTuple):
     smallest_hint: int  # the smallest pack hint whose packs give the same bits (128 or 256)
     pad_one_row: bool = False  # a one-row batch runs as two rows (it and a zero row): see _small_hint_case
     row_multiple: int = 1  # every call runs a multiple of this many rows, zero rows added: see _check
+    row_kernel_kc: int = 0  # fewer rows than row_multiple run through _row_kernel in blocks of this many K values (0: padded)
 
     def rows_to_run(self, m: int) -> int:
         """Rows a call for ``m`` rows (1 <= m <= ``call_rows``) runs, zero rows added."""
@@ -141,6 +148,7 @@ class Pack(NamedTuple):
 
     buffer: np.ndarray  # holds the memory
     address: int  # where the pack starts, 64-byte aligned
+    blocked: np.ndarray | None = None  # the weight's block-major copy for the row kernel, where its case uses it
 
 
 @functools.cache
@@ -214,6 +222,17 @@ def _pack(w: Any, hint: int) -> Any:
     return Pack(raw, address)
 
 
+def _pack_for(w: Any, hint: int, case: PackedCase) -> Any:
+    """:func:`_pack` of ``w``, with the block-major copy the row kernel reads where ``case`` uses it
+    (a weight of 8 MiB or more, whose pack is a :class:`Pack`)."""
+    pack = _pack(w, hint)
+    if case.row_kernel_kc and isinstance(pack, Pack):
+        from ._row_kernel import blocked_copy
+
+        pack = pack._replace(blocked=blocked_copy(w))
+    return pack
+
+
 def packed_compute(x: Any, pack: Any, w: Any) -> Any:
     """``x @ w.T`` from ``pack`` (of ``w``, by :func:`_pack`): (M, N) float32 tensor; ``x`` a
     contiguous float32 CPU tensor (M, K), M >= 1, K >= 1."""
@@ -262,9 +281,34 @@ def _check(k: int, n: int) -> PackedCase | None:
         case = PackedCase(call_rows, _MIN_HINT, row_multiple=multiple)
         reference = _rows_hold(case, packs, rows_all, count, gen)
         if reference is not None:
+            case = case._replace(row_kernel_kc=_row_kernel_block(w, rows_all, reference, case))
             pad = _small_hint_case(w, rows_all, reference, case)
             return case if pad is None else case._replace(smallest_hint=_SMALL_HINT, pad_one_row=pad)
     return None
+
+
+def _row_kernel_block(w: Any, rows_all: Any, reference: Any, case: PackedCase) -> int:
+    """The block length over K with which :mod:`._row_kernel` gives ``reference``'s bits for batches
+    of 1 to ``case.row_multiple - 1`` rows at several positions, for a weight of 8 MiB or more
+    whose case pads (there one padded row costs a four-row call); 0 where none does or the kernel
+    cannot run."""
+    from . import _row_kernel
+
+    n, k = w.shape
+    if case.row_multiple == 1 or n * k * 4 < _HUGE_PAGE_WEIGHT or _mkl() is None or _row_kernel.kernel() is None:
+        return 0
+    import torch
+
+    blocked = _row_kernel.blocked_copy(w)
+    count = reference.shape[0]
+    batches = [(rows, start) for rows in range(1, case.row_multiple) for start in (0, 7, count - rows)]
+    for kc in (*_ROW_KERNEL_BLOCKS, k):
+        if all(
+            torch.equal(_row_kernel.rows_blocked(rows_all[start : start + rows], blocked, n, kc), reference[start : start + rows])
+            for rows, start in batches
+        ):
+            return kc
+    return 0
 
 
 class _CheckPacks(NamedTuple):
@@ -350,6 +394,10 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, padded: bool = F
         # the packed call reads only the shape of the weight it is given (the pack holds the
         # values): a (2, K) view, not the zero-padded copy the pack was made from
         return packed_rows(x, pack, w.expand(2, -1), case, padded=padded)[:, :1].contiguous()
+    if m < case.row_multiple and case.row_kernel_kc and isinstance(pack, Pack) and pack.blocked is not None:
+        from ._row_kernel import rows_blocked
+
+        return rows_blocked(x, pack.blocked, n, case.row_kernel_kc)
     if m > case.call_rows:
         out = torch.empty((m, n), dtype=torch.float32, device="cpu")
         for start in range(0, m, case.call_rows):
@@ -595,14 +643,16 @@ def packed_weight(source: Any, w: Any, rows: int, case: PackedCase) -> Any:
     limit = _cache_limit()
     nbytes = w.numel() * w.element_size()
     if nbytes > limit:
-        return _pack(packable, hint)
+        return _pack_for(packable, hint, case)
     try:
         source_ref = weakref.ref(source, lambda _: _forget(key))
     except TypeError:  # an object without weak references: not cached
-        return _pack(packable, hint)
+        return _pack_for(packable, hint, case)
     _forget(key)  # ends the stale entry's page watch, which would keep a new one off that memory
     proof = _proof(source)  # before the pack: a write in between makes the next call pack again
-    pack = _pack(packable, hint)
+    pack = _pack_for(packable, hint, case)
+    if isinstance(pack, Pack) and pack.blocked is not None:
+        nbytes += pack.blocked.nbytes  # the row kernel's copy counts against the cache's limit too
     global _cached_bytes
     with _lock:
         _forget(key)  # an entry another thread made meanwhile

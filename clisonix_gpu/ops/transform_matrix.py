@@ -319,6 +319,8 @@ def transform_matrix_cpu_method(k: int, n: int, dtype: Any = "float32") -> str:
         return f"BLAS on fixed {'/'.join(map(str, method.sizes))}-row tiles ({checked})"
     if method is not None:
         padded = f", calls padded to a multiple of {method.row_multiple} rows" if method.row_multiple > 1 else ""
+        if method.row_kernel_kc:
+            padded += f" (fewer through the row kernel, K in blocks of {method.row_kernel_kc})"
         return f"MKL packed GEMM, w packed once per weight{padded} ({checked})"
     if cpu_gemm_mode() == "exact":
         return "exact float64 slices (CLISONIX_CPU_GEMM=exact)"
