@@ -383,8 +383,9 @@ def _packable(w: Any) -> Any:
 
 def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, padded: bool = False) -> Any:
     """``x @ w.T`` (M, N) float32 from ``pack`` (of ``w``) in the calls ``case`` allows: at most
-    ``case.call_rows`` rows each, zero rows added as ``case`` says (:meth:`PackedCase.rows_to_run`);
-    ``x`` (M, K) contiguous, M >= 1. With ``padded``, a batch that ran as one padded call keeps the
+    ``case.call_rows`` rows each, zero rows added as ``case`` says (:meth:`PackedCase.rows_to_run`),
+    or, for fewer rows than its multiple where it says so, through the row kernel (a large weight's
+    ``pack`` then holds its block-major copy); ``x`` (M, K) contiguous, M >= 1. With ``padded``, a batch that ran as one padded call keeps the
     products of its zero rows below its M rows (a contiguous (rows run, N) tensor): the next GEMM of
     a chain takes them as they are, and whoever ends the chain keeps the first M rows."""
     import torch
