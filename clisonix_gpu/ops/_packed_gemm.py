@@ -396,9 +396,10 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, padded: bool = F
         # values): a (2, K) view, not the zero-padded copy the pack was made from
         return packed_rows(x, pack, w.expand(2, -1), case, padded=padded)[:, :1].contiguous()
     if m < case.row_multiple and case.row_kernel_kc and isinstance(pack, Pack) and pack.blocked is not None:
-        from ._row_kernel import rows_blocked
+        from ._row_kernel import kernel, rows_blocked
 
-        return rows_blocked(x, pack.blocked, n, case.row_kernel_kc)
+        if kernel() is not None:
+            return rows_blocked(x, pack.blocked, n, case.row_kernel_kc)
     if m > case.call_rows:
         out = torch.empty((m, n), dtype=torch.float32, device="cpu")
         for start in range(0, m, case.call_rows):

@@ -19,18 +19,27 @@ does not fuse the multiply-adds (no FMA on the CPU), the check finds no match an
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import numpy as np
+
+from .binary._numba import ENV_SWITCH
 
 __all__ = ["BLOCK_OUTPUTS", "blocked_copy", "kernel", "rows_blocked"]
 
 BLOCK_OUTPUTS = 64  # outputs per block of the block-major copy: one work item of the kernel
 
 
-@functools.cache
 def kernel() -> Any:
-    """The compiled kernel, or None where numba is missing or cannot compile it."""
+    """The compiled kernel, or None where numba is missing or cannot compile it, or under
+    ``CLISONIX_NUMBA=0`` (which turns every compiled CPU path off: such calls run padded, with the
+    same bits)."""
+    return None if os.environ.get(ENV_SWITCH, "1") == "0" else _compiled()
+
+
+@functools.cache
+def _compiled() -> Any:
     try:
         from numba import njit, prange
     except ImportError:
@@ -83,10 +92,10 @@ def blocked_copy(w: Any) -> np.ndarray:
 def rows_blocked(x: Any, blocked: np.ndarray, n: int, kc: int) -> Any:
     """``x @ w.T`` (M, n) float32 tensor for a few rows ``x`` (M, K), a contiguous float32 CPU
     tensor, from ``blocked`` (:func:`blocked_copy` of ``w``), in blocks of ``kc`` values of K.
-    The caller has checked that :func:`kernel` is not None."""
+    The caller has checked that the kernel compiled (:func:`kernel`)."""
     import torch
 
-    compiled = kernel()
+    compiled = _compiled()
     assert compiled is not None
     out = np.empty((x.shape[0], n), np.float32)
     compiled(np.from_dlpack(x.detach()), blocked, kc, out)
