@@ -78,3 +78,28 @@ def test_a_case_with_the_row_kernel_runs_few_rows_through_it_with_the_batch_bits
     calls.clear()
     monkeypatch.setenv("CLISONIX_NUMBA", "0")  # no compiled CPU path: the row runs padded, same bits
     assert same(cg.transform_matrix(x[13:14], w, b, "gelu"), full[13:14]) and calls == [case.row_multiple]
+
+
+def test_threads_calling_at_once_get_the_batch_bits(rng):
+    """Several threads running few-row batches of one large weight at once (the kernel runs one
+    call at a time): every row keeps the bits it has in a large batch."""
+    import threading
+
+    k, n = 1100, 2048
+    w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32))
+    x = torch.from_numpy(rng.standard_normal((64, k), dtype=np.float32))
+    full = cg.transform_matrix(x, w, None, "gelu")
+    bad = []
+
+    def work(seed):
+        for j in range(12):
+            rows, start = 1 + (seed + j) % 3, (seed * 5 + j) % 60
+            if not same(cg.transform_matrix(x[start : start + rows], w, None, "gelu"), full[start : start + rows]):
+                bad.append((rows, start))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []

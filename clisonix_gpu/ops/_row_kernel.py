@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,9 @@ from .binary._numba import ENV_SWITCH
 __all__ = ["BLOCK_OUTPUTS", "blocked_copy", "kernel", "rows_blocked"]
 
 BLOCK_OUTPUTS = 64  # outputs per block of the block-major copy: one work item of the kernel
+# one call at a time: numba's workqueue threading layer (its fallback where neither OpenMP nor TBB
+# loads) ends the process on parallel calls from two threads, and one call uses every core anyway
+_one_call = threading.Lock()
 
 
 def kernel() -> Any:
@@ -98,5 +102,6 @@ def rows_blocked(x: Any, blocked: np.ndarray, n: int, kc: int) -> Any:
     compiled = _compiled()
     assert compiled is not None
     out = np.empty((x.shape[0], n), np.float32)
-    compiled(np.from_dlpack(x.detach()), blocked, kc, out)
+    with _one_call:
+        compiled(np.from_dlpack(x.detach()), blocked, kc, out)
     return torch.from_numpy(out)
