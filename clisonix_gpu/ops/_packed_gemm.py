@@ -600,36 +600,37 @@ def _forget(key: int) -> None:
             entry.drop()
 
 
-def ready_pack(source: Any, settings: tuple[int, str]) -> tuple[PackedCase, Any] | None:
-    """(case, pack) of ``source`` (the weight as the caller passed it) for float32 rows, where it
-    was packed as plain float32 dense memory (:func:`plain_float32`; its unchanged stamp keeps it
-    so) and its pack is cached and unchanged under ``settings`` (``call_settings()``); else None.
-    Neither checks nor packs: the general path does both. For the layer shortcuts, whose callers
-    establish that the packed method may serve (``CLISONIX_CPU_GEMM`` auto); the fewest calls that
-    tell it (no lock: a dictionary lookup is atomic, and an entry dropped meanwhile fails the
-    move to the end)."""
+def _live_entry(source: Any, settings: tuple[int, str] | None = None) -> _Entry | None:
+    """The cache entry of ``source`` (the weight as the caller passed it) while it is unchanged
+    (module docstring) under ``settings`` (``call_settings()``, taken now unless given), moved to
+    the recent end; else None. No lock: a dictionary lookup is atomic, and an entry dropped
+    meanwhile fails the move to the end."""
     key = id(source)
     entry = _cache.get(key)
-    if entry is None or not entry.plain or entry.source() is not source or entry.stamp != _stamp(source, settings):
+    if entry is None or entry.source() is not source or entry.stamp != _stamp(source, settings):
         return None
     try:
         _cache.move_to_end(key)
     except KeyError:
         return None
-    return (entry.case, entry.pack) if _unchanged(source, entry.proof) else None
+    return entry if _unchanged(source, entry.proof) else None
+
+
+def ready_pack(source: Any, settings: tuple[int, str]) -> tuple[PackedCase, Any] | None:
+    """(case, pack) of ``source`` for float32 rows, where it was packed as plain float32 dense
+    memory (:func:`plain_float32`; its unchanged stamp keeps it so) and its pack is cached and
+    unchanged under ``settings``; else None. Neither checks nor packs: the general path does both.
+    For the layer shortcuts, whose callers establish that the packed method may serve
+    (``CLISONIX_CPU_GEMM`` auto)."""
+    entry = _live_entry(source, settings)
+    return (entry.case, entry.pack) if entry is not None and entry.plain else None
 
 
 def cached_pack(source: Any) -> Any:
     """The cached pack of ``source`` (the weight as the caller passed it) while it is unchanged
     (module docstring), else None; no pack is made."""
-    key = id(source)
-    stamp = _stamp(source)
-    with _lock:
-        entry = _cache.get(key)
-        if entry is None or entry.source() is not source or entry.stamp != stamp:
-            return None
-        _cache.move_to_end(key)
-    return entry.pack if _unchanged(source, entry.proof) else None
+    entry = _live_entry(source)
+    return None if entry is None else entry.pack
 
 
 def packed_weight(source: Any, w: Any, rows: int, case: PackedCase) -> Any:
