@@ -23,13 +23,13 @@ import contextlib
 import contextvars
 import functools
 import importlib.util
-import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, cast
 
 import numpy as np
 
+from ._environ import Setting
 from .errors import BackendUnavailable
 from .kernels._common import interpreter_enabled
 
@@ -212,6 +212,9 @@ def _validate_choice(name: str, source: str) -> str:
     return name
 
 
+_BACKEND = Setting("CLISONIX_BACKEND", "auto")
+
+
 def current_backend() -> str:
     """The requested backend: the innermost ``use_backend``, else ``CLISONIX_BACKEND``, else ``auto``.
 
@@ -224,7 +227,7 @@ def current_backend() -> str:
     requested = _requested.get()
     if requested is not None:
         return requested
-    return _validate_choice(os.environ.get("CLISONIX_BACKEND", "auto") or "auto", "CLISONIX_BACKEND")
+    return _validate_choice(_BACKEND.get() or "auto", "CLISONIX_BACKEND")
 
 
 @contextlib.contextmanager

@@ -43,3 +43,23 @@ def test_ops_do_not_import_torch_library_alda_or_mesh():
 
 def test_typed_marker_ships():
     assert importlib.resources.files("clisonix_gpu").joinpath("py.typed").is_file()
+
+
+def test_a_setting_reads_the_environment_at_every_call(monkeypatch):
+    """Settings read on every call see ``os.environ`` changes at once, and fall back to
+    ``os.environ.get`` where its mapping is not the usual one."""
+    import os
+
+    from clisonix_gpu._environ import Setting
+
+    setting = Setting("CLISONIX_TEST_SETTING", "fallback")
+    monkeypatch.delenv("CLISONIX_TEST_SETTING", raising=False)
+    assert setting.get() == "fallback"
+    monkeypatch.setenv("CLISONIX_TEST_SETTING", "é1")
+    assert setting.get() == "é1"
+    os.environ["CLISONIX_TEST_SETTING"] = "2"
+    assert setting.get() == "2"
+    monkeypatch.delenv("CLISONIX_TEST_SETTING")
+    assert setting.get() == "fallback"
+    monkeypatch.setattr(os, "environ", {"CLISONIX_TEST_SETTING": "3"})
+    assert setting.get() == "3"

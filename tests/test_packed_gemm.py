@@ -179,10 +179,17 @@ def _bumped(out, rows):
     return out
 
 
+def _one_call_at_a_time(monkeypatch, compute):
+    """Every packed GEMM through ``compute`` (rows -> their products, one MKL call each): the
+    compiled caller, which calls MKL itself, turned off (``CLISONIX_NUMBA=0``)."""
+    monkeypatch.setenv("CLISONIX_NUMBA", "0")
+    monkeypatch.setattr(_packed_gemm, "packed_compute", compute)
+
+
 def test_check_rejects_a_position_dependent_packed_gemm(monkeypatch):
     """The check is not vacuous: a packed GEMM whose last row rounds differently fails it, padded
     or not."""
-    monkeypatch.setattr(_packed_gemm, "packed_compute", lambda x, pack, w: _bumped(_exact_product(x, pack, w), -1))
+    _one_call_at_a_time(monkeypatch, lambda x, pack, w: _bumped(_exact_product(x, pack, w), -1))
     assert _packed_gemm._check(33, 5) is None
 
 
@@ -198,7 +205,7 @@ def test_check_pads_calls_to_the_smallest_row_multiple_that_keeps_the_bits(monke
         out = _exact_product(x, pack, w)
         return out if x.shape[0] % whole_groups == 0 else _bumped(out, slice(None))
 
-    monkeypatch.setattr(_packed_gemm, "packed_compute", grouped)
+    _one_call_at_a_time(monkeypatch, grouped)
     case = _packed_gemm._check(33, 5)
     assert (case and case.row_multiple) == expected
     if case is None:
@@ -218,7 +225,7 @@ def test_large_batches_go_in_checked_calls(rng, monkeypatch):
     full = cg.transform_matrix(x, w, None, "sigmoid")
     calls = []
     real = _packed_gemm.packed_compute
-    monkeypatch.setattr(_packed_gemm, "packed_compute", lambda x, pack, w: calls.append(x.shape[0]) or real(x, pack, w))
+    _one_call_at_a_time(monkeypatch, lambda x, pack, w: calls.append(x.shape[0]) or real(x, pack, w))
     again = cg.transform_matrix(x, w, None, "sigmoid")
     assert calls == [1024, 1024, 452] and same(full, again)
     assert same(cg.transform_matrix(x[1000:1100], w, None, "sigmoid"), full[1000:1100])
@@ -329,7 +336,7 @@ def test_check_takes_the_small_hint_only_with_the_same_bits(monkeypatch, differs
             out[0] = torch.nextafter(out[0], torch.full_like(out[0], np.inf))
         return out
 
-    monkeypatch.setattr(_packed_gemm, "packed_compute", compute)
+    _one_call_at_a_time(monkeypatch, compute)
     case = _packed_gemm._check(33, 5)
     assert case is not None and (case.smallest_hint, case.pad_one_row) == expected
 
@@ -338,7 +345,7 @@ def test_one_row_runs_as_two_rows_where_the_case_says_so(rng, monkeypatch):
     x = torch.from_numpy(rng.standard_normal((1, K), dtype=np.float32))
     w = torch.from_numpy(rng.standard_normal((N, K), dtype=np.float32))
     pack, calls, real = _packed_gemm._pack(w, 128), [], _packed_gemm.packed_compute
-    monkeypatch.setattr(_packed_gemm, "packed_compute", lambda x, pack, w: calls.append(x.shape[0]) or real(x, pack, w))
+    _one_call_at_a_time(monkeypatch, lambda x, pack, w: calls.append(x.shape[0]) or real(x, pack, w))
     padded = _packed_gemm.packed_rows(x, pack, w, _packed_gemm.PackedCase(1024, 128, True))
     plain = _packed_gemm.packed_rows(x, pack, w, _packed_gemm.PackedCase(1024, 128, False))
     assert calls == [2, 1] and padded.shape == (1, N) and padded.is_contiguous()
@@ -411,7 +418,7 @@ def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the
     call it cannot serve returns None, and the layer's answer keeps the general path's bits."""
     from clisonix_gpu.ops.transform_matrix import low_rank_call_shortcut
 
-    layer = cg.nn.LowRankLinear(K, N, 8, activation="gelu")  # rank 5, 7, 9 or 10: not packed on AMD Zen 4
+    layer = cg.nn.LowRankLinear(K, N, 8, activation="gelu")  # the first factor (8 rows) takes the dot products
     first, second, bias = layer.first, layer.second, layer.bias
     x = torch.from_numpy(rng.standard_normal((37, K), dtype=np.float32))
     with torch.no_grad():
@@ -436,8 +443,8 @@ def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the
         assert same(layer(x.t().contiguous().t()), general)  # the general path: same bits
         from clisonix_gpu.ops import transform_matrix as tm
 
-        gemms = []
-        monkeypatch.setattr(tm, "packed_rows", lambda *args, **kwargs: gemms.append(args) or _packed_gemm.packed_rows(*args, **kwargs))
+        gemms, real_rows = [], tm._layer_rows
+        monkeypatch.setattr(tm, "_layer_rows", lambda *args, **kwargs: gemms.append(args) or real_rows(*args, **kwargs))
         assert low_rank_call_shortcut(x, first, second.detach().clone(), bias, "gelu") is None  # second not packed
         assert gemms == []  # declined before either GEMM ran
         assert same(low_rank_call_shortcut(x, first, second, bias, "gelu"), general) and len(gemms) == 2
@@ -541,3 +548,26 @@ def test_negative_views_are_read_as_their_values(rng):
     with torch.no_grad():
         layer = cg.nn.LIAMLinear(1, 3)
         assert torch.allclose(layer(one), torch.nn.functional.linear(one.resolve_neg(), layer.weight, layer.bias), atol=1e-6)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 113, 114, 115])
+def test_the_compiled_caller_gives_the_bits_of_one_padded_call(rng, monkeypatch, m):
+    """The compiled caller runs the rows that fill whole row multiples in place and the rest as one
+    padded call, adding the bias itself: the bits of one padded call of the whole batch plus
+    torch's addition (``CLISONIX_NUMBA=0``). With ``padded``, the products of the added rows stay
+    below the batch's rows."""
+    k, n = 129, 33
+    case = _packed_gemm.packed_ok(k, n, torch.float32)
+    if case is None:
+        pytest.skip("this machine's MKL fails the packed check at this shape")
+    x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
+    w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32))
+    b = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+    pack = _packed_gemm._pack(w, 128)
+    compiled = _packed_gemm.packed_rows(x, pack, w, case, bias=b)
+    kept = _packed_gemm.packed_rows(x, pack, w, case, bias=b, padded=True)
+    monkeypatch.setenv("CLISONIX_NUMBA", "0")
+    one_call = _packed_gemm.packed_rows(x, pack, w, case, bias=b)
+    assert compiled.shape == (m, n) and same(compiled, one_call)
+    assert kept.shape == (case.rows_to_run(m), n) and same(kept[:m], one_call)
+    assert same(_packed_gemm.packed_rows(x, pack, w, case, bias=b, padded=True), kept)

@@ -1,9 +1,11 @@
 """The CPU path of transform_matrix: batch invariance bit for bit, per thread count, on both methods.
 
 What is swept (chosen to keep CI time low while covering every boundary of the row tiling):
-- every M from 1 to 300 against the 300-row call at (K, N) = (3, 5), (129, 7), (64, 1) and
-  (333, 77), NumPy and torch inputs, float32 and float64, float16 (NumPy and torch) and bfloat16,
-  with bias; the activation cycles with M so each one meets every tile remainder;
+- every M from 1 to 300 against the 300-row call at (K, N) = (3, 5), (129, 7), (64, 1), (30, 19)
+  and (333, 77), NumPy and torch inputs, float32 and float64, float16 (NumPy and torch) and
+  bfloat16, with bias; the activation cycles with M so each one meets every tile remainder (in
+  float32 the first three take the dot products for narrow weights, the last two MKL's packed
+  GEMM with its compiled caller);
 - K = 4096 (N = 33) on M = 1..17, the odd M up to 75 and the tile borders up to 300, and the
   same M at (1031, 2049), a weight large enough for the pack made directly in NumPy's memory;
 - every activation on every M at (129, 7);
@@ -19,12 +21,12 @@ import torch
 
 import clisonix_gpu as cg
 from clisonix_gpu.baselines import reference_transform_matrix
-from clisonix_gpu.ops import _cpu_epilogue, _packed_gemm, _tiled_gemm
+from clisonix_gpu.ops import _cpu_epilogue, _dot_rows, _packed_gemm, _tiled_gemm
 
 ACTS = cg.ACTIVATIONS
 ALL_M = list(range(1, 301))
 K4096_M = sorted(set(range(1, 18)) | set(range(19, 76, 2)) | {127, 128, 129, 191, 192, 193, 255, 256, 257, 299, 300})
-SHAPES = [(3, 5), (129, 7), (64, 1), (333, 77)]
+SHAPES = [(3, 5), (129, 7), (64, 1), (30, 19), (333, 77)]
 # (array kind, dtype): NumPy has no bfloat16
 KINDS = [("numpy", "float32"), ("torch", "float32"), ("numpy", "float64"), ("torch", "float64"),
          ("numpy", "float16"), ("torch", "float16"), ("torch", "bfloat16")]  # fmt: skip
@@ -140,6 +142,8 @@ def test_failed_checks_send_the_case_to_the_exact_path(rng, monkeypatch):
     monkeypatch.setattr(_tiled_gemm, "_plans", {})
     monkeypatch.setattr(_packed_gemm, "_check", lambda *args: None)
     monkeypatch.setattr(_packed_gemm, "_verdicts", {})
+    monkeypatch.setattr(_dot_rows, "_check", lambda *args: False)
+    monkeypatch.setattr(_dot_rows, "_verdicts", {})
     assert cg.transform_matrix_cpu_method(40, 3).startswith("exact float64 slices (BLAS failed")
     x, w, b = _inputs(rng, "torch", "float32", 20, 40, 3)
     monkeypatch.setenv("CLISONIX_CPU_GEMM", "exact")

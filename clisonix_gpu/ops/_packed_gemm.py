@@ -63,14 +63,16 @@ import functools
 import os
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._environ import Setting
 from . import _write_watch
 from ._cpu_epilogue import apply_epilogue_
-from ._tiled_gemm import call_settings, case_key, cpu_gemm_mode, rows_independent
+from ._numba_gemm import bias_address, packed_kernel
+from ._tiled_gemm import call_settings, case_key, cpu_gemm_mode, rows_independent, small_batches_match
+from .utils import cpu_workers
 
 __all__ = [
     "Pack",
@@ -105,7 +107,7 @@ _ROW_MULTIPLES = (1, 4, 8)
 _ROW_KERNEL_BLOCKS = (192, 128, 256, 384, 96, 64)
 _SAMPLES = 64  # positions of a torch-allocated weight compared on every reuse
 _HASH_PIECE = 1 << 22  # bytes: a weight this size or larger is hashed by every torch thread
-_DEFAULT_CACHE_MB = 1024
+_CACHE_MB = Setting("CLISONIX_PACK_CACHE_MB", "1024")
 
 
 class PackedCase(NamedTuple):
@@ -144,9 +146,9 @@ class _Mkl(NamedTuple):
 
 
 class Pack(NamedTuple):
-    """A large weight laid out by MKL's pack in NumPy's memory (see :func:`_pack`)."""
+    """A weight laid out by MKL's pack in memory we hold (see :func:`_pack`)."""
 
-    buffer: np.ndarray  # holds the memory
+    buffer: Any  # holds the memory: a NumPy array or a torch tensor of bytes
     address: int  # where the pack starts, 64-byte aligned
     blocked: np.ndarray | None = None  # the weight's block-major copy for the row kernel, where its case uses it
 
@@ -199,25 +201,32 @@ def _hint(m: int, case: PackedCase) -> int:
 
 def _pack(w: Any, hint: int) -> Any:
     """MKL's pack of ``w`` (N, K), a contiguous float32 CPU tensor, for batches of about ``hint``
-    rows: through torch's op (an opaque tensor), or for a weight of 8 MiB or more, where MKL's
-    CBLAS functions are exported, the same pack made directly in NumPy's memory (a :class:`Pack`).
+    rows, made directly in memory we hold (a :class:`Pack`) where MKL's CBLAS functions are
+    exported, else through torch's op (an opaque tensor). Both give the same bits: the same MKL
+    function with the same arguments (the check runs the route its case's weights take).
 
-    NumPy backs buffers of 4 MB and more with 2 MB huge pages where the kernel allows, and one row,
-    which streams the whole pack, runs about 10% faster from them than from torch's 4 KiB pages
-    (4096x4096). Smaller weights keep torch's op: its call costs about 3 us less than a ctypes call
-    and an output tensor, and MKL's pack size includes several MB it never touches for small
-    weights (7.5 MB under 100 KB), which in huge pages would cost 2 MB of memory per pack. Both
-    give the same bits: the same MKL function with the same arguments (the check runs the route
-    its case's weights take)."""
+    A weight of 8 MiB or more gets its pack in NumPy's memory, which NumPy backs with 2 MB huge
+    pages where the kernel allows: one row, which streams the whole pack, runs about 10% faster
+    from them than from 4 KiB pages (4096x4096). Smaller weights get torch's memory (4 KiB pages):
+    MKL's pack size includes several MB it never touches for small weights (7.5 MB under 100 KB),
+    which in huge pages would cost 2 MB of memory per pack. A direct pack is what lets the packed
+    call run from compiled code (:func:`packed_compute`)."""
     n, k = w.shape
-    mkl = _mkl() if n * k * 4 >= _HUGE_PAGE_WEIGHT else None
+    mkl = _mkl()
     if mkl is None:
         ops = _mkl_ops()
         assert ops is not None
         return ops[0](w, hint)
-    nbytes = mkl.pack_size(_B_MATRIX, hint, n, k)
-    raw = np.empty(nbytes + _PACK_ALIGN, np.uint8)
-    address = raw.ctypes.data + (-raw.ctypes.data % _PACK_ALIGN)
+    import torch
+
+    nbytes = mkl.pack_size(_B_MATRIX, hint, n, k) + _PACK_ALIGN
+    if n * k * 4 >= _HUGE_PAGE_WEIGHT:
+        raw: Any = np.empty(nbytes, np.uint8)
+        start = raw.ctypes.data
+    else:
+        raw = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+        start = raw.data_ptr()
+    address = start + (-start % _PACK_ALIGN)
     mkl.pack(_ROW_MAJOR, _B_MATRIX, _TRANS, hint, n, k, 1.0, w.data_ptr(), k, address)
     return Pack(raw, address)
 
@@ -234,8 +243,10 @@ def _pack_for(w: Any, hint: int, case: PackedCase) -> Any:
 
 
 def packed_compute(x: Any, pack: Any, w: Any) -> Any:
-    """``x @ w.T`` from ``pack`` (of ``w``, by :func:`_pack`): (M, N) float32 tensor; ``x`` a
-    contiguous float32 CPU tensor (M, K), M >= 1, K >= 1."""
+    """``x @ w.T`` from ``pack`` (of ``w``, by :func:`_pack`) in one MKL call of x's rows as they
+    are: (M, N) float32 tensor; ``x`` a contiguous float32 CPU tensor (M, K), M >= 1, K >= 1. What
+    :func:`packed_rows` runs where the compiled caller (:func:`._numba_gemm.packed_kernel`) is
+    off or the pack is torch's."""
     if not isinstance(pack, Pack):
         ops = _mkl_ops()
         assert ops is not None
@@ -249,6 +260,14 @@ def packed_compute(x: Any, pack: Any, w: Any) -> Any:
     out = torch.empty((m, n), dtype=torch.float32, device="cpu")  # explicit: a torch.device context must not move it
     mkl.compute(_ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k, x.data_ptr(), k, pack.address, k, 0.0, out.data_ptr(), n)
     return out
+
+
+@functools.cache
+def _compute_address() -> int:
+    """Where MKL's ``cblas_sgemm_compute`` starts, for :func:`._numba_gemm.packed_kernel`."""
+    mkl = _mkl()
+    assert mkl is not None
+    return int(ctypes.cast(mkl.compute, ctypes.c_void_p).value or 0)
 
 
 def _rows_within(k: int, n: int, macs: int) -> int:
@@ -333,7 +352,7 @@ def _rows_hold(case: PackedCase, packs: _CheckPacks, rows_all: Any, count: int, 
     reference = run(x)
     if not rows_independent(run, x, reference, 5, gen):
         return None
-    if not _small_batches_match(run, x, reference, smallest=1):
+    if not small_batches_match(run, x, reference, smallest=1):
         return None
     shifted = torch.empty(count * k + 1, device="cpu")[1:].view(count, k)
     shifted.copy_(x)
@@ -362,7 +381,7 @@ def _small_hint_case(w: Any, rows_all: Any, reference: Any, case: PackedCase) ->
     def run(rows: Any, case: PackedCase = case) -> Any:
         return packed_rows(rows, pack, w, case)
 
-    if not _small_batches_match(run, rows_all, reference, smallest=2):
+    if not small_batches_match(run, rows_all, reference, smallest=2):
         return None
     if not torch.equal(run(rows_all)[:count], reference):
         return None
@@ -381,45 +400,76 @@ def _packable(w: Any) -> Any:
     return torch.cat([w, torch.zeros_like(w)]) if w.shape[0] == 1 else w
 
 
-def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, padded: bool = False) -> Any:
-    """``x @ w.T`` (M, N) float32 from ``pack`` (of ``w``) in the calls ``case`` allows: at most
-    ``case.call_rows`` rows each, zero rows added as ``case`` says (:meth:`PackedCase.rows_to_run`),
-    or, for fewer rows than its multiple where it says so, through the row kernel (a large weight's
-    ``pack`` then holds its block-major copy); ``x`` (M, K) contiguous, M >= 1. With ``padded``, a batch that ran as one padded call keeps the
-    products of its zero rows below its M rows (a contiguous (rows run, N) tensor): the next GEMM of
-    a chain takes them as they are, and whoever ends the chain keeps the first M rows."""
+def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, bias: Any = None, padded: bool = False) -> Any:
+    """``x @ w.T + bias`` (M, N) float32 from ``pack`` (of ``w``) in the calls ``case`` allows; ``x``
+    (M, K) contiguous, M >= 1; ``bias`` (N,) float32 or None, added as torch adds it.
+
+    A batch of at most ``case.call_rows`` rows runs through :func:`._numba_gemm.packed_kernel`
+    where the pack is ours: its rows that fill whole multiples of ``case.row_multiple`` in one call
+    read in place, the rest as one call padded with zero rows; elsewhere (torch's pack, or
+    ``CLISONIX_NUMBA=0``) the whole batch as one padded call (:func:`packed_compute`). The check
+    established that every such call gives each row the same bits. Larger batches go in calls of
+    ``case.call_rows`` rows; fewer rows than the multiple go through the row kernel where the case
+    says so (a large weight's ``pack`` then holds its block-major copy).
+
+    With ``padded``, the products of the zero rows a padded call added stay below the M rows (a
+    contiguous tensor of the rows run): the next GEMM of a chain takes them as they are, in calls
+    that need no padding, and whoever ends the chain keeps the first M rows."""
+    import torch
+
+    m, k = x.shape
+    n = w.shape[0]
+    if n == 1 or m > case.call_rows or _row_kernel_serves(m, pack, case):
+        out = _rows_apart(x, pack, w, case)
+    else:
+        tail = 1 if m == 1 and case.pad_one_row else m % case.row_multiple
+        tail_run = case.rows_to_run(tail) if tail else 0
+        kernel = packed_kernel() if isinstance(pack, Pack) else None
+        if kernel is not None:
+            rows_out = m - tail + tail_run if padded else m
+            out = torch.empty((rows_out, n), dtype=torch.float32, device="cpu")  # explicit: a torch.device context must not move it
+            bias_at = bias_address(bias)
+            kernel(_compute_address(), x.data_ptr(), m - tail, tail, tail_run, k, pack.address, n, out.data_ptr(), rows_out, bias_at)
+            if bias is not None and not bias_at:
+                out += bias
+            return out
+        run = m - tail + tail_run
+        out = packed_compute(x if run == m else torch.cat((x, x.new_zeros((run - m, k)))), pack, w)
+        out = out if padded or run == m else out[:m]
+    if bias is not None:
+        out += bias
+    return out
+
+
+def _rows_apart(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
+    """:func:`packed_rows` without bias where a batch is not one packed call: a one-row weight, more
+    rows than one call takes, or a few rows through the row kernel."""
     import torch
 
     m, n = x.shape[0], w.shape[0]
     if n == 1:
         # the packed call reads only the shape of the weight it is given (the pack holds the
         # values): a (2, K) view, not the zero-padded copy the pack was made from
-        return packed_rows(x, pack, w.expand(2, -1), case, padded=padded)[:, :1].contiguous()
-    if m < case.row_multiple and case.row_kernel_kc and isinstance(pack, Pack) and pack.blocked is not None:
-        from ._row_kernel import kernel, rows_blocked
-
-        if kernel() is not None:
-            return rows_blocked(x, pack.blocked, n, case.row_kernel_kc)
+        return packed_rows(x, pack, w.expand(2, -1), case)[:, :1].contiguous()
     if m > case.call_rows:
         out = torch.empty((m, n), dtype=torch.float32, device="cpu")
         for start in range(0, m, case.call_rows):
             out[start : start + case.call_rows] = packed_rows(x[start : start + case.call_rows], pack, w, case)
         return out
-    run = case.rows_to_run(m)
-    if run == m:
-        return packed_compute(x, pack, w)
-    out = packed_compute(torch.cat((x, x.new_zeros((run - m, x.shape[1])))), pack, w)
-    return out if padded else out[:m]
+    from ._row_kernel import rows_blocked
+
+    return rows_blocked(x, pack.blocked, n, case.row_kernel_kc)
 
 
-def _small_batches_match(gemm: Any, x: Any, reference: Any, smallest: int) -> bool:
-    """Whether batches of ``smallest`` to 33 rows of ``x`` at odd offsets (unaligned row starts
-    whenever K is odd) give the rows of ``reference`` through ``gemm`` (rows -> their products)."""
-    import torch
+def _row_kernel_serves(m: int, pack: Any, case: PackedCase) -> bool:
+    """Whether a batch of ``m`` rows runs through the row kernel: fewer rows than the case's
+    multiple, a case that uses it, a pack holding the block-major copy, the kernel compiled (not
+    ``CLISONIX_NUMBA=0``, where such a batch runs padded, with the same bits)."""
+    if m >= case.row_multiple or not case.row_kernel_kc or not isinstance(pack, Pack) or pack.blocked is None:
+        return False
+    from ._row_kernel import kernel
 
-    count = reference.shape[0]
-    batches = ((1, 0), (1, count - 1), (2, 3), (3, 7), (5, 11), (15, 13), (17, 29), (33, 14))
-    return all(torch.equal(gemm(x[start : start + rows]), reference[start : start + rows]) for rows, start in batches if rows >= smallest)
+    return kernel() is not None
 
 
 def packed_ok(k: int, n: int, dtype: Any) -> PackedCase | None:
@@ -464,7 +514,7 @@ _cached_bytes = 0
 
 def _cache_limit() -> int:
     """Bytes the cache may hold (``CLISONIX_PACK_CACHE_MB``, default 1024; 0 packs on every call)."""
-    text = os.environ.get("CLISONIX_PACK_CACHE_MB", str(_DEFAULT_CACHE_MB))
+    text = _CACHE_MB.get()
     try:
         megabytes = float(text)
     except ValueError:
@@ -523,13 +573,6 @@ def _sample_positions(shape: tuple[int, ...]) -> np.ndarray:
     return rng.integers(0, shape[0], _SAMPLES) * shape[1] + rng.integers(0, shape[1], _SAMPLES)
 
 
-@functools.cache
-def _hash_pool(threads: int, pid: int) -> ThreadPoolExecutor:
-    """Threads that hash pieces of a weight; one pool per process (a forked child has none of its
-    parent's threads, so it gets its own)."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="clisonix-hash")
-
-
 def _digest(source: Any) -> tuple[int, ...]:
     """xxh3-128 hashes of ``source``'s bytes, one per torch thread for large weights."""
     import torch
@@ -541,7 +584,7 @@ def _digest(source: Any) -> tuple[int, ...]:
         return (xxhash.xxh3_128_intdigest(flat),)
     step = -(-flat.nbytes // threads)
     pieces = [flat[start : start + step] for start in range(0, flat.nbytes, step)]
-    digests = tuple(_hash_pool(threads, os.getpid()).map(xxhash.xxh3_128_intdigest, pieces))
+    digests = tuple(cpu_workers(threads).map(xxhash.xxh3_128_intdigest, pieces))
     del keeper  # the memory the pieces read stays alive until here
     return digests
 
@@ -707,6 +750,6 @@ def packed_transform_matrix(
     else:
         w = w if w.is_contiguous() else w.contiguous()
         x = x if x.is_contiguous() else x.contiguous()
-        out = packed_rows(x, packed_weight(source, w, m, case), w, case)
-    preactivation = apply_epilogue_(out, bias, activation, keep_preactivation)
+        out = packed_rows(x, packed_weight(source, w, m, case), w, case, bias=bias)
+    preactivation = apply_epilogue_(out, None, activation, keep_preactivation)
     return out, preactivation

@@ -19,27 +19,22 @@ does not fuse the multiply-adds (no FMA on the CPU), the check finds no match an
 from __future__ import annotations
 
 import functools
-import os
-import threading
 from typing import Any
 
 import numpy as np
 
-from .binary._numba import ENV_SWITCH
+from .binary._numba import COMPILED, PARALLEL_CALL
 
 __all__ = ["BLOCK_OUTPUTS", "blocked_copy", "kernel", "rows_blocked"]
 
 BLOCK_OUTPUTS = 64  # outputs per block of the block-major copy: one work item of the kernel
-# one call at a time: numba's workqueue threading layer (its fallback where neither OpenMP nor TBB
-# loads) ends the process on parallel calls from two threads, and one call uses every core anyway
-_one_call = threading.Lock()
 
 
 def kernel() -> Any:
     """The compiled kernel, or None where numba is missing or cannot compile it, or under
     ``CLISONIX_NUMBA=0`` (which turns every compiled CPU path off: such calls run padded, with the
     same bits)."""
-    return None if os.environ.get(ENV_SWITCH, "1") == "0" else _compiled()
+    return None if COMPILED.get() == "0" else _compiled()
 
 
 @functools.cache
@@ -102,6 +97,6 @@ def rows_blocked(x: Any, blocked: np.ndarray, n: int, kc: int) -> Any:
     compiled = _compiled()
     assert compiled is not None
     out = np.empty((x.shape[0], n), np.float32)
-    with _one_call:
+    with PARALLEL_CALL:
         compiled(np.from_dlpack(x.detach()), blocked, kc, out)
     return torch.from_numpy(out)

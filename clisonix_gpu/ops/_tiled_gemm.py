@@ -22,13 +22,23 @@ The epilogue (bias, activation) is ``_cpu_epilogue``'s, shared with the packed-w
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from typing import Any, NamedTuple
 
+from .._environ import Setting
 from ._cpu_epilogue import apply_epilogue_
 
-__all__ = ["TilePlan", "call_settings", "case_key", "compute_dtype", "cpu_gemm_mode", "plan_for", "rows_independent", "tiled_transform_matrix"]
+__all__ = [
+    "TilePlan",
+    "call_settings",
+    "case_key",
+    "compute_dtype",
+    "cpu_gemm_mode",
+    "plan_for",
+    "rows_independent",
+    "small_batches_match",
+    "tiled_transform_matrix",
+]
 
 _ALIGN = 64  # bytes
 
@@ -94,10 +104,13 @@ def compute_dtype(dtype: Any) -> Any:
 _MODES = ("auto", "tiles", "exact")
 
 
+_CPU_GEMM = Setting("CLISONIX_CPU_GEMM", "auto")
+
+
 def cpu_gemm_mode() -> str:
     """``CLISONIX_CPU_GEMM``: ``auto`` (default: packed weights, else row tiles, else exact),
     ``tiles`` (row tiles, else exact) or ``exact`` (the exact path for every case)."""
-    mode = os.environ.get("CLISONIX_CPU_GEMM", "auto")
+    mode = _CPU_GEMM.get()
     if mode not in _MODES:
         raise ValueError(f"CLISONIX_CPU_GEMM must be one of {', '.join(_MODES)}; got {mode!r}")
     return mode
@@ -167,6 +180,16 @@ def rows_independent(gemm: Any, x: Any, reference: Any, shift: int, gen: Any) ->
     neighbours = x.clone()
     neighbours[1::2] = torch.randn(neighbours[1::2].shape, generator=gen, dtype=x.dtype, device="cpu")
     return torch.equal(gemm(neighbours)[0:count:2], reference[0::2])
+
+
+def small_batches_match(gemm: Any, x: Any, reference: Any, smallest: int) -> bool:
+    """Whether batches of ``smallest`` to 33 rows of ``x`` at odd offsets (unaligned row starts
+    whenever K is odd) give the rows of ``reference`` through ``gemm`` (rows -> their products)."""
+    import torch
+
+    count = reference.shape[0]
+    batches = ((1, 0), (1, count - 1), (2, 3), (3, 7), (5, 11), (15, 13), (17, 29), (33, 14))
+    return all(torch.equal(gemm(x[start : start + rows]), reference[start : start + rows]) for rows, start in batches if rows >= smallest)
 
 
 def _check(plan: TilePlan, k: int, n: int, dtype: Any) -> bool:

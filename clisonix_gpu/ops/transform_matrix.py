@@ -17,6 +17,7 @@ import numpy as np
 from .. import _dispatch
 from ..errors import ShapeError
 from ._cpu_epilogue import apply_epilogue_
+from ._dot_rows import MAX_OUTPUTS, DotRows, dot_ok, dot_rows, dot_served, dot_transform_matrix
 from ._exact_gemm import exact_matmul_blocks
 from ._packed_gemm import PackedCase, packed_ok, packed_rows, packed_transform_matrix, plain_float32, ready_pack, release_packed_weights
 from ._tiled_gemm import TilePlan, call_settings, compute_dtype, cpu_gemm_mode, plan_for, tiled_transform_matrix
@@ -149,8 +150,12 @@ def layer_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
     settings = _usual_call(torch, x, (w,), bias, activation)
     if settings is None or not _layer_shapes(x, w, bias):
         return None
-    ready = ready_pack(w, settings)
-    return None if ready is None else _packed_call(x, ready, w, bias, activation)
+    ready = _ready_gemm(w, settings)
+    if ready is None:
+        return None
+    out = _layer_rows(x, w, ready, bias)
+    apply_epilogue_(out, None, activation)
+    return out
 
 
 def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activation: Any) -> Any:
@@ -164,18 +169,18 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
     settings = _usual_call(torch, x, (first, second), bias, activation)
     if settings is None or not _layer_shapes(x, first, None) or not _weight_shapes(first.shape[0], second, bias):
         return None
-    # both packs ready, or neither GEMM runs here: the general path does them
-    first_ready = ready_pack(first, settings)
+    # both GEMMs ready, or neither runs here: the general path does them
+    first_ready = _ready_gemm(first, settings)
     if first_ready is None:
         return None
-    second_ready = ready_pack(second, settings)
+    second_ready = _ready_gemm(second, settings)
     if second_ready is None:
         return None
-    # the hidden rows keep their padding, if any: the second GEMM takes them without a copy
-    hidden = packed_rows(x, first_ready[1], first, first_ready[0], padded=True)
-    out = packed_rows(hidden, second_ready[1], second, second_ready[0])
+    # the hidden rows keep the products of their padding, if any: the second GEMM takes them in
+    # calls that need none
+    out = _layer_rows(_layer_rows(x, first, first_ready, padded=True), second, second_ready, bias)
     out = out if out.shape[0] == x.shape[0] else out[: x.shape[0]]
-    apply_epilogue_(out, bias, activation)
+    apply_epilogue_(out, None, activation)
     return out
 
 
@@ -226,10 +231,12 @@ def numpy_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
         or cpu_gemm_mode() != "auto"
     ):
         return None
-    ready = ready_pack(w, call_settings())
+    ready = _ready_gemm(w, call_settings())
     if ready is None:
         return None
-    return _packed_call(torch.from_numpy(x), ready, torch.from_numpy(w), None if bias is None else torch.from_numpy(bias), activation).numpy()
+    out = _layer_rows(torch.from_numpy(x), torch.from_numpy(w), ready, None if bias is None else torch.from_numpy(bias))
+    apply_epilogue_(out, None, activation)
+    return out.numpy()
 
 
 def _cpu_backend_requested() -> bool:
@@ -256,13 +263,27 @@ def _plain_float32_arrays(x: Any, w: Any, bias: Any) -> bool:
     return all(a is None or (type(a) is np.ndarray and plain_float32(a)) for a in (x, w, bias))
 
 
-def _packed_call(x: Any, ready: tuple[PackedCase, Any], w: Any, bias: Any, activation: str | None) -> Any:
-    """The packed GEMM and epilogue of float32 CPU tensors ``x``, ``w`` and ``bias`` with the
-    (case, pack) of ``ready``."""
+_DOT_ROWS = "dot rows"  # _ready_gemm's answer for a weight the dot-product method serves
+
+
+def _ready_gemm(w: Any, settings: tuple[int, str]) -> Any:
+    """How a layer shortcut runs ``x @ w.T`` for ``w`` (N, K), a plain tensor or array: ``"dot
+    rows"`` for a plain float32 ``w`` (:func:`plain_float32`) in a case the dot-product method
+    serves (:mod:`._dot_rows`, its check passed), else the (case, pack) :func:`ready_pack` finds;
+    None where neither holds (the general path runs the call)."""
+    n, k = w.shape
+    if n <= MAX_OUTPUTS and dot_served(k, n):
+        return _DOT_ROWS if plain_float32(w) else None
+    return ready_pack(w, settings)
+
+
+def _layer_rows(x: Any, w: Any, ready: Any, bias: Any = None, *, padded: bool = False) -> Any:
+    """``x @ w.T + bias`` as :func:`_ready_gemm` found it ready (``padded``: see
+    :func:`._packed_gemm.packed_compute`; the dot products never pad)."""
+    if ready is _DOT_ROWS:
+        return dot_rows(x, w, bias)
     case, pack = ready
-    out = packed_rows(x, pack, w, case)
-    apply_epilogue_(out, bias, activation)
-    return out
+    return packed_rows(x, pack, w, case, bias=bias, padded=padded)
 
 
 def modes_active(torch: Any) -> bool:
@@ -317,6 +338,8 @@ def transform_matrix_cpu_method(k: int, n: int, dtype: Any = "float32") -> str:
     method = _blas_method(k, n, compute)
     if isinstance(method, TilePlan):
         return f"BLAS on fixed {'/'.join(map(str, method.sizes))}-row tiles ({checked})"
+    if isinstance(method, DotRows):
+        return f"compiled dot products, one per output, vectorized over K ({checked})"
     if method is not None:
         padded = f", calls padded to a multiple of {method.row_multiple} rows" if method.row_multiple > 1 else ""
         if method.row_kernel_kc:
@@ -387,11 +410,11 @@ def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None, keep
     return torch.from_numpy(out), None if pre is None else torch.from_numpy(pre)
 
 
-def _blas_method(k: int, n: int, dtype: Any) -> PackedCase | TilePlan | None:
-    """The BLAS method serving this case, in order of preference: packed weights (what their check
-    established), row tiles (their plan), or None where neither does (checks failed, or
-    ``CLISONIX_CPU_GEMM``)."""
-    return packed_ok(k, n, dtype) or plan_for(k, n, dtype)
+def _blas_method(k: int, n: int, dtype: Any) -> DotRows | PackedCase | TilePlan | None:
+    """The method serving this case, in order of preference: dot products for at most 16 outputs,
+    packed weights (what their check established), row tiles (their plan), or None where none does
+    (checks failed, or ``CLISONIX_CPU_GEMM``)."""
+    return dot_ok(k, n, dtype) or packed_ok(k, n, dtype) or plan_for(k, n, dtype)
 
 
 def _blas_2d(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool, source: Any) -> tuple[Any, Any] | None:
@@ -399,6 +422,8 @@ def _blas_2d(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivati
     method = _blas_method(x.shape[1], w.shape[0], x.dtype)
     if isinstance(method, TilePlan):
         return tiled_transform_matrix(x, w, bias, activation, method, keep_preactivation)
+    if isinstance(method, DotRows):
+        return dot_transform_matrix(x, w, bias, activation, keep_preactivation)
     if method is not None:
         return packed_transform_matrix(x, w, bias, activation, source, method, keep_preactivation)
     return None

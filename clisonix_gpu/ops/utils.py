@@ -3,7 +3,8 @@
 - :func:`cdiv`: blocks needed to cover a size (grids, packed widths);
 - :func:`launch`: run a Triton kernel on its tensors' device with the project's compile options;
 - :func:`launch_cuda`: run a CUDA C kernel of ``kernels/*.cu`` through CuPy on its arrays' device;
-- :func:`interpreter_enabled`: whether Triton runs on the CPU interpreter (``TRITON_INTERPRET=1``).
+- :func:`interpreter_enabled`: whether Triton runs on the CPU interpreter (``TRITON_INTERPRET=1``);
+- :func:`cpu_workers`: the threads that run CPU work in pieces (hashes, compiled kernels that release the GIL).
 
 Every Triton launch goes through :func:`launch`, so it always runs inside the tensors' CUDA device
 context (not the current device) and with :data:`FP_FUSION` set explicitly: Triton 3.9 warns that
@@ -17,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.resources
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..kernels._common import interpreter_enabled
 
-__all__ = ["FP_FUSION", "cdiv", "cuda_module", "device_context", "interpreter_enabled", "launch", "launch_cuda"]
+__all__ = ["FP_FUSION", "cdiv", "cpu_workers", "cuda_module", "device_context", "interpreter_enabled", "launch", "launch_cuda"]
 
 # Multiply-add contraction (FMA) in every kernel: one rounding per multiply-add, as cuBLAS does.
 FP_FUSION = True
@@ -31,6 +34,17 @@ FP_FUSION = True
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for non-negative ints, without floats."""
     return -(-a // b)
+
+
+def cpu_workers(threads: int) -> ThreadPoolExecutor:
+    """``threads`` worker threads of this process for CPU work in pieces (a forked child has none of
+    its parent's threads, so it gets its own)."""
+    return _workers(threads, os.getpid())
+
+
+@functools.cache
+def _workers(threads: int, pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="clisonix-cpu")
 
 
 def device_context(t: Any) -> contextlib.AbstractContextManager[Any]:

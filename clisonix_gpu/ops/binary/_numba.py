@@ -14,14 +14,20 @@ It keeps the same contract (ascending distance, ties to the lower index, CSR rad
 from __future__ import annotations
 
 import functools
-import os
+import threading
 from typing import Any
 
 import numpy as np
 
+from ..._environ import Setting
 from ..utils import cdiv
 
 ENV_SWITCH = "CLISONIX_NUMBA"  # "0" turns the compiled path off
+COMPILED = Setting(ENV_SWITCH, "1")
+# one parallel kernel call at a time: numba's workqueue threading layer (its fallback where neither
+# OpenMP nor TBB loads) ends the process on parallel calls from two threads, and one call uses
+# every core anyway
+PARALLEL_CALL = threading.Lock()
 ALL_BITS = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 ROWS_PER_ITEM = 64  # queries (or rows of a) that share one transposed database tile
 KEYS_PER_ITEM = 1 << 22  # top-k buffer entries one work item may hold (32 MiB)
@@ -64,7 +70,7 @@ def _load() -> tuple[Any, str]:
 
 
 def _kernels() -> Any:
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if COMPILED.get() == "0":
         return None
     return _load()[0]
 
@@ -76,7 +82,7 @@ def enabled() -> bool:
 
 def status() -> str:
     """One line for ``clisonix-gpu info``: which CPU path the binary ops take, and why."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if COMPILED.get() == "0":
         return f"NumPy ({ENV_SWITCH}=0)"
     kernels, reason = _load()
     if kernels is None:
@@ -102,7 +108,8 @@ def popcount_gemm(a: np.ndarray, b: np.ndarray, signed_bits: int | None) -> np.n
     last_mask = ALL_BITS
     if signed_bits is not None and aw.shape[1]:
         last_mask = ALL_BITS >> np.uint64(64 * aw.shape[1] - signed_bits)  # < 64 bits: n > 8(W - 1)
-    _kernels().popcount_gemm(aw, bw, -1 if signed_bits is None else signed_bits, last_mask, ROWS_PER_ITEM, out)
+    with PARALLEL_CALL:
+        _kernels().popcount_gemm(aw, bw, -1 if signed_bits is None else signed_bits, last_mask, ROWS_PER_ITEM, out)
     return out
 
 
@@ -117,7 +124,8 @@ def hamming_topk(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.
     rows = max(1, min(ROWS_PER_ITEM, KEYS_PER_ITEM // (2 * k + 64)))
     segments = _segments(cdiv(n_q, rows), n_db, CANDIDATES // max(n_q * k, 1))
     keys = np.empty((segments, n_q, k), dtype=np.int64)
-    _kernels().hamming_topk(qw, dw, k, rows, segments, keys)
+    with PARALLEL_CALL:
+        _kernels().hamming_topk(qw, dw, k, rows, segments, keys)
     best = keys[0] if segments == 1 else np.sort(keys.transpose(1, 0, 2).reshape(n_q, segments * k), axis=1)[:, :k]
     return (best // n_db).astype(np.int32), best % n_db
 
@@ -129,11 +137,13 @@ def hamming_radius(q: np.ndarray, db: np.ndarray, r: int) -> tuple[np.ndarray, n
     segments = _segments(cdiv(n_q, ROWS_PER_ITEM), n_db, n_db)
     kernels = _kernels()
     at = np.zeros((segments, n_q), dtype=np.int64)
-    kernels.hamming_radius(qw, dw, r, ROWS_PER_ITEM, segments, False, at, np.empty(0, np.int64), np.empty(0, np.int32))
+    with PARALLEL_CALL:
+        kernels.hamming_radius(qw, dw, r, ROWS_PER_ITEM, segments, False, at, np.empty(0, np.int64), np.empty(0, np.int32))
     offsets = np.zeros(n_q + 1, dtype=np.int64)
     np.cumsum(at.sum(axis=0), out=offsets[1:])
     at = offsets[:-1] + np.cumsum(at, axis=0) - at  # segment s of query i starts after segments < s
     indices = np.empty(offsets[-1], dtype=np.int64)
     distances = np.empty(offsets[-1], dtype=np.int32)
-    kernels.hamming_radius(qw, dw, r, ROWS_PER_ITEM, segments, True, at, indices, distances)
+    with PARALLEL_CALL:
+        kernels.hamming_radius(qw, dw, r, ROWS_PER_ITEM, segments, True, at, indices, distances)
     return offsets, indices, distances
