@@ -571,3 +571,29 @@ def test_the_compiled_caller_gives_the_bits_of_one_padded_call(rng, monkeypatch,
     assert compiled.shape == (m, n) and same(compiled, one_call)
     assert kept.shape == (case.rows_to_run(m), n) and same(kept[:m], one_call)
     assert same(_packed_gemm.packed_rows(x, pack, w, case, bias=b, padded=True), kept)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 114, 116])
+def test_a_low_rank_pair_in_one_call_gives_the_two_calls_bits(rng, monkeypatch, m):
+    """The compiled pair of a low-rank layer's GEMMs (the hidden rows kept with their padding)
+    gives the bits of the two GEMMs run apart, with bias; where it does not apply it declines."""
+    k, r, n = 256, 66, 40
+    first_case, second_case = _packed_gemm.packed_ok(k, r, torch.float32), _packed_gemm.packed_ok(r, n, torch.float32)
+    if first_case is None or second_case is None:
+        pytest.skip("this machine's MKL fails the packed check at these shapes")
+    x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
+    first = torch.from_numpy(rng.standard_normal((r, k), dtype=np.float32))
+    second = torch.from_numpy(rng.standard_normal((n, r), dtype=np.float32))
+    b = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+    first_ready, second_ready = (first_case, _packed_gemm._pack(first, 128)), (second_case, _packed_gemm._pack(second, 128))
+    pair = _packed_gemm.packed_pair(x, first, first_ready, second, second_ready, b)
+    if pair is None:
+        pytest.skip("the compiled caller does not run here")
+    apart = _packed_gemm.packed_rows(_packed_gemm.packed_rows(x, first_ready[1], first, first_case), second_ready[1], second, second_case, bias=b)
+    assert pair.shape == (m, n) and pair.is_contiguous() and same(pair, apart)
+    strided_bias = torch.empty(2 * n)[::2]
+    strided_bias.copy_(b)
+    assert same(_packed_gemm.packed_pair(x, first, first_ready, second, second_ready, strided_bias), apart)
+    assert _packed_gemm.packed_pair(x, first[:1], first_ready, second[:, :1], second_ready, b) is None  # a one-row factor
+    monkeypatch.setenv("CLISONIX_NUMBA", "0")
+    assert _packed_gemm.packed_pair(x, first, first_ready, second, second_ready, b) is None

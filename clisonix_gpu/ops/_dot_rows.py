@@ -1,22 +1,25 @@
-"""Batch-invariant ``x @ w.T`` for narrow weights (at most 16 outputs) on CPU: each output one
+"""Batch-invariant ``x @ w.T`` for narrow weights (at most 15 outputs) on CPU: each output one
 vectorized dot product, every row computed alike.
 
-A weight of N <= 16 rows (a low-rank layer's first factor at a small rank, a classifier head) is
+A weight of N <= 15 rows (a low-rank layer's first factor at a small rank, a classifier head) is
 where MKL does worst on a 2-core VM, and where its packed GEMM is least predictable: on an AMD
-EPYC it took 25 us for 116 rows of K = 256, N = 2 (0.5 us of arithmetic), and its rows at N = 5,
-7, 9 and 10 round by position, which sends those cases to the row tiles. Here every output
-``out[i, j]`` is the dot product of row ``x[i]`` with row ``w[j]``: one loop over K that LLVM
-vectorizes over K (partial sums in vector lanes, folded in a fixed order at the end), the same
-machine code for every row, on numba's threads (one row per iteration). So a row's bits depend on
-that row, its output column and the case (K, N), never on the batch around it; the partial sums
-also make it more accurate than one chain of K multiply-adds (measured: within NumPy's own sgemm
-error at every shape tried). At 116 rows: K = 256, N = 2 in 4 us; K = 256, N = 66 in 55 us (MKL:
-43 us), which is why the method stops at 16 outputs.
+EPYC it took 56-67 us for 360 rows of K = 256 at N = 2, 4 or 8 (20-31 us at N = 16), and its rows
+at N = 5, 7, 9 and 10 round by position, which sends those cases to the row tiles. Here every
+output ``out[i, j]`` is the dot product of row ``x[i]`` with row ``w[j]``: one loop over K that
+LLVM vectorizes over K (partial sums in vector lanes, folded in a fixed order at the end), the same
+machine code for every row. So a row's bits depend on that row, its output column and the case
+(K, N), never on the batch around it; the partial sums also make it more accurate than one chain
+of K multiply-adds (measured: within NumPy's own sgemm error at every shape tried).
+
+Measured on that EPYC, 360 rows of K = 256: N = 2 in 12 us, N = 8 in 23 us, N = 15 in 50 us
+(MKL: 67, 75 and 70 us); from N = 16 up MKL's kernels, which fill 16 outputs at a time, are faster
+(31 us against 46 at N = 16; 40 against 82 at N = 32), so the method stops at 15 outputs. A batch
+of 2^22 multiply-adds or more runs in one piece of rows per torch thread.
 
 The check (:func:`dot_ok`) confirms the invariance per case at first use, as the other methods'
-checks do, because it rests on code generation: the kernel always gets C-contiguous float32
-arrays (one compiled specialization), and LLVM's vectorized loop and its remainder depend on K
-alone.
+checks do, because it rests on code generation: the kernel always gets C-contiguous float32 rows
+by address (one compiled specialization), and LLVM's vectorized loop and its remainder depend on
+K alone.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from .utils import cpu_workers
 
 __all__ = ["MAX_OUTPUTS", "DotRows", "dot_ok", "dot_rows", "dot_served", "dot_transform_matrix"]
 
-MAX_OUTPUTS = 16  # N at most this: above it MKL's GEMM is faster (116 x 256 x 66: 43 us against 55 us)
-_SPLIT_MACS = 1 << 20  # multiply-adds from which a call runs on every torch thread (a piece each)
+MAX_OUTPUTS = 15  # N at most this: MKL's packed GEMM is faster from 16 outputs up (module docstring)
+_SPLIT_MACS = 1 << 22  # multiply-adds from which a call runs on every torch thread (a piece each): handing pieces to threads costs about 40 us
 _verdicts: dict[tuple[int, int], bool] = {}
 
 
@@ -44,7 +47,7 @@ class DotRows(NamedTuple):
 
 def dot_rows(x: Any, w: Any, bias: Any = None) -> Any:
     """``x @ w.T + bias`` (M, N) float32 tensor for contiguous float32 CPU tensors ``x`` (M, K) and
-    ``w`` (N, K), M >= 0, K >= 1, 1 <= N <= 16, and ``bias`` (N,) float32 or None (added as torch
+    ``w`` (N, K), M >= 0, K >= 1, 1 <= N <= 15, and ``bias`` (N,) float32 or None (added as torch
     adds it). Batches of ``_SPLIT_MACS`` multiply-adds or more run in one piece of rows per torch
     thread. The caller has checked that the kernel compiled (:func:`._numba_gemm.dot_kernel`)."""
     import torch
@@ -78,7 +81,7 @@ def dot_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, keep
 
 def dot_ok(k: int, n: int, dtype: Any) -> DotRows | None:
     """The method for this case where it serves it, else None: float32 compute (``dtype`` float32,
-    float16 or bfloat16), 1 <= N <= 16, K >= 1, ``CLISONIX_CPU_GEMM`` auto, the kernel compiled
+    float16 or bfloat16), 1 <= N <= 15, K >= 1, ``CLISONIX_CPU_GEMM`` auto, the kernel compiled
     (not ``CLISONIX_NUMBA=0``) and its check passed for (K, N) (run on first use, cached)."""
     import torch
 
@@ -88,14 +91,14 @@ def dot_ok(k: int, n: int, dtype: Any) -> DotRows | None:
 
 
 def dot_served(k: int, n: int) -> bool:
-    """Whether this method serves (K, N), 1 <= N <= 16, as far as is known without running its
+    """Whether this method serves (K, N), 1 <= N <= 15, as far as is known without running its
     check: the check passed earlier and the kernel runs (not ``CLISONIX_NUMBA=0``). For the layer
     shortcuts, whose callers establish the rest (float32, ``CLISONIX_CPU_GEMM`` auto)."""
     return _verdicts.get((k, n)) is True and dot_kernel() is not None
 
 
 def _checked(k: int, n: int) -> bool:
-    """Whether the check passed for (K, N), 1 <= N <= 16 (run on first use, cached)."""
+    """Whether the check passed for (K, N), 1 <= N <= 15 (run on first use, cached)."""
     verdict = _verdicts.get((k, n))
     if verdict is None:
         verdict = _verdicts[(k, n)] = _check(k, n)

@@ -70,7 +70,7 @@ import numpy as np
 from .._environ import Setting
 from . import _write_watch
 from ._cpu_epilogue import apply_epilogue_
-from ._numba_gemm import bias_address, packed_kernel
+from ._numba_gemm import bias_address, packed_kernel, packed_pair_kernel
 from ._tiled_gemm import call_settings, case_key, cpu_gemm_mode, rows_independent, small_batches_match
 from .utils import cpu_workers
 
@@ -81,6 +81,7 @@ __all__ = [
     "cached_pack",
     "packed_compute",
     "packed_ok",
+    "packed_pair",
     "packed_rows",
     "packed_transform_matrix",
     "packed_weight",
@@ -124,6 +125,13 @@ class PackedCase(NamedTuple):
         if m == 1 and self.pad_one_row:
             return max(2, self.row_multiple)
         return -(-m // self.row_multiple) * self.row_multiple
+
+    def split(self, m: int) -> tuple[int, int]:
+        """``(tail, tail_run)`` for a batch of ``m`` rows (1 <= m <= ``call_rows``) run by the
+        compiled caller: its last ``tail`` rows as one call of ``tail_run`` rows, zero rows added,
+        and the rows before them, whole row multiples, as one call read in place."""
+        tail = 1 if m == 1 and self.pad_one_row else m % self.row_multiple
+        return tail, (self.rows_to_run(tail) if tail else 0)
 
 
 _verdicts: dict[tuple[Any, ...], PackedCase | None] = {}  # None: the check failed
@@ -422,8 +430,7 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, bias: Any = None
     if n == 1 or m > case.call_rows or _row_kernel_serves(m, pack, case):
         out = _rows_apart(x, pack, w, case)
     else:
-        tail = 1 if m == 1 and case.pad_one_row else m % case.row_multiple
-        tail_run = case.rows_to_run(tail) if tail else 0
+        tail, tail_run = case.split(m)
         kernel = packed_kernel() if isinstance(pack, Pack) else None
         if kernel is not None:
             rows_out = m - tail + tail_run if padded else m
@@ -439,6 +446,36 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, bias: Any = None
     if bias is not None:
         out += bias
     return out
+
+
+def packed_pair(x: Any, first: Any, first_ready: tuple[PackedCase, Any], second: Any, second_ready: tuple[PackedCase, Any], bias: Any) -> Any:
+    """``(x @ first.T) @ second.T + bias`` (M, N) float32, a low-rank layer's two GEMMs, in one
+    call of :func:`._numba_gemm.packed_pair_kernel` where both run as single packed calls:
+    ``first_ready`` and ``second_ready`` their (case, pack), ours, weights of two rows or more,
+    M within a call, the first GEMM's rows with their padding a valid call of the second.
+    The bits of the two :func:`packed_rows` calls (the check: every valid call gives each row the
+    same bits); None where the pair does not run as one (the caller runs them apart). ``x`` (M, K)
+    contiguous float32, M >= 1; ``bias`` (N,) float32 or None."""
+    (first_case, first_pack), (second_case, second_pack) = first_ready, second_ready
+    m, k = x.shape
+    r, n = first.shape[0], second.shape[0]
+    if r == 1 or n == 1 or m > first_case.call_rows or not isinstance(first_pack, Pack) or not isinstance(second_pack, Pack):
+        return None
+    tail, tail_run = first_case.split(m)
+    run = m - tail + tail_run if tail else m
+    if run > second_case.call_rows or run % second_case.row_multiple or (run == 1 and second_case.pad_one_row):
+        return None
+    kernel = packed_pair_kernel()
+    if kernel is None or _row_kernel_serves(m, first_pack, first_case):
+        return None
+    import torch
+
+    out = torch.empty((run, n), dtype=torch.float32, device="cpu")  # explicit: a torch.device context must not move it
+    bias_at = bias_address(bias)
+    kernel(_compute_address(), x.data_ptr(), m - tail, tail, tail_run, k, first_pack.address, r, second_pack.address, n, out.data_ptr(), bias_at)
+    if bias is not None and not bias_at:
+        out += bias
+    return out if run == m else out[:m]
 
 
 def _rows_apart(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:

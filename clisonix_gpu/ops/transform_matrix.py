@@ -19,7 +19,7 @@ from ..errors import ShapeError
 from ._cpu_epilogue import apply_epilogue_
 from ._dot_rows import MAX_OUTPUTS, DotRows, dot_ok, dot_rows, dot_served, dot_transform_matrix
 from ._exact_gemm import exact_matmul_blocks
-from ._packed_gemm import PackedCase, packed_ok, packed_rows, packed_transform_matrix, plain_float32, ready_pack, release_packed_weights
+from ._packed_gemm import PackedCase, packed_ok, packed_pair, packed_rows, packed_transform_matrix, plain_float32, ready_pack, release_packed_weights
 from ._tiled_gemm import TilePlan, call_settings, compute_dtype, cpu_gemm_mode, plan_for, tiled_transform_matrix
 from ._validate import dtype_name, mantissa_bits, require_float
 from .activations import ACTIVATIONS, apply_activation_, check_activation
@@ -176,10 +176,14 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
     second_ready = _ready_gemm(second, settings)
     if second_ready is None:
         return None
-    # the hidden rows keep the products of their padding, if any: the second GEMM takes them in
-    # calls that need none
-    out = _layer_rows(_layer_rows(x, first, first_ready, padded=True), second, second_ready, bias)
-    out = out if out.shape[0] == x.shape[0] else out[: x.shape[0]]
+    out = None
+    if first_ready is not _DOT_ROWS and second_ready is not _DOT_ROWS:
+        out = packed_pair(x, first, first_ready, second, second_ready, bias)
+    if out is None:
+        # the hidden rows keep the products of their padding, if any: the second GEMM takes them
+        # in calls that need none
+        out = _layer_rows(_layer_rows(x, first, first_ready, padded=True), second, second_ready, bias)
+        out = out if out.shape[0] == x.shape[0] else out[: x.shape[0]]
     apply_epilogue_(out, None, activation)
     return out
 
