@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 from ._cpu_epilogue import apply_epilogue_
 from ._numba_gemm import bias_address, dot_kernel
 from ._tiled_gemm import cpu_gemm_mode
-from .utils import cpu_workers
+from .utils import cpu_workers, float32_rows
 
 __all__ = ["MAX_OUTPUTS", "DotRows", "dot_ok", "dot_rows", "dot_served", "dot_transform_matrix"]
 
@@ -56,7 +56,7 @@ def dot_rows(x: Any, w: Any, bias: Any = None) -> Any:
     assert compiled is not None
     m, k = x.shape
     n = w.shape[0]
-    out = torch.empty((m, n), dtype=torch.float32, device="cpu")  # explicit: a torch.device context must not move it
+    out = float32_rows(m, n)
     x_at, w_at, out_at, bias_at = x.data_ptr(), w.data_ptr(), out.data_ptr(), bias_address(bias)
     threads = torch.get_num_threads() if m * k * n >= _SPLIT_MACS else 1
     if threads == 1 or m < 2:

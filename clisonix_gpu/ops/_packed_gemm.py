@@ -72,7 +72,7 @@ from . import _write_watch
 from ._cpu_epilogue import apply_epilogue_
 from ._numba_gemm import bias_address, packed_kernel, packed_pair_kernel
 from ._tiled_gemm import call_settings, case_key, cpu_gemm_mode, rows_independent, small_batches_match
-from .utils import cpu_workers
+from .utils import cpu_workers, float32_rows
 
 __all__ = [
     "Pack",
@@ -259,13 +259,12 @@ def packed_compute(x: Any, pack: Any, w: Any) -> Any:
         ops = _mkl_ops()
         assert ops is not None
         return ops[1](x, pack, w, None, x.shape[0])
-    import torch
 
     mkl = _mkl()
     assert mkl is not None
     m, k = x.shape
     n = w.shape[0]
-    out = torch.empty((m, n), dtype=torch.float32, device="cpu")  # explicit: a torch.device context must not move it
+    out = float32_rows(m, n)
     mkl.compute(_ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k, x.data_ptr(), k, pack.address, k, 0.0, out.data_ptr(), n)
     return out
 
@@ -434,7 +433,7 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, bias: Any = None
         kernel = packed_kernel() if isinstance(pack, Pack) else None
         if kernel is not None:
             rows_out = m - tail + tail_run if padded else m
-            out = torch.empty((rows_out, n), dtype=torch.float32, device="cpu")  # explicit: a torch.device context must not move it
+            out = float32_rows(rows_out, n)
             bias_at = bias_address(bias)
             kernel(_compute_address(), x.data_ptr(), m - tail, tail, tail_run, k, pack.address, n, out.data_ptr(), rows_out, bias_at)
             if bias is not None and not bias_at:
@@ -468,9 +467,8 @@ def packed_pair(x: Any, first: Any, first_ready: tuple[PackedCase, Any], second:
     kernel = packed_pair_kernel()
     if kernel is None or _row_kernel_serves(m, first_pack, first_case):
         return None
-    import torch
 
-    out = torch.empty((run, n), dtype=torch.float32, device="cpu")  # explicit: a torch.device context must not move it
+    out = float32_rows(run, n)
     bias_at = bias_address(bias)
     kernel(_compute_address(), x.data_ptr(), m - tail, tail, tail_run, k, first_pack.address, r, second_pack.address, n, out.data_ptr(), bias_at)
     if bias is not None and not bias_at:
@@ -481,7 +479,6 @@ def packed_pair(x: Any, first: Any, first_ready: tuple[PackedCase, Any], second:
 def _rows_apart(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
     """:func:`packed_rows` without bias where a batch is not one packed call: a one-row weight, more
     rows than one call takes, or a few rows through the row kernel."""
-    import torch
 
     m, n = x.shape[0], w.shape[0]
     if n == 1:
@@ -489,7 +486,7 @@ def _rows_apart(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
         # values): a (2, K) view, not the zero-padded copy the pack was made from
         return packed_rows(x, pack, w.expand(2, -1), case)[:, :1].contiguous()
     if m > case.call_rows:
-        out = torch.empty((m, n), dtype=torch.float32, device="cpu")
+        out = float32_rows(m, n)
         for start in range(0, m, case.call_rows):
             out[start : start + case.call_rows] = packed_rows(x[start : start + case.call_rows], pack, w, case)
         return out

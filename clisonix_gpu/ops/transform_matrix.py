@@ -127,7 +127,7 @@ def torch_op_route(*arrays: Any) -> str | None:
 def _recording_route(torch: Any, tensors: Any) -> str | None:
     """:func:`torch_op_route` for plain tensors: ``"traced"`` under ``torch.compile``,
     ``torch.jit`` tracing or functorch, ``"autograd"`` when autograd records one of ``tensors``."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active(torch):
+    if _tracing(torch):
         return "traced"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "autograd"
@@ -148,7 +148,7 @@ def layer_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
     if torch is None or x is None or w is None:
         return None
     settings = _usual_call(torch, x, (w,), bias, activation)
-    if settings is None or not _layer_shapes(x, w, bias):
+    if settings is None:
         return None
     ready = _ready_gemm(w, settings)
     if ready is None:
@@ -167,7 +167,7 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
     if torch is None or x is None or first is None or second is None:
         return None
     settings = _usual_call(torch, x, (first, second), bias, activation)
-    if settings is None or not _layer_shapes(x, first, None) or not _weight_shapes(first.shape[0], second, bias):
+    if settings is None:
         return None
     # both GEMMs ready, or neither runs here: the general path does them
     first_ready = _ready_gemm(first, settings)
@@ -189,31 +189,41 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
 
 
 def _usual_call(torch: Any, x: Any, weights: tuple[Any, ...], bias: Any, activation: Any) -> tuple[int, str] | None:
-    """The checks of a layer's usual call that the tensor shortcuts share (shapes aside): ``x`` a
-    plain, dense, contiguous float32 CPU tensor (:func:`plain_float32`), ``weights`` plain tensors
-    (the rest of that :func:`ready_pack` establishes from their cache entries), ``bias`` a plain
-    float32 CPU tensor (any strides) or None, ``x`` not a negative view (``z.conj().imag``: its
-    memory holds the unnegated values), a valid activation, nothing records, traces or intercepts
-    the call, the CPU backend in use and the packed method allowed. Returns the call's settings
-    (``call_settings()``), or None where a check fails.
+    """The checks of a layer's usual call that the tensor shortcuts share: ``x`` a plain, dense,
+    contiguous float32 CPU tensor (:func:`plain_float32`) of shape (M, K), M >= 1, not a negative
+    view (``z.conj().imag``: its memory holds the unnegated values); ``weights`` plain tensors that
+    chain, (R, K) then (N, R) (the rest of that :func:`ready_pack` establishes from their cache
+    entries); ``bias`` a plain float32 CPU tensor (N,) (any strides) or None; a valid activation;
+    nothing records, traces or intercepts the call; the CPU backend in use and the packed method
+    allowed. Returns the call's settings (``call_settings()``), or None where a check fails.
 
     A layer's call is short next to the work around it in a model, and every call into Python or
     torch counts there (in a model, between MKL's kernels, the checks run several times slower than
     alone in a loop: on a 2-core VM they cost a low-rank layer about a third of an ``nn.Linear``
-    model's time), so each fact is read once a call."""
-    plain, f32, strided = (torch.Tensor, torch.nn.Parameter), torch.float32, torch.strided
-    if type(x) is np.ndarray or not plain_float32(x):  # a plain tensor: the shortcuts' x
+    model's time), so each fact is read once a call, with few function calls."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+    if type(x) not in plain or not plain_float32(x) or not _valid_activation(activation):  # a plain tensor: the shortcuts' x
+        return None
+    shape = x.shape
+    if len(shape) != 2 or not shape[0]:
+        return None
+    width = shape[1]
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
         return None
     for w in weights:
-        if type(w) not in plain:
+        if type(w) not in plain or (grad and w.requires_grad):
             return None
-    if bias is not None and (type(bias) not in plain or bias.dtype != f32 or not bias.is_cpu or bias.layout != strided):
-        return None
-    operands = (x, *weights)
-    if not _valid_activation(activation):
-        return None
-    recorded = operands if bias is None else (*operands, bias)
-    if _recording_route(torch, recorded) is not None or modes_active(torch) or not _cpu_backend_requested() or cpu_gemm_mode() != "auto":
+        shape = w.shape
+        if len(shape) != 2 or shape[1] != width:
+            return None
+        width = shape[0]
+    if bias is not None:
+        if type(bias) not in plain or bias.dtype != torch.float32 or not bias.is_cpu or bias.layout != torch.strided or (grad and bias.requires_grad):
+            return None
+        if bias.shape != (width,):
+            return None
+    if _tracing(torch) or modes_active(torch) or not _cpu_backend_requested() or cpu_gemm_mode() != "auto":
         return None
     if x.is_neg():  # after the tracing checks: torch.compile cannot trace ``is_neg``
         return None
@@ -254,12 +264,13 @@ def _valid_activation(activation: Any) -> bool:
 
 def _layer_shapes(x: Any, w: Any, bias: Any) -> bool:
     """``x`` (M, K) with M >= 1, ``w`` (N, K), ``bias`` (N,) or None."""
-    return x.ndim == 2 and x.shape[0] > 0 and _weight_shapes(x.shape[1], w, bias)
-
-
-def _weight_shapes(k: int, w: Any, bias: Any) -> bool:
-    """``w`` (N, k), ``bias`` (N,) or None."""
-    return w.ndim == 2 and w.shape[1] == k and (bias is None or (bias.ndim == 1 and bias.shape[0] == w.shape[0]))
+    return (
+        x.ndim == 2
+        and x.shape[0] > 0
+        and w.ndim == 2
+        and w.shape[1] == x.shape[1]
+        and (bias is None or (bias.ndim == 1 and bias.shape[0] == w.shape[0]))
+    )
 
 
 def _plain_float32_arrays(x: Any, w: Any, bias: Any) -> bool:
@@ -293,6 +304,11 @@ def _layer_rows(x: Any, w: Any, ready: Any, bias: Any = None, *, padded: bool = 
 def modes_active(torch: Any) -> bool:
     """A torch function or dispatch mode (``torch.device`` context, fake or debug modes) is on."""
     return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
+
+
+def _tracing(torch: Any) -> bool:
+    """``torch.compile``, ``torch.jit`` tracing or a functorch transform is on."""
+    return bool(torch.compiler.is_compiling() or torch._C._is_tracing() or _functorch_active(torch))
 
 
 def _functorch_active(torch: Any) -> bool:
