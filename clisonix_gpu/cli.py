@@ -52,6 +52,7 @@ def info() -> str:
 
     lines.append("CPU transform_matrix (per case; cg.transform_matrix_cpu_method(k, n, dtype) for others):")
     lines += [f"  K=N=1024 {dtype}: {transform_matrix_cpu_method(1024, 1024, dtype)}" for dtype in ("float32", "float64")]
+    lines.append(f"  K=256 N=10 float32: {transform_matrix_cpu_method(256, 10, 'float32')}")
 
     from .ops.binary._numba import status as binary_cpu_path
 
