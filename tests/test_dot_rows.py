@@ -153,3 +153,15 @@ def test_layers_take_it_through_their_shortcut_with_the_general_paths_bits(rng):
         for start, rows in ((0, 1), (5, 2), (30, 7)):
             assert _same(head(x[start : start + rows]), full_head[start : start + rows])
             assert _same(low(x[start : start + rows]), full_low[start : start + rows])
+
+
+def test_a_negative_view_weight_is_read_as_its_values(rng):
+    """A weight that is a negative view (its memory holds the unnegated values) gives the product
+    with its values, through the layer shortcut's checks and the general path alike."""
+    x, w, b = _data(rng, 12, 40, 6)
+    negated = torch.complex(torch.zeros(6, 40), -w).conj().imag  # reads as w, memory holds -w
+    assert negated.is_neg()
+    expected = cg.transform_matrix(x, w, b, "relu")
+    with torch.no_grad():
+        assert layer_call_shortcut(x, negated, b, "relu") is None
+        assert _same(cg.transform_matrix(x, negated, b, "relu"), expected)

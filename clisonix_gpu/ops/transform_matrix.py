@@ -283,12 +283,14 @@ _DOT_ROWS = "dot rows"  # _ready_gemm's answer for a weight the dot-product meth
 
 def _ready_gemm(w: Any, settings: tuple[int, str]) -> Any:
     """How a layer shortcut runs ``x @ w.T`` for ``w`` (N, K), a plain tensor or array: ``"dot
-    rows"`` for a plain float32 ``w`` (:func:`plain_float32`) in a case the dot-product method
-    serves (:mod:`._dot_rows`, its check passed), else the (case, pack) :func:`ready_pack` finds;
-    None where neither holds (the general path runs the call)."""
+    rows"`` for a plain float32 ``w`` (:func:`plain_float32`, not a negative view) in a case the
+    dot-product method serves (:mod:`._dot_rows`, its check passed), else the (case, pack)
+    :func:`ready_pack` finds; None where neither holds (the general path runs the call)."""
     n, k = w.shape
     if n <= MAX_OUTPUTS and dot_served(k, n):
-        return _DOT_ROWS if plain_float32(w) else None
+        # read in place: plain float32 memory, not a negative view (whose memory holds the
+        # unnegated values)
+        return _DOT_ROWS if plain_float32(w) and (type(w) is np.ndarray or not w.is_neg()) else None
     return ready_pack(w, settings)
 
 
