@@ -1,8 +1,9 @@
 """Batch-invariant ``activation(x @ w.T + bias)`` on CPU from MKL's packed GEMM, ``w`` packed once.
 
-MKL's packed GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute``, through torch's
-``torch.ops.mkl`` ops, or called directly for large weights: :func:`_pack`) lays ``w`` out once in the panels
-its kernels read, then multiplies any number of rows by it. Measured with torch 2.13's MKL on an
+MKL's packed GEMM (``cblas_sgemm_pack`` / ``cblas_sgemm_compute`` from torch's CPU library, the
+pack in memory we hold, the compute called from compiled code: :func:`_pack`,
+:mod:`._numba_gemm`; through torch's ``torch.ops.mkl`` ops where the functions are not exported)
+lays ``w`` out once in the panels its kernels read, then multiplies any number of rows by it. Measured with torch 2.13's MKL on an
 Intel CPU (2 cores, AVX-512): its rows come out bit-identical for every M from 1 to thousands (one row included: no
 GEMV kernel), at every position, beside any neighbours, with misaligned rows, for packs made with a
 batch-size hint of 256 or more, and under 1 and 2 threads. Two exceptions were seen, and are worked
@@ -16,10 +17,11 @@ GEMV's time, not a 16-row GEMM's.
 
 The same MKL on an AMD EPYC (Zen 4, AVX-512) rounds whole groups of four rows alike, but runs
 batches of one to three rows, and the rows left over when a thread's share is not a multiple of
-four, through kernels that round differently. There every call runs a multiple of four rows, the
-batch padded with zero rows, and the shapes measured keep their bits, except N = 5, 7, 9 and 10
-(K >= 16), whose rows at odd positions round differently whatever the padding: those go to the row
-tiles. Padding costs little from a few rows up, but one row of a 4096x4096 weight would cost a
+four, through kernels that round differently. There every call runs a multiple of four rows (the
+rows of a batch that fill whole multiples in place, the rest as one call padded with zero rows),
+and the shapes measured keep their bits, except N = 5, 7, 9 and 10 (K >= 16), whose rows at odd
+positions round differently whatever the padding: those take the dot products of
+:mod:`._dot_rows`, which serve every weight of at most 15 outputs. Padding costs little from a few rows up, but one row of a 4096x4096 weight would cost a
 four-row call, about three times MKL's one-row kernel on that CPU (8-9 ms against 2.9 ms, any pack
 hint). So for weights of 8 MiB or more, batches of fewer rows than the multiple run instead through
 :mod:`._row_kernel`, which sums K in blocks as MKL's four-row kernel does (blocks of 192 there), at
@@ -218,7 +220,7 @@ def _pack(w: Any, hint: int) -> Any:
     from them than from 4 KiB pages (4096x4096). Smaller weights get torch's memory (4 KiB pages):
     MKL's pack size includes several MB it never touches for small weights (7.5 MB under 100 KB),
     which in huge pages would cost 2 MB of memory per pack. A direct pack is what lets the packed
-    call run from compiled code (:func:`packed_compute`)."""
+    call run from compiled code (:func:`packed_rows`)."""
     n, k = w.shape
     mkl = _mkl()
     if mkl is None:
@@ -259,7 +261,6 @@ def packed_compute(x: Any, pack: Any, w: Any) -> Any:
         ops = _mkl_ops()
         assert ops is not None
         return ops[1](x, pack, w, None, x.shape[0])
-
     mkl = _mkl()
     assert mkl is not None
     m, k = x.shape
@@ -472,7 +473,6 @@ def packed_pair(x: Any, first: Any, first_ready: tuple[PackedCase, Any], second:
     kernel = packed_pair_kernel()
     if kernel is None or _row_kernel_serves(m, first_pack, first_case):
         return None
-
     out = float32_rows(run, n)
     bias_at = bias_address(bias)
     kernel(_compute_address(), x.data_ptr(), m - tail, tail, tail_run, k, first_pack.address, r, second_pack.address, n, out.data_ptr(), bias_at)
@@ -484,7 +484,6 @@ def packed_pair(x: Any, first: Any, first_ready: tuple[PackedCase, Any], second:
 def _rows_apart(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:
     """:func:`packed_rows` without bias where a batch is not one packed call: a one-row weight, more
     rows than one call takes, or a few rows through the row kernel."""
-
     m, n = x.shape[0], w.shape[0]
     if n == 1:
         # the packed call reads only the shape of the weight it is given (the pack holds the

@@ -108,8 +108,9 @@ _CPU_GEMM = Setting("CLISONIX_CPU_GEMM", "auto")
 
 
 def cpu_gemm_mode() -> str:
-    """``CLISONIX_CPU_GEMM``: ``auto`` (default: packed weights, else row tiles, else exact),
-    ``tiles`` (row tiles, else exact) or ``exact`` (the exact path for every case)."""
+    """``CLISONIX_CPU_GEMM``: ``auto`` (default: dot products for narrow weights, else packed
+    weights, else row tiles, else exact), ``tiles`` (row tiles, else exact) or ``exact`` (the exact
+    path for every case)."""
     mode = _CPU_GEMM.get()
     if mode not in _MODES:
         raise ValueError(f"CLISONIX_CPU_GEMM must be one of {', '.join(_MODES)}; got {mode!r}")

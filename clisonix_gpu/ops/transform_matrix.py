@@ -296,7 +296,7 @@ def _ready_gemm(w: Any, settings: tuple[int, str]) -> Any:
 
 def _layer_rows(x: Any, w: Any, ready: Any, bias: Any = None, *, padded: bool = False) -> Any:
     """``x @ w.T + bias`` as :func:`_ready_gemm` found it ready (``padded``: see
-    :func:`._packed_gemm.packed_compute`; the dot products never pad)."""
+    :func:`._packed_gemm.packed_rows`; the dot products never pad)."""
     if ready is _DOT_ROWS:
         return dot_rows(x, w, bias)
     case, pack = ready
@@ -433,7 +433,7 @@ def _transform_matrix_2d(x: Any, w: Any, bias: Any, activation: str | None, keep
 
 
 def _blas_method(k: int, n: int, dtype: Any) -> DotRows | PackedCase | TilePlan | None:
-    """The method serving this case, in order of preference: dot products for at most 16 outputs,
+    """The method serving this case, in order of preference: dot products for at most 15 outputs,
     packed weights (what their check established), row tiles (their plan), or None where none does
     (checks failed, or ``CLISONIX_CPU_GEMM``)."""
     return dot_ok(k, n, dtype) or packed_ok(k, n, dtype) or plan_for(k, n, dtype)
