@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from ._cpu_epilogue import apply_epilogue_
 from ._numba_gemm import bias_address, dot_kernel
-from ._tiled_gemm import cpu_gemm_mode
+from ._tiled_gemm import cpu_gemm_mode, rows_independent, small_batches_match
 from .utils import cpu_workers, float32_rows
 
 __all__ = ["MAX_OUTPUTS", "DotRows", "dot_ok", "dot_rows", "dot_served", "dot_transform_matrix"]
@@ -50,16 +50,14 @@ def dot_rows(x: Any, w: Any, bias: Any = None) -> Any:
     ``w`` (N, K), M >= 0, K >= 1, 1 <= N <= 15, and ``bias`` (N,) float32 or None (added as torch
     adds it). Batches of ``_SPLIT_MACS`` multiply-adds or more run in one piece of rows per torch
     thread. The caller has checked that the kernel compiled (:func:`._numba_gemm.dot_kernel`)."""
-    import torch
-
     compiled = dot_kernel()
     assert compiled is not None
     m, k = x.shape
     n = w.shape[0]
     out = float32_rows(m, n)
     x_at, w_at, out_at, bias_at = x.data_ptr(), w.data_ptr(), out.data_ptr(), bias_address(bias)
-    threads = torch.get_num_threads() if m * k * n >= _SPLIT_MACS else 1
-    if threads == 1 or m < 2:
+    threads = _threads() if m * k * n >= _SPLIT_MACS and m > 1 else 1
+    if threads == 1:
         compiled(x_at, w_at, out_at, m, k, n, bias_at)
     else:
         step = -(-m // threads)
@@ -69,6 +67,12 @@ def dot_rows(x: Any, w: Any, bias: Any = None) -> Any:
     if bias is not None and not bias_at:
         out += bias
     return out
+
+
+def _threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def dot_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool = False) -> tuple[Any, Any]:
@@ -109,8 +113,6 @@ def _check(k: int, n: int) -> bool:
     """Does every row keep its bits at other positions, beside other rows, alone and in batches of
     2 to 33, from misaligned rows and with a misaligned ``w``? Random float32 rows of this case."""
     import torch
-
-    from ._tiled_gemm import rows_independent, small_batches_match
 
     gen = torch.Generator().manual_seed(2468)
     spare = torch.randn(n * k + 1, generator=gen, device="cpu")
