@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -28,3 +32,13 @@ def same(a, b):
     """Bit-equal float32 results (NumPy arrays or tensors)."""
     a, b = (t.numpy() if isinstance(t, torch.Tensor) else t for t in (a, b))
     return np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def run_at_once(work: Callable[..., Any], arguments: Iterable[Any]) -> None:
+    """``work(argument)`` for every argument, each in its own thread, all started before any is
+    joined."""
+    threads = [threading.Thread(target=work, args=(argument,)) for argument in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

@@ -4,11 +4,10 @@ misaligned rows, threads calling at once), its check, its bias, and when it serv
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
+from packed_helpers import run_at_once
 
 import clisonix_gpu as cg
 from clisonix_gpu.ops import _dot_rows, _numba_gemm
@@ -101,11 +100,7 @@ def test_threads_calling_at_once_get_the_batch_bits(rng):
             if not _same(cg.transform_matrix(x[start : start + 3], w, b, "silu"), full[start : start + 3]):
                 failures.append(start)
 
-    workers = [threading.Thread(target=call, args=(start,)) for start in (0, 11, 29, 61)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    run_at_once(call, (0, 11, 29, 61))
     assert failures == []
 
 

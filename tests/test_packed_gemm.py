@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from packed_helpers import empty_cache, fresh, same  # noqa: F401 (empty_cache: an autouse fixture)
+from packed_helpers import empty_cache, fresh, run_at_once, same  # noqa: F401 (empty_cache: an autouse fixture)
 
 import clisonix_gpu as cg
 from clisonix_gpu.ops import _packed_gemm, _tiled_gemm
@@ -266,7 +266,6 @@ def test_a_forked_child_hashes_large_weights(rng):
 def test_concurrent_calls_share_the_cache_and_the_bits(rng):
     """Threads calling with the same weights (torch and NumPy) at once: every row has the bits of
     a lone call."""
-    import threading
 
     w = torch.randn(300, 200)
     wn = rng.standard_normal((300, 200), dtype=np.float32)
@@ -282,11 +281,7 @@ def test_concurrent_calls_share_the_cache_and_the_bits(rng):
             if not same(cg.transform_matrix(x.numpy()[:m].copy(), wn, None, "gelu"), refn[:m]):
                 bad.append(("numpy", m))
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_at_once(work, range(3))
     assert bad == []
 
 

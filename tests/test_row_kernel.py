@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from packed_helpers import empty_cache, same  # noqa: F401 (empty_cache: an autouse fixture)
+from packed_helpers import empty_cache, run_at_once, same  # noqa: F401 (empty_cache: an autouse fixture)
 
 import clisonix_gpu as cg
 from clisonix_gpu.ops import _packed_gemm, _row_kernel
@@ -83,7 +83,6 @@ def test_a_case_with_the_row_kernel_runs_few_rows_through_it_with_the_batch_bits
 def test_threads_calling_at_once_get_the_batch_bits(rng):
     """Several threads running few-row batches of one large weight at once (the kernel runs one
     call at a time): every row keeps the bits it has in a large batch."""
-    import threading
 
     k, n = 1100, 2048
     w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32))
@@ -97,9 +96,5 @@ def test_threads_calling_at_once_get_the_batch_bits(rng):
             if not same(cg.transform_matrix(x[start : start + rows], w, None, "gelu"), full[start : start + rows]):
                 bad.append((rows, start))
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_at_once(work, range(4))
     assert bad == []

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from packed_helpers import empty_cache, fresh, same  # noqa: F401 (empty_cache: an autouse fixture)
+from packed_helpers import empty_cache, fresh, run_at_once, same  # noqa: F401 (empty_cache: an autouse fixture)
 
 import clisonix_gpu as cg
 from clisonix_gpu.ops import _packed_gemm, _write_watch
@@ -272,9 +272,5 @@ def test_threads_reading_one_watch_never_force_a_repack(rng, monkeypatch):
         for _ in range(30):
             results.append(cg.transform_matrix(x, w, None, "gelu"))
 
-    threads = [threading.Thread(target=serve) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_at_once(lambda _: serve(), range(4))
     assert packs == [] and len(results) == 120 and all(same(r, expected) for r in results)

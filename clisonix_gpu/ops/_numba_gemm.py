@@ -1,6 +1,6 @@
 """The compiled (numba) pieces of the CPU GEMM methods, called with integer addresses.
 
-- :func:`dot_kernel`: ``x @ w.T`` for at most 16 outputs, each a vectorized dot product
+- :func:`dot_kernel`: ``x @ w.T`` for at most 15 outputs, each a vectorized dot product
   (:mod:`._dot_rows`, the method it serves), plus the bias if given;
 - :func:`packed_kernel`: MKL's ``cblas_sgemm_compute`` on a packed weight, in the calls its case
   allows (:mod:`._packed_gemm`): the rows that fill whole multiples of its row multiple in place,
@@ -12,15 +12,16 @@ The bias is added as torch adds it (one float32 addition per element), so either
 gives the same bits; here it costs no second pass of torch over the output.
 
 A layer's call is short next to the Python and torch calls around it in a model (on a 2-core VM a
-low-rank layer of 116 rows runs two GEMMs in about 25 us), so both take addresses and sizes, not
+low-rank layer of 116 rows runs two GEMMs in about 25 us), so they take addresses and sizes, not
 arrays: a numba call with integers costs about a microsecond, one that converts three tensors
 through DLPack about eight; and a zero-padded copy of the whole batch (``torch.cat``) costs more
-than MKL's call on the two or three rows left over (K = 256, N = 66, 114 rows: 12 us against 3). Both run serially without
-the GIL: callers split large batches over threads themselves (numba's OpenMP pool is another
-runtime than torch's, and each spins against the other between a model's layers).
+than MKL's call on the two or three rows left over (K = 256, N = 66, 114 rows: 12 us against 3).
+They run serially without the GIL: callers split large batches over threads themselves (numba's
+OpenMP pool is another runtime than torch's, and each spins against the other between a model's
+layers).
 
 numba compiles them once per machine (its on-disk cache: MKL's function arrives as an address at
-each call, so nothing process-specific is compiled in). ``CLISONIX_NUMBA=0`` turns both off: the
+each call, so nothing process-specific is compiled in). ``CLISONIX_NUMBA=0`` turns them off: the
 dot-product method then serves no case, and packed calls go through ctypes with the same bits.
 """
 

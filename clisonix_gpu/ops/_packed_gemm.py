@@ -428,8 +428,6 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, bias: Any = None
     With ``padded``, the products of the zero rows a padded call added stay below the M rows (a
     contiguous tensor of the rows run): the next GEMM of a chain takes them as they are, in calls
     that need no padding, and whoever ends the chain keeps the first M rows."""
-    import torch
-
     m, k = x.shape
     n = w.shape[0]
     if n == 1 or m > case.call_rows or _row_kernel_serves(m, pack, case):
@@ -445,6 +443,8 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, bias: Any = None
             if bias is not None and not bias_at:
                 out += bias
             return out
+        import torch
+
         run = m - tail + tail_run
         out = packed_compute(x if run == m else torch.cat((x, x.new_zeros((run - m, k)))), pack, w)
         out = out if padded or run == m else out[:m]
