@@ -568,6 +568,31 @@ def test_the_compiled_caller_gives_the_bits_of_one_padded_call(rng, monkeypatch,
     assert same(_packed_gemm.packed_rows(x, pack, w, case, bias=b, padded=True), kept)
 
 
+@pytest.mark.parametrize("k", [1, 7])
+@pytest.mark.parametrize("m", [1, 4, 7, 116])
+def test_no_route_gives_a_negative_zero(rng, monkeypatch, m, k):
+    """Every packed route adds the products to a zeroed output: a product row that sums to zero
+    (a zero row of x; a weight row of negative values, whose products with it are all -0) comes
+    out +0 from the compiled caller, the ctypes call and torch's op alike, whatever kernel MKL
+    picks for the batch size (MKL's overwrite gives -0 from some of them)."""
+    n = 19
+    case = _packed_gemm.packed_ok(k, n, torch.float32)
+    if case is None:
+        pytest.skip("this machine's MKL fails the packed check at this shape")
+    x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
+    x[m // 2] = 0.0
+    w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32))
+    w[0] = -w[0].abs()
+    routes = [_packed_gemm.packed_rows(x, _packed_gemm._pack(w, 128), w, case)]
+    if _packed_gemm._mkl_ops() is not None:
+        routes.append(_packed_gemm.packed_rows(x, _packed_gemm._mkl_ops()[0](w, 128), w, case))
+    monkeypatch.setenv("CLISONIX_NUMBA", "0")
+    routes.append(_packed_gemm.packed_rows(x, _packed_gemm._pack(w, 128), w, case))
+    for out in routes:
+        assert not torch.signbit(out[m // 2]).any() and same(out, routes[0])
+        assert torch.allclose(out, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("m", [1, 2, 5, 114, 116])
 def test_a_low_rank_pair_in_one_call_gives_the_two_calls_bits(rng, monkeypatch, m):
     """The compiled pair of a low-rank layer's GEMMs (the hidden rows kept with their padding)
