@@ -52,7 +52,7 @@ def test_a_large_batch_split_over_threads_keeps_every_rows_bits(rng):
     """A batch of 2^22 multiply-adds or more runs in one piece of rows per torch thread: its rows
     have the bits of the same rows in small batches, under any thread count."""
     x, w, b = _data(rng, 1501, 700, 15)
-    assert 1501 * 700 * 15 >= _dot_rows._SPLIT_MACS
+    assert 1501 * 700 * 15 >= _dot_rows.SPLIT_MACS
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -109,12 +109,12 @@ def test_the_check_rejects_a_kernel_that_rounds_by_position(monkeypatch):
     the case goes to the next method."""
     real = _numba_gemm.dot_kernel()
 
-    def last_row_bumped(x_at, w_at, out_at, m, k, n, bias_at):
-        real(x_at, w_at, out_at, m, k, n, bias_at)
+    def last_row_bumped(address, x_at, w_at, out_at, m, k, n, bias_at):
+        real.call(address, x_at, w_at, out_at, m, k, n, bias_at)
         out = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_float * (m * n)).from_address(out_at))
         out[-n:] = np.nextafter(out[-n:], np.inf)
 
-    monkeypatch.setattr(_dot_rows, "dot_kernel", lambda: last_row_bumped)
+    monkeypatch.setattr(_dot_rows, "dot_kernel", lambda: real._replace(call=last_row_bumped))
     monkeypatch.setattr(_dot_rows, "_verdicts", {})
     assert not _dot_rows._check(33, 5)
     assert "compiled dot products" not in cg.transform_matrix_cpu_method(33, 5)

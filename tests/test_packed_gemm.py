@@ -13,7 +13,7 @@ import torch
 from packed_helpers import empty_cache, fresh, run_at_once, same  # noqa: F401 (empty_cache: an autouse fixture)
 
 import clisonix_gpu as cg
-from clisonix_gpu.ops import _packed_gemm, _tiled_gemm
+from clisonix_gpu.ops import _dot_rows, _numba_gemm, _packed_gemm, _tiled_gemm, transform_matrix
 
 pytestmark = pytest.mark.skipif(_packed_gemm._mkl_ops() is None, reason="this torch build has no MKL packed GEMM")
 
@@ -438,11 +438,17 @@ def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the
         assert same(layer(x.t().contiguous().t()), general)  # the general path: same bits
         from clisonix_gpu.ops import transform_matrix as tm
 
-        gemms, real_rows = [], tm._layer_rows
-        monkeypatch.setattr(tm, "_layer_rows", lambda *args, **kwargs: gemms.append(args) or real_rows(*args, **kwargs))
+        gemms, real_rows, real_pair = [], tm._layer_rows, tm.low_rank_rows
+        monkeypatch.setattr(tm, "_layer_rows", lambda *args, **kwargs: gemms.append("apart") or real_rows(*args, **kwargs))
+        monkeypatch.setattr(tm, "low_rank_rows", lambda *args: gemms.append("pair") or real_pair(*args))
         assert low_rank_call_shortcut(x, first, second.detach().clone(), bias, "gelu") is None  # second not packed
         assert gemms == []  # declined before either GEMM ran
-        assert same(low_rank_call_shortcut(x, first, second, bias, "gelu"), general) and len(gemms) == 2
+        assert same(low_rank_call_shortcut(x, first, second, bias, "gelu"), general)
+        assert gemms == (["pair"] if _numba_gemm.low_rank_kernel() is not None else ["pair", "apart", "apart"])
+        gemms.clear()
+        monkeypatch.setenv("CLISONIX_NUMBA", "0")  # no compiled pair, no dot products: two packed GEMMs
+        assert low_rank_call_shortcut(x, first, second, bias, "gelu") is None or gemms == ["pair", "apart", "apart"]
+        monkeypatch.delenv("CLISONIX_NUMBA")
     assert low_rank_call_shortcut(x, first, second, bias, "gelu") is None  # autograd records the factors
     recorded = layer(x)
     assert recorded.requires_grad and same(recorded.detach(), general)
@@ -594,26 +600,51 @@ def test_no_route_gives_a_negative_zero(rng, monkeypatch, m, k):
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 114, 116])
-def test_a_low_rank_pair_in_one_call_gives_the_two_calls_bits(rng, monkeypatch, m):
-    """The compiled pair of a low-rank layer's GEMMs (the hidden rows kept with their padding)
-    gives the bits of the two GEMMs run apart, with bias; where it does not apply it declines."""
-    k, r, n = 256, 66, 40
-    first_case, second_case = _packed_gemm.packed_ok(k, r, torch.float32), _packed_gemm.packed_ok(r, n, torch.float32)
-    if first_case is None or second_case is None:
-        pytest.skip("this machine's MKL fails the packed check at these shapes")
+@pytest.mark.parametrize("k,r,n", [(256, 66, 40), (256, 4, 40), (30, 19, 7), (129, 1, 2)])
+def test_a_low_rank_pair_in_one_call_gives_the_two_calls_bits(rng, monkeypatch, m, k, r, n):
+    """The compiled pair of a low-rank layer's GEMMs, each packed or dot products (N <= 15), the
+    hidden rows kept with their padding, gives the bits of the two GEMMs run apart, with bias;
+    where it does not apply it declines."""
     x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
     first = torch.from_numpy(rng.standard_normal((r, k), dtype=np.float32))
     second = torch.from_numpy(rng.standard_normal((n, r), dtype=np.float32))
     b = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
-    first_ready, second_ready = (first_case, _packed_gemm._pack(first, 128)), (second_case, _packed_gemm._pack(second, 128))
-    pair = _packed_gemm.packed_pair(x, first, first_ready, second, second_ready, b)
+    cg.transform_matrix(cg.transform_matrix(x, first), second)  # runs each case's check, packs the weights
+    settings = _packed_gemm.call_settings()
+    first_ready, second_ready = transform_matrix._ready_gemm(first, settings), transform_matrix._ready_gemm(second, settings)
+    if first_ready is None or second_ready is None:
+        pytest.skip("a method this test needs does not serve these shapes here")
+    pair = _packed_gemm.low_rank_rows(x, first, first_ready, second, second_ready, b)
     if pair is None:
         pytest.skip("the compiled caller does not run here")
-    apart = _packed_gemm.packed_rows(_packed_gemm.packed_rows(x, first_ready[1], first, first_case), second_ready[1], second, second_case, bias=b)
+    apart = transform_matrix._layer_rows(transform_matrix._layer_rows(x, first, first_ready), second, second_ready, b)
     assert pair.shape == (m, n) and pair.is_contiguous() and same(pair, apart)
+    assert same(pair, cg.transform_matrix(cg.transform_matrix(x, first, None), second, b))
     strided_bias = torch.empty(2 * n)[::2]
     strided_bias.copy_(b)
-    assert same(_packed_gemm.packed_pair(x, first, first_ready, second, second_ready, strided_bias), apart)
-    assert _packed_gemm.packed_pair(x, first[:1], first_ready, second[:, :1], second_ready, b) is None  # a one-row factor
+    assert same(_packed_gemm.low_rank_rows(x, first, first_ready, second, second_ready, strided_bias), apart)
     monkeypatch.setenv("CLISONIX_NUMBA", "0")
-    assert _packed_gemm.packed_pair(x, first, first_ready, second, second_ready, b) is None
+    assert _packed_gemm.low_rank_rows(x, first, first_ready, second, second_ready, b) is None
+
+
+def test_the_pair_declines_what_runs_apart(rng, monkeypatch):
+    """One-row packed weights, batches over a packed call's rows and dot products large enough to
+    split over threads run apart."""
+    x = torch.from_numpy(rng.standard_normal((1100, 256), dtype=np.float32))
+    first = torch.from_numpy(rng.standard_normal((66, 256), dtype=np.float32))
+    second = torch.from_numpy(rng.standard_normal((40, 66), dtype=np.float32))
+    cg.transform_matrix(cg.transform_matrix(x[:8], first), second)
+    settings = _packed_gemm.call_settings()
+    first_ready, second_ready = transform_matrix._ready_gemm(first, settings), transform_matrix._ready_gemm(second, settings)
+    if first_ready is None or second_ready is None:
+        pytest.skip("the packed method does not serve these shapes here")
+    case = first_ready[0]
+    assert _packed_gemm.low_rank_rows(x[: case.call_rows + 1], first, first_ready, second, second_ready, None) is None
+    assert _packed_gemm.low_rank_rows(x[:8], first[:1], first_ready, second[:, :1], second_ready, None) is None
+    if _dot_rows.dot_ok(256, 2, torch.float32) and _dot_rows.dot_ok(2, 3, torch.float32):
+        narrow = torch.from_numpy(rng.standard_normal((2, 256), dtype=np.float32))
+        tiny = torch.from_numpy(rng.standard_normal((3, 2), dtype=np.float32))
+        wide = torch.from_numpy(rng.standard_normal((9000, 256), dtype=np.float32))
+        assert wide.numel() * 2 >= _dot_rows.SPLIT_MACS
+        assert _packed_gemm.low_rank_rows(wide, narrow, _dot_rows.DOT_ROWS, tiny, _dot_rows.DOT_ROWS, None) is None
+        assert _packed_gemm.low_rank_rows(wide[:100], narrow, _dot_rows.DOT_ROWS, tiny, _dot_rows.DOT_ROWS, None) is not None

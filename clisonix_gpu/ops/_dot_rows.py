@@ -31,10 +31,11 @@ from ._numba_gemm import bias_address, dot_kernel
 from ._tiled_gemm import cpu_gemm_mode, rows_independent, small_batches_match
 from .utils import cpu_workers, float32_rows
 
-__all__ = ["MAX_OUTPUTS", "DotRows", "dot_ok", "dot_rows", "dot_served", "dot_transform_matrix"]
+__all__ = ["DOT_ROWS", "MAX_OUTPUTS", "SPLIT_MACS", "DotRows", "dot_ok", "dot_rows", "dot_served", "dot_transform_matrix"]
 
 MAX_OUTPUTS = 15  # N at most this: MKL's packed GEMM is faster from 16 outputs up (module docstring)
-_SPLIT_MACS = 1 << 22  # multiply-adds from which a call runs on every torch thread (a piece each): handing pieces to threads costs about 40 us
+SPLIT_MACS = 1 << 22  # multiply-adds from which a call runs on every torch thread (a piece each): handing pieces to threads costs about 40 us
+DOT_ROWS = "dot rows"  # the layer shortcuts' answer for a weight this method serves (transform_matrix._ready_gemm)
 _verdicts: dict[tuple[int, int], bool] = {}
 
 
@@ -48,21 +49,21 @@ class DotRows(NamedTuple):
 def dot_rows(x: Any, w: Any, bias: Any = None) -> Any:
     """``x @ w.T + bias`` (M, N) float32 tensor for contiguous float32 CPU tensors ``x`` (M, K) and
     ``w`` (N, K), M >= 0, K >= 1, 1 <= N <= 15, and ``bias`` (N,) float32 or None (added as torch
-    adds it). Batches of ``_SPLIT_MACS`` multiply-adds or more run in one piece of rows per torch
+    adds it). Batches of ``SPLIT_MACS`` multiply-adds or more run in one piece of rows per torch
     thread. The caller has checked that the kernel compiled (:func:`._numba_gemm.dot_kernel`)."""
-    compiled = dot_kernel()
-    assert compiled is not None
+    kernel = dot_kernel()
+    assert kernel is not None
     m, k = x.shape
     n = w.shape[0]
     out = float32_rows(m, n)
     x_at, w_at, out_at, bias_at = x.data_ptr(), w.data_ptr(), out.data_ptr(), bias_address(bias)
-    threads = _threads() if m * k * n >= _SPLIT_MACS and m > 1 else 1
+    threads = _threads() if m * k * n >= SPLIT_MACS and m > 1 else 1
     if threads == 1:
-        compiled(x_at, w_at, out_at, m, k, n, bias_at)
+        kernel.call(kernel.address, x_at, w_at, out_at, m, k, n, bias_at)
     else:
         step = -(-m // threads)
         pieces = [(x_at + start * k * 4, w_at, out_at + start * n * 4, min(step, m - start), k, n, bias_at) for start in range(0, m, step)]
-        for done in [cpu_workers(threads).submit(compiled, *piece) for piece in pieces]:
+        for done in [cpu_workers(threads).submit(kernel.call, kernel.address, *piece) for piece in pieces]:
             done.result()
     if bias is not None and not bias_at:
         out += bias

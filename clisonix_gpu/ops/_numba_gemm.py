@@ -5,8 +5,12 @@
 - :func:`packed_kernel`: MKL's ``cblas_sgemm_compute`` on a packed weight, in the calls its case
   allows (:mod:`._packed_gemm`): the rows that fill whole multiples of its row multiple in place,
   the few left over padded with zero rows in a small buffer, plus the bias if given;
-- :func:`packed_pair_kernel`: a low-rank layer's two packed GEMMs in one call, the hidden rows
-  kept with their padding for the second.
+- :func:`low_rank_kernel`: a low-rank layer's two GEMMs in one call, each as dot products or
+  packed, the hidden rows kept with their padding for the second.
+
+The dot products are one C function (a numba ``cfunc``) that every caller reaches by its address,
+as MKL's function is reached: LLVM cannot inline it into a caller and vectorize it there another
+way, so a row's bits are the same from every path.
 
 The bias is added as torch adds it (one float32 addition per element), so either way of adding it
 gives the same bits; here it costs no second pass of torch over the output.
@@ -34,16 +38,23 @@ import numpy as np
 
 from .binary._numba import COMPILED
 
-__all__ = ["bias_address", "dot_kernel", "packed_kernel", "packed_pair_kernel"]
+__all__ = ["DotKernel", "bias_address", "dot_kernel", "low_rank_kernel", "packed_kernel"]
+
+
+class DotKernel(NamedTuple):
+    """The dot products: ``call(address, x_at, w_at, out_at, m, k, n, bias_at or 0)``."""
+
+    call: Any
+    address: int  # of the C function itself, for the compiled callers
 
 
 class _Kernels(NamedTuple):
-    dot: Any  # (x_at, w_at, out_at, m, k, n, bias_at or 0)
+    dot: DotKernel
     packed: Any  # (compute_at, x_at, bulk, tail, tail_run, k, pack_at, n, out_at, out_rows, bias_at or 0)
-    packed_pair: Any  # (compute_at, x_at, bulk, tail, tail_run, k, first_at, r, second_at, n, out_at, bias_at or 0)
+    low_rank: Any  # (compute_at, dot_at, x_at, m, k, first_at, first_tail, first_tail_run, r, second_at, second_tail, second_tail_run, n, out_at, out_rows, bias_at or 0)
 
 
-def dot_kernel() -> Any:
+def dot_kernel() -> DotKernel | None:
     """The dot-product kernel, or None where numba is missing or cannot compile it, or under
     ``CLISONIX_NUMBA=0``."""
     kernels = _kernels()
@@ -56,10 +67,10 @@ def packed_kernel() -> Any:
     return None if kernels is None else kernels.packed
 
 
-def packed_pair_kernel() -> Any:
-    """The caller of two chained packed GEMMs (a low-rank layer's), or None as for :func:`dot_kernel`."""
+def low_rank_kernel() -> Any:
+    """The caller of a low-rank layer's two GEMMs, or None as for :func:`dot_kernel`."""
     kernels = _kernels()
-    return None if kernels is None else kernels.packed_pair
+    return None if kernels is None else kernels.low_rank
 
 
 def bias_address(bias: Any) -> int:
@@ -76,14 +87,13 @@ def _kernels() -> _Kernels | None:
 @functools.cache
 def _compiled() -> _Kernels | None:
     try:
-        from . import _numba_gemm_kernels as kernels
-    except ImportError:
-        return None
-    try:
+        from . import _numba_gemm_kernels as kernels  # compiles the dot products (a cfunc)
+
         x, w, out = np.ones((1, 3), np.float32), np.ones((5, 3), np.float32), np.empty((1, 5), np.float32)
-        kernels.dot(x.ctypes.data, w.ctypes.data, out.ctypes.data, 1, 3, 5, 0)
+        dot = DotKernel(kernels.dot, int(kernels.dot_products.address))
+        dot.call(dot.address, x.ctypes.data, w.ctypes.data, out.ctypes.data, 1, 3, 5, 0)
         kernels.packed.compile("(" + ", ".join(["int64"] * 11) + ")")
-        kernels.packed_pair.compile("(" + ", ".join(["int64"] * 12) + ")")
-    except Exception:  # numba raises its own errors (typing, lowering, LLVM) when it cannot compile
+        kernels.low_rank.compile("(" + ", ".join(["int64"] * 16) + ")")
+    except Exception:  # numba missing (ImportError), or its own errors (typing, lowering, LLVM)
         return None
-    return _Kernels(kernels.dot, kernels.packed, kernels.packed_pair)
+    return _Kernels(dot, kernels.packed, kernels.low_rank)

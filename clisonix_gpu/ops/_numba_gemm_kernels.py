@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, njit, types
+from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
 PADDED_COPY_FLOATS = 8192  # a batch this small (rows x K) runs as one padded call from a copy
@@ -24,6 +24,18 @@ def float32_at(typingctx: Any, address: Any) -> Any:  # pragma: no cover - compi
         return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float32)))
 
     return types.CPointer(types.float32)(address), codegen
+
+
+@intrinsic
+def keep_alive(typingctx: Any, array: Any) -> Any:  # pragma: no cover - compiled
+    """Nothing, but a use of ``array``: numba frees an array after its last use it sees, and a
+    call that reads or writes it by address is no such use. Placed after such a call, it keeps the
+    array's memory alive through the call."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return context.get_dummy_value()
+
+    return types.void(array), codegen
 
 
 @intrinsic
@@ -66,9 +78,11 @@ def add_bias(out_at: int, rows: int, n: int, bias_at: int) -> None:  # pragma: n
 
 
 # ``reassoc`` lets LLVM keep partial sums in vector lanes (the order is fixed by the compiled
-# loop, the same for every row); ``contract`` fuses each multiply-add
-@njit(nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
-def dot(x_at: int, w_at: int, out_at: int, m: int, k: int, n: int, bias_at: int) -> None:  # pragma: no cover - compiled
+# loop, the same for every row); ``contract`` fuses each multiply-add. A C function, called by its
+# address from the compiled callers (``dot``, ``low_rank``): one machine code for every caller,
+# which LLVM cannot inline and re-optimize into another rounding
+@cfunc(types.void(*[types.int64] * 6), fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
+def dot_products(x_at: int, w_at: int, out_at: int, m: int, k: int, n: int) -> None:  # pragma: no cover - compiled
     x = carray(float32_at(x_at), (m, k))
     w = carray(float32_at(w_at), (n, k))
     out = carray(float32_at(out_at), (m, n))
@@ -93,6 +107,24 @@ def dot(x_at: int, w_at: int, out_at: int, m: int, k: int, n: int, bias_at: int)
                 s += row[kk] * wj[kk]
             out[i, j] = s
             j += 1
+
+
+@intrinsic
+def call_dot_products(typingctx: Any, dot_at: Any, x_at: Any, w_at: Any, out_at: Any, m: Any, k: Any, n: Any) -> Any:  # pragma: no cover
+    """``dot_products(x_at, w_at, out_at, m, k, n)`` through its address ``dot_at``."""
+    i64 = ir.IntType(64)
+    signature = ir.FunctionType(ir.VoidType(), [i64] * 6)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        builder.call(builder.inttoptr(args[0], signature.as_pointer()), list(args[1:]))
+        return context.get_dummy_value()
+
+    return types.void(dot_at, x_at, w_at, out_at, m, k, n), codegen
+
+
+@njit(nogil=True, cache=True)
+def dot(dot_at: int, x_at: int, w_at: int, out_at: int, m: int, k: int, n: int, bias_at: int) -> None:  # pragma: no cover - compiled
+    call_dot_products(dot_at, x_at, w_at, out_at, m, k, n)
     if bias_at:
         add_bias(out_at, m, n, bias_at)
 
@@ -110,6 +142,7 @@ def packed(  # pragma: no cover - compiled
         rows = np.zeros((bulk + tail_run, k), np.float32)
         rows[: bulk + tail] = carray(float32_at(x_at), (bulk + tail, k))
         zeroed_compute(compute_at, bulk + tail_run, n, k, rows.ctypes.data, pack_at, out_at)
+        keep_alive(rows)
         tail = 0
     elif bulk:
         zeroed_compute(compute_at, bulk, n, k, x_at, pack_at, out_at)
@@ -123,19 +156,32 @@ def packed(  # pragma: no cover - compiled
             products = np.empty((tail_run, n), np.float32)
             zeroed_compute(compute_at, tail_run, n, k, rows.ctypes.data, pack_at, products.ctypes.data)
             carray(float32_at(below), (tail, n))[:] = products[:tail]
+        keep_alive(rows)
     if bias_at:
         add_bias(out_at, out_rows, n, bias_at)
 
 
-# the first GEMM as ``packed`` runs it, its products kept with their padding (``run`` rows); the
-# second on all of them in one call; then the bias
+# a low-rank layer's two GEMMs, each as dot products (``*_tail_run`` < 0) or as ``packed`` runs
+# it: the first on the ``m`` rows of ``x``, its products kept with their padding (``hidden``
+# rows), the second on all of them into ``out`` (``out_rows`` rows, room for its own padding);
+# then the bias on the first ``m`` rows
 @njit(nogil=True, cache=True)
-def packed_pair(  # pragma: no cover - compiled
-    compute_at: int, x_at: int, bulk: int, tail: int, tail_run: int, k: int, first_at: int, r: int, second_at: int, n: int, out_at: int, bias_at: int
-) -> None:
-    run = bulk + tail_run if tail else bulk
-    hidden = np.empty((run, r), np.float32)
-    packed(compute_at, x_at, bulk, tail, tail_run, k, first_at, r, hidden.ctypes.data, run, 0)
-    zeroed_compute(compute_at, run, n, r, hidden.ctypes.data, second_at, out_at)
+def low_rank(  # pragma: no cover - compiled
+    compute_at: int, dot_at: int, x_at: int, m: int, k: int, first_at: int, first_tail: int, first_tail_run: int, r: int,
+    second_at: int, second_tail: int, second_tail_run: int, n: int, out_at: int, out_rows: int, bias_at: int,
+) -> None:  # fmt: skip
+    if first_tail_run < 0:
+        rows = m
+        hidden = np.empty((rows, r), np.float32)
+        call_dot_products(dot_at, x_at, first_at, hidden.ctypes.data, m, k, r)
+    else:
+        rows = m - first_tail + first_tail_run if first_tail else m
+        hidden = np.empty((rows, r), np.float32)
+        packed(compute_at, x_at, m - first_tail, first_tail, first_tail_run, k, first_at, r, hidden.ctypes.data, rows, 0)
+    if second_tail_run < 0:
+        call_dot_products(dot_at, hidden.ctypes.data, second_at, out_at, rows, r, n)
+    else:
+        packed(compute_at, hidden.ctypes.data, rows - second_tail, second_tail, second_tail_run, r, second_at, n, out_at, out_rows, 0)
+    keep_alive(hidden)
     if bias_at:
-        add_bias(out_at, run, n, bias_at)
+        add_bias(out_at, m, n, bias_at)

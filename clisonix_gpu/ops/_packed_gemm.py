@@ -72,7 +72,8 @@ import numpy as np
 from .._environ import Setting
 from . import _write_watch
 from ._cpu_epilogue import apply_epilogue_
-from ._numba_gemm import bias_address, packed_kernel, packed_pair_kernel
+from ._dot_rows import DOT_ROWS, SPLIT_MACS
+from ._numba_gemm import bias_address, dot_kernel, low_rank_kernel, packed_kernel
 from ._tiled_gemm import call_settings, case_key, cpu_gemm_mode, rows_independent, small_batches_match
 from .utils import cpu_workers, float32_rows
 
@@ -81,9 +82,9 @@ __all__ = [
     "PackedCase",
     "cache_info",
     "cached_pack",
+    "low_rank_rows",
     "packed_compute",
     "packed_ok",
-    "packed_pair",
     "packed_rows",
     "packed_transform_matrix",
     "packed_weight",
@@ -456,32 +457,50 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, bias: Any = None
     return out
 
 
-def packed_pair(x: Any, first: Any, first_ready: tuple[PackedCase, Any], second: Any, second_ready: tuple[PackedCase, Any], bias: Any) -> Any:
+def low_rank_rows(x: Any, first: Any, first_ready: Any, second: Any, second_ready: Any, bias: Any) -> Any:
     """``(x @ first.T) @ second.T + bias`` (M, N) float32, a low-rank layer's two GEMMs, in one
-    call of :func:`._numba_gemm.packed_pair_kernel` where both run as single packed calls:
-    ``first_ready`` and ``second_ready`` their (case, pack), ours, weights of two rows or more,
-    M within a call, the first GEMM's rows with their padding a valid call of the second.
-    The bits of the two :func:`packed_rows` calls (the check: every valid call gives each row the
-    same bits); None where the pair does not run as one (the caller runs them apart). ``x`` (M, K)
-    contiguous float32, M >= 1; ``bias`` (N,) float32 or None."""
-    (first_case, first_pack), (second_case, second_pack) = first_ready, second_ready
+    call of :func:`._numba_gemm.low_rank_kernel`, each GEMM as its ready answer says: the dot
+    products (:data:`._dot_rows.DOT_ROWS`), or one packed call with our pack (its (case, pack)),
+    the first GEMM's products kept with their padding for the second. The bits of the two GEMMs
+    run apart (each method's check: a row's bits do not depend on the rows around it); None where
+    the pair does not run as one call (the caller runs them apart): the kernel off, a packed step
+    with a one-row weight, more rows than one call takes or a few rows for the row kernel, a dot
+    step large enough to split over threads. ``x`` (M, K) contiguous float32, M >= 1, ``first``
+    (R, K) and ``second`` (N, R) plain float32 weights; ``bias`` (N,) float32 or None."""
+    kernel = low_rank_kernel()
+    if kernel is None:
+        return None
     m, k = x.shape
     r, n = first.shape[0], second.shape[0]
-    if r == 1 or n == 1 or m > first_case.call_rows or not isinstance(first_pack, Pack) or not isinstance(second_pack, Pack):
+    first_step = _pair_step(first, first_ready, m)
+    if first_step is None:
         return None
-    tail, tail_run = first_case.split(m)
-    run = m - tail + tail_run if tail else m
-    if run > second_case.call_rows or run % second_case.row_multiple or (run == 1 and second_case.pad_one_row):
+    rows = m - first_step[1] + max(first_step[2], 0)  # the first GEMM's rows with their padding
+    second_step = _pair_step(second, second_ready, rows)
+    if second_step is None:
         return None
-    kernel = packed_pair_kernel()
-    if kernel is None or _row_kernel_serves(m, first_pack, first_case):
-        return None
-    out = float32_rows(run, n)
+    out_rows = rows - second_step[1] + max(second_step[2], 0)
+    out = float32_rows(out_rows, n)
     bias_at = bias_address(bias)
-    kernel(_compute_address(), x.data_ptr(), m - tail, tail, tail_run, k, first_pack.address, r, second_pack.address, n, out.data_ptr(), bias_at)
+    dot = dot_kernel()
+    assert dot is not None  # compiled with the pair
+    kernel(_compute_address(), dot.address, x.data_ptr(), m, k, *first_step, r, *second_step, n, out.data_ptr(), out_rows, bias_at)
     if bias is not None and not bias_at:
         out += bias
-    return out if run == m else out[:m]
+    return out if out_rows == m else out[:m]
+
+
+def _pair_step(w: Any, ready: Any, rows: int) -> tuple[int, int, int] | None:
+    """(address, tail, tail_run) of one GEMM of :func:`low_rank_rows` on ``rows`` rows: the dot
+    products read ``w`` (tail_run -1), a packed call its pack; None where the step does not run
+    there."""
+    n, k = w.shape
+    if ready is DOT_ROWS:
+        return None if rows * k * n >= SPLIT_MACS else (w.data_ptr(), 0, -1)
+    case, pack = ready
+    if n == 1 or rows > case.call_rows or not isinstance(pack, Pack) or _row_kernel_serves(rows, pack, case):
+        return None
+    return (pack.address, *case.split(rows))
 
 
 def _rows_apart(x: Any, pack: Any, w: Any, case: PackedCase) -> Any:

@@ -17,9 +17,18 @@ import numpy as np
 from .. import _dispatch
 from ..errors import ShapeError
 from ._cpu_epilogue import apply_epilogue_
-from ._dot_rows import MAX_OUTPUTS, DotRows, dot_ok, dot_rows, dot_served, dot_transform_matrix
+from ._dot_rows import DOT_ROWS, MAX_OUTPUTS, DotRows, dot_ok, dot_rows, dot_served, dot_transform_matrix
 from ._exact_gemm import exact_matmul_blocks
-from ._packed_gemm import PackedCase, packed_ok, packed_pair, packed_rows, packed_transform_matrix, plain_float32, ready_pack, release_packed_weights
+from ._packed_gemm import (
+    PackedCase,
+    low_rank_rows,
+    packed_ok,
+    packed_rows,
+    packed_transform_matrix,
+    plain_float32,
+    ready_pack,
+    release_packed_weights,
+)
 from ._tiled_gemm import TilePlan, call_settings, compute_dtype, cpu_gemm_mode, plan_for, tiled_transform_matrix
 from ._validate import dtype_name, mantissa_bits, require_float
 from .activations import ACTIVATIONS, apply_activation_, check_activation
@@ -176,9 +185,7 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
     second_ready = _ready_gemm(second, settings)
     if second_ready is None:
         return None
-    out = None
-    if first_ready is not _DOT_ROWS and second_ready is not _DOT_ROWS:
-        out = packed_pair(x, first, first_ready, second, second_ready, bias)
+    out = low_rank_rows(x, first, first_ready, second, second_ready, bias)
     if out is None:
         # the hidden rows keep the products of their padding, if any: the second GEMM takes them
         # in calls that need none
@@ -278,9 +285,6 @@ def _plain_float32_arrays(x: Any, w: Any, bias: Any) -> bool:
     return all(a is None or (type(a) is np.ndarray and plain_float32(a)) for a in (x, w, bias))
 
 
-_DOT_ROWS = "dot rows"  # _ready_gemm's answer for a weight the dot-product method serves
-
-
 def _ready_gemm(w: Any, settings: tuple[int, str]) -> Any:
     """How a layer shortcut runs ``x @ w.T`` for ``w`` (N, K), a plain tensor or array: ``"dot
     rows"`` for a plain float32 ``w`` (:func:`plain_float32`, not a negative view) in a case the
@@ -290,14 +294,14 @@ def _ready_gemm(w: Any, settings: tuple[int, str]) -> Any:
     if n <= MAX_OUTPUTS and dot_served(k, n):
         # read in place: plain float32 memory, not a negative view (whose memory holds the
         # unnegated values)
-        return _DOT_ROWS if plain_float32(w) and (type(w) is np.ndarray or not w.is_neg()) else None
+        return DOT_ROWS if plain_float32(w) and (type(w) is np.ndarray or not w.is_neg()) else None
     return ready_pack(w, settings)
 
 
 def _layer_rows(x: Any, w: Any, ready: Any, bias: Any = None, *, padded: bool = False) -> Any:
     """``x @ w.T + bias`` as :func:`_ready_gemm` found it ready (``padded``: see
     :func:`._packed_gemm.packed_rows`; the dot products never pad)."""
-    if ready is _DOT_ROWS:
+    if ready is DOT_ROWS:
         return dot_rows(x, w, bias)
     case, pack = ready
     return packed_rows(x, pack, w, case, bias=bias, padded=padded)
