@@ -32,7 +32,7 @@ dot-product method then serves no case, and packed calls go through ctypes with 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -90,7 +90,7 @@ def _compiled() -> _Kernels | None:
         from . import _numba_gemm_kernels as kernels  # compiles the dot products (a cfunc)
 
         x, w, out = np.ones((1, 3), np.float32), np.ones((5, 3), np.float32), np.empty((1, 5), np.float32)
-        dot = DotKernel(kernels.dot, int(kernels.dot_products.address))
+        dot = DotKernel(kernels.dot, cast(int, kernels.dot_products.address))  # a compiled cfunc has one
         dot.call(dot.address, x.ctypes.data, w.ctypes.data, out.ctypes.data, 1, 3, 5, 0)
         kernels.packed.compile("(" + ", ".join(["int64"] * 11) + ")")
         kernels.low_rank.compile("(" + ", ".join(["int64"] * 16) + ")")
