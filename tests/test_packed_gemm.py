@@ -444,10 +444,10 @@ def test_the_low_rank_shortcut_gives_the_two_general_calls_bits_and_declines_the
         assert low_rank_call_shortcut(x, first, second.detach().clone(), bias, "gelu") is None  # second not packed
         assert gemms == []  # declined before either GEMM ran
         assert same(low_rank_call_shortcut(x, first, second, bias, "gelu"), general)
-        assert gemms == (["pair"] if _numba_gemm.low_rank_kernel() is not None else ["pair", "apart", "apart"])
+        assert gemms == (["pair"] if _numba_gemm.compiled_kernels() is not None else ["apart", "apart"])
         gemms.clear()
         monkeypatch.setenv("CLISONIX_NUMBA", "0")  # no compiled pair, no dot products: two packed GEMMs
-        assert low_rank_call_shortcut(x, first, second, bias, "gelu") is None or gemms == ["pair", "apart", "apart"]
+        assert low_rank_call_shortcut(x, first, second, bias, "gelu") is None or gemms == ["apart", "apart"]
         monkeypatch.delenv("CLISONIX_NUMBA")
     assert low_rank_call_shortcut(x, first, second, bias, "gelu") is None  # autograd records the factors
     recorded = layer(x)
@@ -599,52 +599,54 @@ def test_no_route_gives_a_negative_zero(rng, monkeypatch, m, k):
         assert torch.allclose(out, x @ w.T, rtol=1e-5, atol=1e-5)
 
 
+def _ready_pair(first: torch.Tensor, second: torch.Tensor, rows: torch.Tensor) -> tuple[object, object, object]:
+    """(kernels, first's ready answer, second's) for a low-rank layer's factors, after a first call
+    on ``rows`` (each case's check, the packs); skips where a piece is missing here."""
+    kernels = _numba_gemm.compiled_kernels()
+    if kernels is None:
+        pytest.skip("the compiled kernels do not run here")
+    cg.transform_matrix(cg.transform_matrix(rows, first), second)
+    settings = _packed_gemm.call_settings()
+    first_ready, second_ready = (transform_matrix._ready_gemm(w, settings, kernels) for w in (first, second))
+    if first_ready is None or second_ready is None:
+        pytest.skip("a method this test needs does not serve these shapes here")
+    return kernels, first_ready, second_ready
+
+
 @pytest.mark.parametrize("m", [1, 2, 5, 114, 116])
 @pytest.mark.parametrize("k,r,n", [(256, 66, 40), (256, 4, 40), (30, 19, 7), (129, 1, 2)])
-def test_a_low_rank_pair_in_one_call_gives_the_two_calls_bits(rng, monkeypatch, m, k, r, n):
+def test_a_low_rank_pair_in_one_call_gives_the_two_calls_bits(rng, m, k, r, n):
     """The compiled pair of a low-rank layer's GEMMs, each packed or dot products (N <= 15), the
-    hidden rows kept with their padding, gives the bits of the two GEMMs run apart, with bias;
-    where it does not apply it declines."""
+    hidden rows kept with their padding, gives the bits of the two GEMMs run apart, with bias."""
     x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32))
     first = torch.from_numpy(rng.standard_normal((r, k), dtype=np.float32))
     second = torch.from_numpy(rng.standard_normal((n, r), dtype=np.float32))
     b = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
-    cg.transform_matrix(cg.transform_matrix(x, first), second)  # runs each case's check, packs the weights
-    settings = _packed_gemm.call_settings()
-    first_ready, second_ready = transform_matrix._ready_gemm(first, settings), transform_matrix._ready_gemm(second, settings)
-    if first_ready is None or second_ready is None:
-        pytest.skip("a method this test needs does not serve these shapes here")
-    pair = _packed_gemm.low_rank_rows(x, first, first_ready, second, second_ready, b)
-    if pair is None:
-        pytest.skip("the compiled caller does not run here")
+    kernels, first_ready, second_ready = _ready_pair(first, second, x)
+    pair = _packed_gemm.low_rank_rows(x, first, first_ready, second, second_ready, b, kernels)
     apart = transform_matrix._layer_rows(transform_matrix._layer_rows(x, first, first_ready), second, second_ready, b)
     assert pair.shape == (m, n) and pair.is_contiguous() and same(pair, apart)
     assert same(pair, cg.transform_matrix(cg.transform_matrix(x, first, None), second, b))
     strided_bias = torch.empty(2 * n)[::2]
     strided_bias.copy_(b)
-    assert same(_packed_gemm.low_rank_rows(x, first, first_ready, second, second_ready, strided_bias), apart)
-    monkeypatch.setenv("CLISONIX_NUMBA", "0")
-    assert _packed_gemm.low_rank_rows(x, first, first_ready, second, second_ready, b) is None
+    assert same(_packed_gemm.low_rank_rows(x, first, first_ready, second, second_ready, strided_bias, kernels), apart)
 
 
-def test_the_pair_declines_what_runs_apart(rng, monkeypatch):
+def test_the_pair_declines_what_runs_apart(rng):
     """One-row packed weights, batches over a packed call's rows and dot products large enough to
     split over threads run apart."""
     x = torch.from_numpy(rng.standard_normal((1100, 256), dtype=np.float32))
     first = torch.from_numpy(rng.standard_normal((66, 256), dtype=np.float32))
     second = torch.from_numpy(rng.standard_normal((40, 66), dtype=np.float32))
-    cg.transform_matrix(cg.transform_matrix(x[:8], first), second)
-    settings = _packed_gemm.call_settings()
-    first_ready, second_ready = transform_matrix._ready_gemm(first, settings), transform_matrix._ready_gemm(second, settings)
-    if first_ready is None or second_ready is None:
-        pytest.skip("the packed method does not serve these shapes here")
+    kernels, first_ready, second_ready = _ready_pair(first, second, x[:8])
     case = first_ready[0]
-    assert _packed_gemm.low_rank_rows(x[: case.call_rows + 1], first, first_ready, second, second_ready, None) is None
-    assert _packed_gemm.low_rank_rows(x[:8], first[:1], first_ready, second[:, :1], second_ready, None) is None
-    if _dot_rows.dot_ok(256, 2, torch.float32) and _dot_rows.dot_ok(2, 3, torch.float32):
-        narrow = torch.from_numpy(rng.standard_normal((2, 256), dtype=np.float32))
-        tiny = torch.from_numpy(rng.standard_normal((3, 2), dtype=np.float32))
-        wide = torch.from_numpy(rng.standard_normal((9000, 256), dtype=np.float32))
-        assert wide.numel() * 2 >= _dot_rows.SPLIT_MACS
-        assert _packed_gemm.low_rank_rows(wide, narrow, _dot_rows.DOT_ROWS, tiny, _dot_rows.DOT_ROWS, None) is None
-        assert _packed_gemm.low_rank_rows(wide[:100], narrow, _dot_rows.DOT_ROWS, tiny, _dot_rows.DOT_ROWS, None) is not None
+    assert _packed_gemm.low_rank_rows(x[: case.call_rows + 1], first, first_ready, second, second_ready, None, kernels) is None
+    assert _packed_gemm.low_rank_rows(x[:8], first[:1], first_ready, second[:, :1], second_ready, None, kernels) is None
+    narrow = torch.from_numpy(rng.standard_normal((2, 256), dtype=np.float32))
+    tiny = torch.from_numpy(rng.standard_normal((3, 2), dtype=np.float32))
+    kernels, narrow_ready, tiny_ready = _ready_pair(narrow, tiny, x[:8])
+    assert narrow_ready == tiny_ready == _dot_rows.DOT_ROWS
+    assert x.numel() * 2 < _dot_rows.SPLIT_MACS <= 9000 * 256 * 2
+    wide = torch.from_numpy(rng.standard_normal((9000, 256), dtype=np.float32))
+    assert _packed_gemm.low_rank_rows(wide, narrow, narrow_ready, tiny, tiny_ready, None, kernels) is None
+    assert _packed_gemm.low_rank_rows(x, narrow, narrow_ready, tiny, tiny_ready, None, kernels) is not None

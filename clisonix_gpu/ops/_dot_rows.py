@@ -97,9 +97,9 @@ def dot_ok(k: int, n: int, dtype: Any) -> DotRows | None:
 
 def dot_served(k: int, n: int) -> bool:
     """Whether this method serves (K, N), 1 <= N <= 15, as far as is known without running its
-    check: the check passed earlier and the kernel runs (not ``CLISONIX_NUMBA=0``). For the layer
-    shortcuts, whose callers establish the rest (float32, ``CLISONIX_CPU_GEMM`` auto)."""
-    return _verdicts.get((k, n)) is True and dot_kernel() is not None
+    check: the check passed earlier. For the layer shortcuts, whose callers establish the rest (the
+    kernel compiled and on, float32, ``CLISONIX_CPU_GEMM`` auto)."""
+    return _verdicts.get((k, n)) is True
 
 
 def _checked(k: int, n: int) -> bool:

@@ -5,7 +5,7 @@
 - :func:`packed_kernel`: MKL's ``cblas_sgemm_compute`` on a packed weight, in the calls its case
   allows (:mod:`._packed_gemm`): the rows that fill whole multiples of its row multiple in place,
   the few left over padded with zero rows in a small buffer, plus the bias if given;
-- :func:`low_rank_kernel`: a low-rank layer's two GEMMs in one call, each as dot products or
+- ``low_rank`` (:func:`compiled_kernels`): a low-rank layer's two GEMMs in one call, each as dot products or
   packed, the hidden rows kept with their padding for the second.
 
 The dot products are one C function (a numba ``cfunc``) that every caller reaches by its address,
@@ -38,7 +38,7 @@ import numpy as np
 
 from .binary._numba import COMPILED
 
-__all__ = ["DotKernel", "bias_address", "dot_kernel", "low_rank_kernel", "packed_kernel"]
+__all__ = ["DotKernel", "Kernels", "bias_address", "compiled_kernels", "dot_kernel", "packed_kernel"]
 
 
 class DotKernel(NamedTuple):
@@ -48,29 +48,30 @@ class DotKernel(NamedTuple):
     address: int  # of the C function itself, for the compiled callers
 
 
-class _Kernels(NamedTuple):
+class Kernels(NamedTuple):
+    """The compiled kernels (module docstring)."""
+
     dot: DotKernel
     packed: Any  # (compute_at, x_at, bulk, tail, tail_run, k, pack_at, n, out_at, out_rows, bias_at or 0)
     low_rank: Any  # (compute_at, dot_at, x_at, m, k, first_at, first_tail, first_tail_run, r, second_at, second_tail, second_tail_run, n, out_at, out_rows, bias_at or 0)
 
 
-def dot_kernel() -> DotKernel | None:
-    """The dot-product kernel, or None where numba is missing or cannot compile it, or under
+def compiled_kernels() -> Kernels | None:
+    """The compiled kernels, or None where numba is missing or cannot compile them, or under
     ``CLISONIX_NUMBA=0``."""
-    kernels = _kernels()
+    return None if COMPILED.get() == "0" else _compiled()
+
+
+def dot_kernel() -> DotKernel | None:
+    """The dot-product kernel, or None as for :func:`compiled_kernels`."""
+    kernels = compiled_kernels()
     return None if kernels is None else kernels.dot
 
 
 def packed_kernel() -> Any:
-    """The packed-GEMM caller, or None as for :func:`dot_kernel`."""
-    kernels = _kernels()
+    """The packed-GEMM caller, or None as for :func:`compiled_kernels`."""
+    kernels = compiled_kernels()
     return None if kernels is None else kernels.packed
-
-
-def low_rank_kernel() -> Any:
-    """The caller of a low-rank layer's two GEMMs, or None as for :func:`dot_kernel`."""
-    kernels = _kernels()
-    return None if kernels is None else kernels.low_rank
 
 
 def bias_address(bias: Any) -> int:
@@ -80,12 +81,8 @@ def bias_address(bias: Any) -> int:
     return 0 if bias is None or not bias.is_contiguous() or bias.is_neg() else int(bias.data_ptr())
 
 
-def _kernels() -> _Kernels | None:
-    return None if COMPILED.get() == "0" else _compiled()
-
-
 @functools.cache
-def _compiled() -> _Kernels | None:
+def _compiled() -> Kernels | None:
     try:
         from . import _numba_gemm_kernels as kernels  # compiles the dot products (a cfunc)
 
@@ -96,4 +93,4 @@ def _compiled() -> _Kernels | None:
         kernels.low_rank.compile("(" + ", ".join(["int64"] * 16) + ")")
     except Exception:  # numba missing (ImportError), or its own errors (typing, lowering, LLVM)
         return None
-    return _Kernels(dot, kernels.packed, kernels.low_rank)
+    return Kernels(dot, kernels.packed, kernels.low_rank)

@@ -73,7 +73,7 @@ from .._environ import Setting
 from . import _write_watch
 from ._cpu_epilogue import apply_epilogue_
 from ._dot_rows import DOT_ROWS, SPLIT_MACS
-from ._numba_gemm import bias_address, dot_kernel, low_rank_kernel, packed_kernel
+from ._numba_gemm import Kernels, bias_address, packed_kernel
 from ._tiled_gemm import call_settings, case_key, cpu_gemm_mode, rows_independent, small_batches_match
 from .utils import cpu_workers, float32_rows
 
@@ -457,19 +457,16 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, bias: Any = None
     return out
 
 
-def low_rank_rows(x: Any, first: Any, first_ready: Any, second: Any, second_ready: Any, bias: Any) -> Any:
+def low_rank_rows(x: Any, first: Any, first_ready: Any, second: Any, second_ready: Any, bias: Any, kernels: Kernels) -> Any:
     """``(x @ first.T) @ second.T + bias`` (M, N) float32, a low-rank layer's two GEMMs, in one
-    call of :func:`._numba_gemm.low_rank_kernel`, each GEMM as its ready answer says: the dot
-    products (:data:`._dot_rows.DOT_ROWS`), or one packed call with our pack (its (case, pack)),
-    the first GEMM's products kept with their padding for the second. The bits of the two GEMMs
-    run apart (each method's check: a row's bits do not depend on the rows around it); None where
-    the pair does not run as one call (the caller runs them apart): the kernel off, a packed step
+    call of ``kernels.low_rank`` (:func:`._numba_gemm.compiled_kernels`), each GEMM as its ready
+    answer says: the dot products (:data:`._dot_rows.DOT_ROWS`), or one packed call with our pack
+    (its (case, pack)), the first GEMM's products kept with their padding for the second. The bits
+    of the two GEMMs run apart (each method's check: a row's bits do not depend on the rows around
+    it); None where the pair does not run as one call (the caller runs them apart): a packed step
     with a one-row weight, more rows than one call takes or a few rows for the row kernel, a dot
     step large enough to split over threads. ``x`` (M, K) contiguous float32, M >= 1, ``first``
     (R, K) and ``second`` (N, R) plain float32 weights; ``bias`` (N,) float32 or None."""
-    kernel = low_rank_kernel()
-    if kernel is None:
-        return None
     m, k = x.shape
     r, n = first.shape[0], second.shape[0]
     first_step = _pair_step(first, first_ready, m)
@@ -482,9 +479,7 @@ def low_rank_rows(x: Any, first: Any, first_ready: Any, second: Any, second_read
     out_rows = rows - second_step[1] + max(second_step[2], 0)
     out = float32_rows(out_rows, n)
     bias_at = bias_address(bias)
-    dot = dot_kernel()
-    assert dot is not None  # compiled with the pair
-    kernel(_compute_address(), dot.address, x.data_ptr(), m, k, *first_step, r, *second_step, n, out.data_ptr(), out_rows, bias_at)
+    kernels.low_rank(_compute_address(), kernels.dot.address, x.data_ptr(), m, k, *first_step, r, *second_step, n, out.data_ptr(), out_rows, bias_at)
     if bias is not None and not bias_at:
         out += bias
     return out if out_rows == m else out[:m]
@@ -493,12 +488,12 @@ def low_rank_rows(x: Any, first: Any, first_ready: Any, second: Any, second_read
 def _pair_step(w: Any, ready: Any, rows: int) -> tuple[int, int, int] | None:
     """(address, tail, tail_run) of one GEMM of :func:`low_rank_rows` on ``rows`` rows: the dot
     products read ``w`` (tail_run -1), a packed call its pack; None where the step does not run
-    there."""
+    there (a batch the row kernel may take runs apart, whether or not that kernel compiled)."""
     n, k = w.shape
     if ready is DOT_ROWS:
         return None if rows * k * n >= SPLIT_MACS else (w.data_ptr(), 0, -1)
     case, pack = ready
-    if n == 1 or rows > case.call_rows or not isinstance(pack, Pack) or _row_kernel_serves(rows, pack, case):
+    if n == 1 or rows > case.call_rows or type(pack) is not Pack or (rows < case.row_multiple and case.row_kernel_kc):
         return None
     return (pack.address, *case.split(rows))
 
@@ -612,7 +607,10 @@ def _stamp(source: Any, settings: tuple[int, str] | None = None) -> tuple[Any, .
     settings = settings or call_settings()
     if isinstance(source, np.ndarray):
         return (None, source.__array_interface__["data"][0], source.shape, source.strides, source.dtype.str, *settings)
-    version = None if source.is_inference() else source._version
+    try:
+        version = source._version
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        version = None
     return (version, source.data_ptr(), source.shape, source.stride(), source.dtype, *settings)
 
 
@@ -622,9 +620,22 @@ def plain_float32(a: Any) -> bool:
     ``nn.Parameter``, no subclass)."""
     if type(a) is np.ndarray:
         return bool(a.dtype == np.float32 and a.flags.c_contiguous)
+    torch = _torch_names()
+    return type(a) in torch.plain and a.dtype is torch.float32 and a.is_cpu and a.layout is torch.strided and a.is_contiguous()
+
+
+class _TorchNames(NamedTuple):
+    plain: tuple[type, ...]  # torch.Tensor, torch.nn.Parameter: no subclass
+    float32: Any
+    strided: Any
+
+
+@functools.cache
+def _torch_names() -> _TorchNames:
+    """The torch names :func:`plain_float32` reads on every call, looked up once."""
     import torch
 
-    return type(a) in (torch.Tensor, torch.nn.Parameter) and a.dtype == torch.float32 and a.is_cpu and a.layout == torch.strided and a.is_contiguous()
+    return _TorchNames((torch.Tensor, torch.nn.Parameter), torch.float32, torch.strided)
 
 
 def _sample_positions(shape: tuple[int, ...]) -> np.ndarray:

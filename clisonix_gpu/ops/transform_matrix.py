@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import math
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from ..errors import ShapeError
 from ._cpu_epilogue import apply_epilogue_
 from ._dot_rows import DOT_ROWS, MAX_OUTPUTS, DotRows, dot_ok, dot_rows, dot_served, dot_transform_matrix
 from ._exact_gemm import exact_matmul_blocks
+from ._numba_gemm import Kernels, compiled_kernels
 from ._packed_gemm import (
     PackedCase,
     low_rank_rows,
@@ -159,7 +161,7 @@ def layer_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
     settings = _usual_call(torch, x, (w,), bias, activation)
     if settings is None:
         return None
-    ready = _ready_gemm(w, settings)
+    ready = _ready_gemm(w, settings, compiled_kernels())
     if ready is None:
         return None
     out = _layer_rows(x, w, ready, bias)
@@ -178,14 +180,15 @@ def low_rank_call_shortcut(x: Any, first: Any, second: Any, bias: Any, activatio
     settings = _usual_call(torch, x, (first, second), bias, activation)
     if settings is None:
         return None
+    kernels = compiled_kernels()
     # both GEMMs ready, or neither runs here: the general path does them
-    first_ready = _ready_gemm(first, settings)
+    first_ready = _ready_gemm(first, settings, kernels)
     if first_ready is None:
         return None
-    second_ready = _ready_gemm(second, settings)
+    second_ready = _ready_gemm(second, settings, kernels)
     if second_ready is None:
         return None
-    out = low_rank_rows(x, first, first_ready, second, second_ready, bias)
+    out = None if kernels is None else low_rank_rows(x, first, first_ready, second, second_ready, bias, kernels)
     if out is None:
         # the hidden rows keep the products of their padding, if any: the second GEMM takes them
         # in calls that need none
@@ -230,7 +233,7 @@ def _usual_call(torch: Any, x: Any, weights: tuple[Any, ...], bias: Any, activat
             return None
         if bias.shape != (width,):
             return None
-    if _tracing(torch) or modes_active(torch) or not _cpu_backend_requested() or cpu_gemm_mode() != "auto":
+    if _intercepted(torch) or not _cpu_backend_requested() or cpu_gemm_mode() != "auto":
         return None
     if x.is_neg():  # after the tracing checks: torch.compile cannot trace ``is_neg``
         return None
@@ -252,7 +255,7 @@ def numpy_call_shortcut(x: Any, w: Any, bias: Any, activation: Any) -> Any:
         or cpu_gemm_mode() != "auto"
     ):
         return None
-    ready = _ready_gemm(w, call_settings())
+    ready = _ready_gemm(w, call_settings(), compiled_kernels())
     if ready is None:
         return None
     out = _layer_rows(torch.from_numpy(x), torch.from_numpy(w), ready, None if bias is None else torch.from_numpy(bias))
@@ -285,13 +288,14 @@ def _plain_float32_arrays(x: Any, w: Any, bias: Any) -> bool:
     return all(a is None or (type(a) is np.ndarray and plain_float32(a)) for a in (x, w, bias))
 
 
-def _ready_gemm(w: Any, settings: tuple[int, str]) -> Any:
+def _ready_gemm(w: Any, settings: tuple[int, str], kernels: Kernels | None) -> Any:
     """How a layer shortcut runs ``x @ w.T`` for ``w`` (N, K), a plain tensor or array: ``"dot
     rows"`` for a plain float32 ``w`` (:func:`plain_float32`, not a negative view) in a case the
-    dot-product method serves (:mod:`._dot_rows`, its check passed), else the (case, pack)
-    :func:`ready_pack` finds; None where neither holds (the general path runs the call)."""
+    dot-product method serves (:mod:`._dot_rows`: ``kernels`` compiled, its check passed), else
+    the (case, pack) :func:`ready_pack` finds; None where neither holds (the general path runs the
+    call). ``kernels``: :func:`._numba_gemm.compiled_kernels`, read once a call."""
     n, k = w.shape
-    if n <= MAX_OUTPUTS and dot_served(k, n):
+    if n <= MAX_OUTPUTS and kernels is not None and dot_served(k, n):
         # read in place: plain float32 memory, not a negative view (whose memory holds the
         # unnegated values)
         return DOT_ROWS if plain_float32(w) and (type(w) is np.ndarray or not w.is_neg()) else None
@@ -314,13 +318,28 @@ def modes_active(torch: Any) -> bool:
 
 def _tracing(torch: Any) -> bool:
     """``torch.compile``, ``torch.jit`` tracing or a functorch transform is on."""
-    return bool(torch.compiler.is_compiling() or torch._C._is_tracing() or _functorch_active(torch))
+    return bool(torch.compiler.is_compiling() or torch._C._is_tracing() or _functorch_probe()())
 
 
-def _functorch_active(torch: Any) -> bool:
-    """Inside ``torch.vmap`` / ``torch.func`` transforms the tensors are wrappers without storage."""
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # torch's own probe, private
-    return bool(active()) if active is not None else False
+def _intercepted(torch: Any) -> bool:
+    """:func:`_tracing` or :func:`modes_active`: something traces or intercepts a call."""
+    state = torch._C
+    return bool(
+        torch.compiler.is_compiling()
+        or state._is_tracing()
+        or _functorch_probe()()
+        or state._len_torch_function_stack()
+        or state._len_torch_dispatch_stack()
+    )
+
+
+@functools.cache
+def _functorch_probe() -> Callable[[], bool]:
+    """Whether a ``torch.vmap`` / ``torch.func`` transform is on (its tensors are wrappers without
+    storage): torch's own probe, private, or one that says no where this torch lacks it."""
+    import torch
+
+    return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _torch_op(x: Any, w: Any, bias: Any, activation: Any) -> Any:
