@@ -45,6 +45,32 @@ def test_low_rank_linear_matches_its_factors_and_full_rank_matches_original(rng)
     assert 0 < layer.relative_error < 1 and full.relative_error < 1e-3
 
 
+def test_low_rank_linear_reads_parametrized_and_swapped_factors(rng):
+    """The layer reads its factors from its registered parameters where they are there, else as
+    attribute access gives them: a parametrization (which moves the parameter away), parameters
+    swapped by ``torch.func.functional_call``, no bias."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    x = _x(rng, 9, 20)
+    with torch.no_grad():
+        for bias in (True, False):
+            layer = LowRankLinear(20, 12, 5, bias=bias)
+            plain = layer(x)
+            expected = (x @ layer.first.T) @ (2 * layer.second).T + (0 if layer.bias is None else layer.bias)
+            parametrize.register_parametrization(layer, "second", Doubled())
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+            parametrize.remove_parametrizations(layer, "second", leave_parametrized=False)
+            swapped = {name: 3 * value for name, value in layer.named_parameters()}
+            called = torch.func.functional_call(layer, swapped, (x,))
+            expected = (x @ swapped["first"].T) @ swapped["second"].T + (0 if layer.bias is None else swapped["bias"])
+            torch.testing.assert_close(called, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer(x), plain, rtol=0, atol=0)
+
+
 def test_low_rank_linear_tol_and_bad_input():
     linear = torch.nn.Linear(30, 20)
     assert LowRankLinear.from_linear(linear, tol=0.9).rank < 20
