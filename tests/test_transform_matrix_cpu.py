@@ -10,7 +10,8 @@ What is swept (chosen to keep CI time low while covering every boundary of the r
   same M at (1031, 2049), a weight large enough for the pack made directly in NumPy's memory;
 - every activation on every M at (129, 7);
 - torch thread counts 1 and 2, switched in the middle of the process;
-- the exact fallback (``CLISONIX_CPU_GEMM=exact``) on the same sweep at one shape.
+- the exact fallback (``CLISONIX_CPU_GEMM=exact``) on the same sweep at one shape;
+- ``LowRankLinear`` on every M, its two GEMMs in one compiled call, each kind of step.
 """
 
 from __future__ import annotations
@@ -214,3 +215,20 @@ def test_torch_op_and_layers_give_the_bits_of_the_top_level_op(rng, threads, dty
         expected = _bits(cg.transform_matrix(x[:m], w, b, act))
         assert np.array_equal(_bits(cg.torch.transform_matrix(x[:m], w, b, act)), expected), (m, act)
         assert np.array_equal(_bits(cg.torch.transform_matrix(x[:m].t().contiguous().t(), w, b, act)), expected), (m, act)
+
+
+@pytest.mark.parametrize("k,r,n", [(129, 7, 33), (30, 2, 3), (256, 33, 40)])
+def test_low_rank_layers_every_batch_size(rng, threads, k, r, n):
+    """A ``LowRankLinear``'s usual call runs its two GEMMs in one compiled call (dot products then
+    packed, both dot products, both packed; a rank is at most N, so dot products never follow a
+    packed first GEMM): every M from 1 to 300 gives
+    the rows of the 300-row call, which are those of its two GEMMs through the top-level op."""
+    x, _, _ = _inputs(rng, "torch", "float32", 300, k, 1)
+    layer = cg.nn.LowRankLinear(k, n, r, activation="silu")
+    with torch.no_grad():
+        full = _bits(layer(x))
+        assert np.array_equal(full, _bits(cg.transform_matrix(cg.transform_matrix(x, layer.first), layer.second, layer.bias, "silu")))
+        for m in ALL_M:
+            part = _bits(layer(x[:m]))
+            bad = np.flatnonzero((part != full[:m]).any(axis=1))
+            assert bad.size == 0, f"M={m}: rows {bad[:5].tolist()} differ from the 300-row call"
