@@ -5,8 +5,8 @@
 - :func:`packed_kernel`: MKL's ``cblas_sgemm_compute`` on a packed weight, in the calls its case
   allows (:mod:`._packed_gemm`): the rows that fill whole multiples of its row multiple in place,
   the few left over padded with zero rows in a small buffer, plus the bias if given;
-- ``low_rank`` (:func:`compiled_kernels`): a low-rank layer's two GEMMs in one call, each as dot products or
-  packed, the hidden rows kept with their padding for the second.
+- ``low_rank`` (:func:`compiled_kernels`): a low-rank layer's two GEMMs in one call, each as dot
+  products or packed, the hidden rows kept with their padding for the second.
 
 The dot products are one C function (a numba ``cfunc``) that every caller reaches by its address,
 as MKL's function is reached: LLVM cannot inline it into a caller and vectorize it there another
@@ -24,8 +24,8 @@ They run serially without the GIL: callers split large batches over threads them
 OpenMP pool is another runtime than torch's, and each spins against the other between a model's
 layers).
 
-numba compiles them once per machine (its on-disk cache: MKL's function arrives as an address at
-each call, so nothing process-specific is compiled in). ``CLISONIX_NUMBA=0`` turns them off: the
+numba compiles them once per machine (its on-disk cache: MKL's function and the dot products
+arrive as addresses at each call, so nothing process-specific is compiled in). ``CLISONIX_NUMBA=0`` turns them off: the
 dot-product method then serves no case, and packed calls go through ctypes with the same bits.
 """
 

@@ -1,7 +1,8 @@
 """The compiled kernels of :mod:`._numba_gemm` (numba; imported only when numba is installed).
 
 Defined at module level, so numba's on-disk cache serves them from the second process on: nothing
-in them depends on the process (MKL's function arrives as an address at each call).
+in them depends on the process (MKL's function and the dot products arrive as addresses at each
+call).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def low_rank(  # pragma: no cover - compiled
         hidden = np.empty((rows, r), np.float32)
         call_dot_products(dot_at, x_at, first_at, hidden.ctypes.data, m, k, r)
     else:
-        rows = m - first_tail + first_tail_run if first_tail else m
+        rows = m - first_tail + first_tail_run
         hidden = np.empty((rows, r), np.float32)
         packed(compute_at, x_at, m - first_tail, first_tail, first_tail_run, k, first_at, r, hidden.ctypes.data, rows, 0)
     if second_tail_run < 0:

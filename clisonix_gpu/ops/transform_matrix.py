@@ -233,7 +233,7 @@ def _usual_call(torch: Any, x: Any, weights: tuple[Any, ...], bias: Any, activat
             return None
         if bias.shape != (width,):
             return None
-    if _intercepted(torch) or not _cpu_backend_requested() or cpu_gemm_mode() != "auto":
+    if _tracing(torch) or modes_active(torch) or not _cpu_backend_requested() or cpu_gemm_mode() != "auto":
         return None
     if x.is_neg():  # after the tracing checks: torch.compile cannot trace ``is_neg``
         return None
@@ -319,18 +319,6 @@ def modes_active(torch: Any) -> bool:
 def _tracing(torch: Any) -> bool:
     """``torch.compile``, ``torch.jit`` tracing or a functorch transform is on."""
     return bool(torch.compiler.is_compiling() or torch._C._is_tracing() or _functorch_probe()())
-
-
-def _intercepted(torch: Any) -> bool:
-    """:func:`_tracing` or :func:`modes_active`: something traces or intercepts a call."""
-    state = torch._C
-    return bool(
-        torch.compiler.is_compiling()
-        or state._is_tracing()
-        or _functorch_probe()()
-        or state._len_torch_function_stack()
-        or state._len_torch_dispatch_stack()
-    )
 
 
 @functools.cache
