@@ -221,8 +221,8 @@ def test_torch_op_and_layers_give_the_bits_of_the_top_level_op(rng, threads, dty
 def test_low_rank_layers_every_batch_size(rng, threads, k, r, n):
     """A ``LowRankLinear``'s usual call runs its two GEMMs in one compiled call (dot products then
     packed, both dot products, both packed; a rank is at most N, so dot products never follow a
-    packed first GEMM): every M from 1 to 300 gives
-    the rows of the 300-row call, which are those of its two GEMMs through the top-level op."""
+    packed first GEMM): every M from 1 to 300 gives the rows of the 300-row call, which are those
+    of its two GEMMs through the top-level op."""
     x, _, _ = _inputs(rng, "torch", "float32", 300, k, 1)
     layer = cg.nn.LowRankLinear(k, n, r, activation="silu")
     with torch.no_grad():
