@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 
 from ._cpu_epilogue import apply_epilogue_
 from ._numba_gemm import bias_address, dot_kernel
-from ._tiled_gemm import cpu_gemm_mode, rows_independent, small_batches_match
-from .utils import cpu_workers, float32_rows
+from ._tiled_gemm import call_settings, cpu_gemm_mode, rows_independent, small_batches_match
+from .utils import cdiv, cpu_workers, float32_rows
 
 __all__ = ["DOT_ROWS", "MAX_OUTPUTS", "SPLIT_MACS", "DotRows", "dot_ok", "dot_rows", "dot_served", "dot_transform_matrix"]
 
@@ -56,24 +56,18 @@ def dot_rows(x: Any, w: Any, bias: Any = None) -> Any:
     m, k = x.shape
     n = w.shape[0]
     out = float32_rows(m, n)
-    x_at, w_at, out_at, bias_at = x.data_ptr(), w.data_ptr(), out.data_ptr(), bias_address(bias)
-    threads = _threads() if m * k * n >= SPLIT_MACS and m > 1 else 1
+    keeper, bias_at = bias_address(bias)
+    x_at, w_at, out_at = x.data_ptr(), w.data_ptr(), out.data_ptr()
+    threads = call_settings()[0] if m * k * n >= SPLIT_MACS and m > 1 else 1
     if threads == 1:
         kernel.call(kernel.address, x_at, w_at, out_at, m, k, n, bias_at)
     else:
-        step = -(-m // threads)
+        step = cdiv(m, threads)
         pieces = [(x_at + start * k * 4, w_at, out_at + start * n * 4, min(step, m - start), k, n, bias_at) for start in range(0, m, step)]
         for done in [cpu_workers(threads).submit(kernel.call, kernel.address, *piece) for piece in pieces]:
             done.result()
-    if bias is not None and not bias_at:
-        out += bias
+    del keeper  # the bias the kernel read stays alive until here
     return out
-
-
-def _threads() -> int:
-    import torch
-
-    return int(torch.get_num_threads())
 
 
 def dot_transform_matrix(x: Any, w: Any, bias: Any, activation: str | None, keep_preactivation: bool = False) -> tuple[Any, Any]:

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, cast
 
 import numpy as np
 
-from .binary._numba import COMPILED
+from .binary._numba import compiled_on
 
 __all__ = ["DotKernel", "Kernels", "bias_address", "compiled_kernels", "dot_kernel", "packed_kernel"]
 
@@ -59,7 +59,7 @@ class Kernels(NamedTuple):
 def compiled_kernels() -> Kernels | None:
     """The compiled kernels, or None where numba is missing or cannot compile them, or under
     ``CLISONIX_NUMBA=0``."""
-    return None if COMPILED.get() == "0" else _compiled()
+    return _compiled() if compiled_on() else None
 
 
 def dot_kernel() -> DotKernel | None:
@@ -74,11 +74,16 @@ def packed_kernel() -> Any:
     return None if kernels is None else kernels.packed
 
 
-def bias_address(bias: Any) -> int:
-    """Where the kernels may read ``bias``, a float32 CPU tensor (N,) or None: its data pointer, or
-    0 for None, a strided bias or a negative view (``z.conj().imag``, whose memory holds the
-    unnegated values); the caller adds a bias the kernels did not take with torch."""
-    return 0 if bias is None or not bias.is_contiguous() or bias.is_neg() else int(bias.data_ptr())
+def bias_address(bias: Any) -> tuple[Any, int]:
+    """``(keeper, address)`` where the kernels read ``bias``, a float32 CPU tensor (N,) or None
+    (``(None, 0)``): its own memory, or for a strided bias or a negative view (``z.conj().imag``,
+    whose memory holds the unnegated values) a plain copy of its values that ``keeper`` holds
+    alive while the kernel reads it."""
+    if bias is None:
+        return None, 0
+    if not bias.is_contiguous() or bias.is_neg():
+        bias = bias.resolve_neg().contiguous()
+    return bias, int(bias.data_ptr())
 
 
 @functools.cache

@@ -442,10 +442,9 @@ def packed_rows(x: Any, pack: Any, w: Any, case: PackedCase, *, bias: Any = None
         if kernel is not None:
             rows_out = m - tail + tail_run if padded else m
             out = float32_rows(rows_out, n)
-            bias_at = bias_address(bias)
+            keeper, bias_at = bias_address(bias)
             kernel(_compute_address(), x.data_ptr(), m - tail, tail, tail_run, k, pack.address, n, out.data_ptr(), rows_out, bias_at)
-            if bias is not None and not bias_at:
-                out += bias
+            del keeper  # the bias the kernel read stays alive until here
             return out
         import torch
 
@@ -478,22 +477,21 @@ def low_rank_rows(x: Any, first: Any, first_ready: Any, second: Any, second_read
         return None
     out_rows = rows - second_step[1] + max(second_step[2], 0)
     out = float32_rows(out_rows, n)
-    bias_at = bias_address(bias)
+    keeper, bias_at = bias_address(bias)
     kernels.low_rank(_compute_address(), kernels.dot.address, x.data_ptr(), m, k, *first_step, r, *second_step, n, out.data_ptr(), out_rows, bias_at)
-    if bias is not None and not bias_at:
-        out += bias
+    del keeper  # the bias the kernel read stays alive until here
     return out if out_rows == m else out[:m]
 
 
 def _pair_step(w: Any, ready: Any, rows: int) -> tuple[int, int, int] | None:
     """(address, tail, tail_run) of one GEMM of :func:`low_rank_rows` on ``rows`` rows: the dot
     products read ``w`` (tail_run -1), a packed call its pack; None where the step does not run
-    there (a batch the row kernel may take runs apart, whether or not that kernel compiled)."""
+    there (a batch the row kernel takes runs apart)."""
     n, k = w.shape
     if ready is DOT_ROWS:
         return None if rows * k * n >= SPLIT_MACS else (w.data_ptr(), 0, -1)
     case, pack = ready
-    if n == 1 or rows > case.call_rows or type(pack) is not Pack or (rows < case.row_multiple and case.row_kernel_kc):
+    if n == 1 or rows > case.call_rows or type(pack) is not Pack or _row_kernel_serves(rows, pack, case):
         return None
     return (pack.address, *case.split(rows))
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .binary._numba import COMPILED, PARALLEL_CALL
+from .binary._numba import PARALLEL_CALL, compiled_on
+from .utils import cdiv
 
 __all__ = ["BLOCK_OUTPUTS", "blocked_copy", "kernel", "rows_blocked"]
 
@@ -34,7 +35,7 @@ def kernel() -> Any:
     """The compiled kernel, or None where numba is missing or cannot compile it, or under
     ``CLISONIX_NUMBA=0`` (which turns every compiled CPU path off: such calls run padded, with the
     same bits)."""
-    return None if COMPILED.get() == "0" else _compiled()
+    return _compiled() if compiled_on() else None
 
 
 @functools.cache
@@ -82,7 +83,7 @@ def blocked_copy(w: Any) -> np.ndarray:
     """``w`` (N, K), a float32 CPU tensor, as (ceil(N / 64), K, 64) float32: block b holds outputs
     64b .. 64b + 63, K-major, zero-padded past N."""
     n, k = w.shape
-    blocks = -(-n // BLOCK_OUTPUTS)
+    blocks = cdiv(n, BLOCK_OUTPUTS)
     out = np.zeros((blocks * BLOCK_OUTPUTS, k), np.float32)
     out[:n] = np.from_dlpack(w.detach())  # not .numpy(), which marks the storage not resizable
     return np.ascontiguousarray(out.reshape(blocks, BLOCK_OUTPUTS, k).transpose(0, 2, 1))

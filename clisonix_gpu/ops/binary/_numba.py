@@ -24,6 +24,13 @@ from ..utils import cdiv
 
 ENV_SWITCH = "CLISONIX_NUMBA"  # "0" turns the compiled path off
 COMPILED = Setting(ENV_SWITCH, "1")
+
+
+def compiled_on() -> bool:
+    """Whether the compiled CPU paths may run: ``CLISONIX_NUMBA`` is not ``0`` (read on every call)."""
+    return COMPILED.get() != "0"
+
+
 # one parallel kernel call at a time: numba's workqueue threading layer (its fallback where neither
 # OpenMP nor TBB loads) ends the process on parallel calls from two threads, and one call uses
 # every core anyway
@@ -70,9 +77,7 @@ def _load() -> tuple[Any, str]:
 
 
 def _kernels() -> Any:
-    if COMPILED.get() == "0":
-        return None
-    return _load()[0]
+    return _load()[0] if compiled_on() else None
 
 
 def enabled() -> bool:
@@ -82,7 +87,7 @@ def enabled() -> bool:
 
 def status() -> str:
     """One line for ``clisonix-gpu info``: which CPU path the binary ops take, and why."""
-    if COMPILED.get() == "0":
+    if not compiled_on():
         return f"NumPy ({ENV_SWITCH}=0)"
     kernels, reason = _load()
     if kernels is None:
